@@ -1,0 +1,30 @@
+# `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0 is pinned here (pyproject declares a range) because pip takes the CPU build
+# that lies on these machines' disk; a plain `torch` would download a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: venv demo test bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+# Data-parallel training of the seed CNN on 2 local workers, with a progress bar and a summary.
+demo: venv
+	$(VENV)/bin/plait train examples/digits_cnn.toml --nproc 2
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) benchmarks/data_parallel.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

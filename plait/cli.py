@@ -1,0 +1,79 @@
+"""The ``plait`` command.
+
+    plait train examples/digits_cnn.toml --nproc 2
+    plait train examples/linreg.toml --nproc 4 --set train.lr=0.05
+    plait train CONFIG --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29400 --nproc 8   # on each node
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from plait.errors import PlaitError
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plait", description="Distributed training on torch.distributed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a config on local (or several nodes') workers")
+    train.add_argument("config", help="a TOML config, e.g. examples/digits_cnn.toml")
+    train.add_argument("--nproc", "--nproc-per-node", type=_positive, default=1, help="workers on this node")
+    train.add_argument("--nnodes", type=_positive, default=1, help="number of nodes")
+    train.add_argument("--node-rank", type=int, default=0, help="this node's rank (0 hosts the rendezvous)")
+    train.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the rendezvous, for --nnodes > 1")
+    train.add_argument("--max-restarts", type=int, default=0, help="restarts of the worker group after a failure")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.lr=0.1 (repeatable)")
+    return parser
+
+
+def _check(config_path: str, overrides: list[str], world_size: int) -> None:
+    """Everything that can be checked before starting workers: config, mesh, dataset file."""
+    from plait.dist.mesh import resolve_degrees
+    from plait.train.config import load_config
+
+    cfg = load_config(config_path, overrides)
+    resolve_degrees(world_size, cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
+    if cfg.data.path and not Path(cfg.data.path).is_file():
+        raise PlaitError(f"data.path: dataset file not found: {cfg.data.path}")
+
+
+def train(args: argparse.Namespace) -> None:
+    from plait.launch import LaunchSpec, launch
+
+    module_args = [args.config] + [a for o in args.overrides for a in ("--set", o)]
+    spec = LaunchSpec(nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                      rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts,
+                      run_id=Path(args.config).stem, module_args=module_args)
+    _check(args.config, args.overrides, spec.world_size)
+    launch(spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            train(args)
+    except PlaitError as exc:
+        print(f"plait: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("plait: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The shipped datasets: real handwritten digits, and a regression problem with known answers.
+
+Each builder returns ``(train, test, info)`` where ``info`` describes the data to the model
+factory (``in_features``, ``num_classes``, ...). A ``path`` loads the same arrays from an
+``.npz`` file instead, so a user's own data goes through the same code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from plait.errors import PlaitError
+
+
+def _load_npz(path: str, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    file = Path(path)
+    if not file.is_file():
+        raise PlaitError(f"data.path: dataset file not found: {path}")
+    try:
+        with np.load(file, allow_pickle=False) as arrays:
+            missing = [n for n in names if n not in arrays]
+            if missing:
+                raise PlaitError(f"data.path: {path} has no array named {missing[0]!r} (needs {names})")
+            return arrays[names[0]], arrays[names[1]]
+    except (OSError, ValueError) as exc:
+        raise PlaitError(f"data.path: cannot read {path} as .npz: {exc}") from None
+
+
+def _split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed train/test split: a permutation seeded by the data seed, not the training seed."""
+    if not 0.0 < test_fraction < 1.0:
+        raise PlaitError(f"data.args.test_fraction={test_fraction} must be between 0 and 1")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, int(round(n * test_fraction)))
+    return order[n_test:], order[:n_test]
+
+
+def digits(path: str | None = None, size: int = 28, test_fraction: float = 0.2, seed: int = 0):
+    """scikit-learn's bundled handwritten digits (1,797 images, 8x8), upsampled to ``size``.
+
+    With ``path``: an ``.npz`` holding ``images`` (N, H, W) and integer ``labels`` (N,).
+    """
+    if path is None:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        images, labels = bunch.images / 16.0, bunch.target
+    else:
+        images, labels = _load_npz(path, ("images", "labels"))
+    x = torch.as_tensor(np.asarray(images, dtype=np.float32)).unsqueeze(1)  # [N, 1, h, w]
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # [N, 1, size, size]
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    train_idx, test_idx = _split(len(x), test_fraction, seed)
+    mean, std = x[train_idx].mean(), x[train_idx].std()
+    x = (x - mean) / std
+    info = {"in_features": size * size, "num_classes": int(y.max()) + 1, "kind": "classification"}
+    return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx]), info
+
+
+def regression(
+    path: str | None = None,
+    samples: int = 1024,
+    features: int = 8,
+    noise: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+):
+    """y = X w + b + noise: Gaussian features, coefficients drawn from ``seed``.
+
+    With ``path``: an ``.npz`` holding ``x`` (N, F) and ``y`` (N,).
+    """
+    if path is None:
+        if samples < 2 or features < 1:
+            raise PlaitError(f"data.args: need samples >= 2 and features >= 1, got {samples}, {features}")
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(samples, features, generator=gen, dtype=torch.float64)
+        w = torch.randn(features, generator=gen, dtype=torch.float64)
+        b = torch.randn((), generator=gen, dtype=torch.float64)
+        y = x @ w + b + noise * torch.randn(samples, generator=gen, dtype=torch.float64)
+    else:
+        xa, ya = _load_npz(path, ("x", "y"))
+        x, y = torch.as_tensor(xa, dtype=torch.float64), torch.as_tensor(ya, dtype=torch.float64)
+        if x.ndim != 2 or y.shape != (len(x),):
+            raise PlaitError(f"data.path: {path}: x must be (N, F) and y (N,), got {tuple(x.shape)}, {tuple(y.shape)}")
+    train_idx, test_idx = _split(len(x), test_fraction, seed)
+    x32, y32 = x.float(), y.float().unsqueeze(1)  # [N, F], [N, 1]
+    info = {"in_features": x.shape[1], "kind": "regression"}
+    return TensorDataset(x32[train_idx], y32[train_idx]), TensorDataset(x32[test_idx], y32[test_idx]), info
+
+
+DATASETS = {"digits": digits, "regression": regression}

@@ -1,0 +1,82 @@
+"""Start worker processes through torch's elastic launcher (what ``torchrun`` runs).
+
+Single node: the c10d rendezvous goes through a file store in a private temporary folder and
+the workers' store binds 127.0.0.1, so nothing listens beyond loopback. Several nodes: the c10d
+rendezvous at ``--rdzv-endpoint``, hosted by node 0, exactly as ``torchrun`` would do it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+from plait.errors import PlaitError
+
+
+@dataclass
+class LaunchSpec:
+    nproc: int = 1
+    """Worker processes on this node (torchrun's --nproc-per-node)."""
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = ""
+    """HOST:PORT of node 0's rendezvous, for multi-node runs."""
+    run_id: str = "plait"
+    max_restarts: int = 0
+    """How often the elastic agent restarts the whole worker group after a failure."""
+    module: str = "plait.train.worker"
+    module_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.nproc < 1:
+            raise PlaitError(f"--nproc must be at least 1, got {self.nproc}")
+        if self.nnodes < 1:
+            raise PlaitError(f"--nnodes must be at least 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise PlaitError(f"--node-rank {self.node_rank} is outside 0..{self.nnodes - 1}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise PlaitError("--rdzv-endpoint HOST:PORT is required when --nnodes > 1")
+        if self.max_restarts < 0:
+            raise PlaitError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+
+def _torchrun_args(spec: LaunchSpec, rdzv_dir: str) -> list[str]:
+    args = ["--nproc-per-node", str(spec.nproc), "--nnodes", str(spec.nnodes),
+            "--max-restarts", str(spec.max_restarts), "--rdzv-backend", "c10d", "--rdzv-id", spec.run_id]
+    if spec.nnodes == 1:
+        args += ["--rdzv-endpoint", os.path.join(rdzv_dir, "rendezvous"), "--rdzv-conf", "store_type=file",
+                 "--local-addr", "127.0.0.1"]
+    else:
+        args += ["--rdzv-endpoint", spec.rdzv_endpoint, "--node-rank", str(spec.node_rank),
+                 "--rdzv-conf", f"is_host={'true' if spec.node_rank == 0 else 'false'}"]
+    return args + ["--module", spec.module, *spec.module_args]
+
+
+def launch(spec: LaunchSpec) -> None:
+    """Run the workers to completion; a failed worker becomes one PlaitError naming its rank."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // spec.nproc))
+    if spec.nnodes == 1:
+        # Workers make their own store on 127.0.0.1 instead of sharing the agent's.
+        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    logging.getLogger("torch.distributed.elastic").setLevel(
+        logging.INFO if os.environ.get("PLAIT_VERBOSE") else logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="plait-rdzv-") as rdzv_dir:
+        args = get_args_parser().parse_args(_torchrun_args(spec, rdzv_dir))
+        try:
+            run(args)
+        except ChildFailedError as exc:
+            rank, failure = exc.get_first_failure()
+            how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+            raise PlaitError(f"worker rank {rank} failed ({how}); its message is above") from None
+    sys.stdout.flush()

@@ -1,0 +1,190 @@
+"""Replicated data parallel on torch.distributed collectives.
+
+Gradients are averaged over the ``dp`` group by all-reduce in size-capped buckets. Each
+parameter's gradient lives in a slice of its bucket's flat buffer (``param.grad`` is a view of
+it), so a bucket needs no gather before it is sent. A hook on gradient accumulation counts the
+bucket down; when it is full its all-reduce is launched asynchronously, in bucket order, while
+autograd goes on computing earlier layers. A callback at the end of backward waits for the
+buckets, so ``loss.backward()`` returns with averaged gradients, as with DDP.
+
+    model = DataParallel(model, group=mesh.group("dp"))
+    with model.no_sync():            # accumulate locally, no communication
+        loss_fn(model(x0), y0).backward()
+    loss_fn(model(x1), y1).backward()  # all-reduces the accumulated gradients
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.dist.comm import broadcast_tensors, wait
+from plait.errors import PlaitError
+from plait.parallel.consistency import check_consistency
+
+
+class _Bucket:
+    """Parameters, in backward order, whose gradients share one flat buffer."""
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]]):
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        first = self.params[0]
+        self.buffer = torch.zeros(sum(p.numel() for p in self.params), dtype=first.dtype, device=first.device)
+        self.views, offset = [], 0
+        for p in self.params:
+            self.views.append(self.buffer[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        self.ready = [False] * len(self.params)
+        self.pending = len(self.params)
+        self.work: dist.Work | None = None
+
+    def reset(self) -> None:
+        self.ready = [False] * len(self.params)
+        self.pending = len(self.params)
+        self.work = None
+
+
+def _make_buckets(named: list[tuple[str, nn.Parameter]], cap_bytes: int, first_cap_bytes: int) -> list[_Bucket]:
+    """Cut parameters (already in backward order) into buckets of one dtype and device."""
+    buckets, current, size = [], [], 0
+    for name, p in named:
+        cap = first_cap_bytes if not buckets else cap_bytes
+        kind_changes = current and (p.dtype, p.device) != (current[0][1].dtype, current[0][1].device)
+        if current and (kind_changes or size + p.numel() * p.element_size() > cap):
+            buckets.append(_Bucket(current))
+            current, size = [], 0
+        current.append((name, p))
+        size += p.numel() * p.element_size()
+    if current:
+        buckets.append(_Bucket(current))
+    return buckets
+
+
+class DataParallel(nn.Module):
+    """Replicate ``module`` over ``group`` and average its gradients during backward.
+
+    Args:
+        module: the model; its parameters and buffers are broadcast from the group's rank 0.
+        group: the data-parallel process group (``mesh.group("dp")``); default the world.
+        bucket_mb: size cap of a gradient bucket in MiB.
+        first_bucket_mb: cap of the first bucket (the last layers), small so that
+            communication starts early in backward.
+        allow_unused: let parameters get no gradient in a backward (their gradient counts as
+            zero); otherwise that is an error naming them.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        group: dist.ProcessGroup | None = None,
+        *,
+        bucket_mb: float = 25.0,
+        first_bucket_mb: float = 1.0,
+        allow_unused: bool = False,
+    ):
+        super().__init__()
+        if not dist.is_initialized():
+            raise PlaitError("DataParallel needs an initialised process group: call plait.init() first")
+        self.module = module
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.allow_unused = allow_unused
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            raise PlaitError("DataParallel: the module has no trainable parameters")
+        if self.world > 1:
+            broadcast_tensors([p for p in module.parameters()] + list(module.buffers()), 0, group)
+        mib = 1024 * 1024
+        self._buckets = _make_buckets(named[::-1], int(bucket_mb * mib), int(first_bucket_mb * mib))
+        self._slot: dict[nn.Parameter, tuple[_Bucket, int]] = {}
+        for bucket in self._buckets:
+            for i, p in enumerate(bucket.params):
+                self._slot[p] = (bucket, i)
+                p.grad = bucket.views[i]
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for _, p in named]
+        self._sync = True
+        self._armed = False  # the end-of-backward callback is queued for this backward
+        self._next = 0  # index of the next bucket to launch; buckets launch in order on every rank
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate gradients locally; the next one outside syncs them."""
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    def check_consistency(self) -> None:
+        """Raise if any replica's parameters or buffers differ from rank 0's (see consistency.py)."""
+        check_consistency(self.module, self.group)
+
+    @property
+    def num_buckets(self) -> int:
+        return len(self._buckets)
+
+    # -- the gradient path ------------------------------------------------------------------
+    def _grad_ready(self, p: nn.Parameter) -> None:
+        if not self._sync:
+            return
+        if not self._armed:
+            self._armed = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+        bucket, i = self._slot[p]
+        self._adopt(bucket, i)
+        if not bucket.ready[i]:
+            bucket.ready[i] = True
+            bucket.pending -= 1
+            if bucket.pending == 0:
+                self._launch_ready()
+
+    @staticmethod
+    def _adopt(bucket: _Bucket, i: int) -> None:
+        """Make the parameter's gradient the bucket's view (after ``zero_grad(set_to_none=True)``)."""
+        p, view = bucket.params[i], bucket.views[i]
+        if p.grad is None:
+            view.zero_()
+        elif p.grad.data_ptr() != view.data_ptr():
+            view.copy_(p.grad)
+        p.grad = view
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self._buckets) and self._buckets[self._next].pending == 0:
+            bucket = self._buckets[self._next]
+            if self.world > 1:
+                bucket.buffer.div_(self.world)  # sum of means / world = mean over the global batch
+                bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
+            self._next += 1
+
+    def _finish(self) -> None:
+        """End of backward: account for unused parameters, then wait for every bucket."""
+        self._armed = False
+        try:
+            unused = [(b, i) for b in self._buckets for i, ready in enumerate(b.ready) if not ready]
+            if unused and not self.allow_unused:
+                names = ", ".join(b.names[i] for b, i in unused[:5])
+                more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
+                raise PlaitError(
+                    f"rank {dist.get_rank()}: parameters got no gradient in this backward: {names}{more}; "
+                    "if that is intended, set parallel.allow_unused = true (DataParallel(allow_unused=True))"
+                )
+            for b, i in unused:
+                self._adopt(b, i)
+                b.ready[i] = True
+                b.pending -= 1
+            self._launch_ready()
+            for k, bucket in enumerate(self._buckets):
+                if bucket.work is not None:
+                    wait(bucket.work, f"gradient all-reduce (bucket {k} of {len(self._buckets)})", self.group)
+        finally:
+            for bucket in self._buckets:
+                bucket.reset()
+            self._next = 0

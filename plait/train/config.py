@@ -1,0 +1,237 @@
+"""Typed run configuration: dataclasses loaded from TOML, with ``--set a.b=value`` overrides.
+
+One way in: ``load_config(path, ["train.lr=0.1", ...])``. Unknown keys and bad values raise
+``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from plait.data.partition import POLICIES, SCHEMES
+from plait.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+STRATEGIES = ("allreduce",)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
+    _require(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    """Run name; outputs go to ``out_dir/name``. Default: the config file's name."""
+    out_dir: str = "runs"
+    """Folder for run outputs (metrics.jsonl, summary.json, loss.png)."""
+    log_every: int = 10
+    """Log metrics every this many steps (and at the last step)."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+    def __post_init__(self):
+        _require(self.log_every >= 1, "run.log_every", f"must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    """Dataset: 'digits' (handwritten digits) or 'regression' (generated, known coefficients)."""
+    path: str = ""
+    """Optional .npz file to load the dataset's arrays from instead of the built-in source."""
+    partition: str = "batch"
+    """How samples are spread over data-parallel ranks: batch, split, replicate or hash."""
+    policy: str = "drop"
+    """Making shards equal: 'drop' the tail or 'pad' by repeating samples."""
+    args: dict = field(default_factory=dict)
+    """Arguments of the dataset builder (e.g. samples, features, noise, test_fraction)."""
+
+    def __post_init__(self):
+        _one_of(self.partition, SCHEMES, "data.partition")
+        _one_of(self.policy, POLICIES, "data.policy")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "digits_cnn"
+    """Registered model: digits_cnn, linreg or mlp."""
+    args: dict = field(default_factory=dict)
+    """Arguments of the model factory (e.g. hidden, depth for mlp)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps to run."""
+    batch_size: int = 64
+    """Global batch: samples per optimizer step over all data-parallel ranks."""
+    lr: float = 0.01
+    """Learning rate."""
+    seed: int = 0
+    """Seed for model initialisation and data order."""
+    optimizer: str = "sgd"
+    """sgd, adam or adamw."""
+    momentum: float = 0.0
+    """SGD momentum."""
+    weight_decay: float = 0.0
+    """Weight decay."""
+    grad_clip: float = 0.0
+    """Clip gradients to this global norm (0: no clipping)."""
+    accum_steps: int = 1
+    """Micro-batches per step per rank; gradients accumulate without communication in between."""
+    bf16: bool = False
+    """Run forward and loss under bf16 autocast."""
+    eval_every: int = 0
+    """Evaluate every this many steps (0: only at the end)."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "accum_steps"):
+            _require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _require(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
+        _one_of(self.optimizer, OPTIMIZERS, "train.optimizer")
+        _one_of(self.device, ("auto", "cpu", "cuda"), "train.device")
+        for key in ("momentum", "weight_decay", "grad_clip", "eval_every"):
+            _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "allreduce"
+    """How data-parallel gradients are combined: 'allreduce'."""
+    dp: int = 0
+    """Data-parallel degree (0: inferred from the world size)."""
+    pp: int = 1
+    """Pipeline-parallel degree."""
+    tp: int = 1
+    """Tensor-parallel degree."""
+    zero: int = 0
+    """ZeRO stage (0: none)."""
+    bucket_mb: float = 25.0
+    """Gradient all-reduce bucket size in MiB."""
+    allow_unused: bool = False
+    """Allow parameters that get no gradient (otherwise an error naming them)."""
+    check_consistency: bool = True
+    """At the end, verify that all replicas hold bitwise identical parameters."""
+
+    def __post_init__(self):
+        _one_of(self.strategy, STRATEGIES, "parallel.strategy")
+        for key in ("dp", "pp", "tp", "zero"):
+            _require(getattr(self, key) >= 0, f"parallel.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _require(self.bucket_mb > 0, "parallel.bucket_mb", f"must be positive, got {self.bucket_mb}")
+        # Pipeline, tensor parallelism and ZeRO are engines of their own, not in this version.
+        for key, off in (("pp", 1), ("tp", 1), ("zero", 0)):
+            value = getattr(self, key)
+            _require(value == off, f"parallel.{key}", f"{value} asked for, but only data parallelism is available in this version")
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"
+    """auto (gloo on CPU, nccl on CUDA), gloo or nccl."""
+    timeout: float = 300.0
+    """Seconds any collective may wait for a peer before the run fails with an error."""
+
+    def __post_init__(self):
+        _one_of(self.backend, ("auto", "gloo", "nccl"), "dist.backend")
+        _require(self.timeout > 0, "dist.timeout", f"must be positive, got {self.timeout}")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    if kind is bool:
+        _require(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+    elif kind is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+    elif kind is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        value = float(value)
+    elif kind is str:
+        _require(isinstance(value, str), key, f"expected a string, got {value!r}")
+    elif kind is dict:
+        _require(isinstance(value, dict), key, f"expected a table, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from nested ``data``, rejecting unknown keys by their full name."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"{full}: unknown key (known here: {', '.join(names)})")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            _require(isinstance(value, dict), full, f"expected a table, got {value!r}")
+            kwargs[key] = from_dict(kind, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, kind, full)
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (number, bool, string, array); a bare word is taken as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` to nested ``data`` in place."""
+    key, sep, text = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.lr=0.1")
+    *tables, leaf = key.split(".")
+    node = data
+    for i, table in enumerate(tables):
+        node = node.setdefault(table, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(tables[: i + 1])} is a value, not a table")
+    node[leaf] = _parse_value(text.strip())
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML config (or start from defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for assignment in overrides:
+        apply_override(data, assignment)
+    config = from_dict(Config, data)
+    if not config.run.name:
+        config.run.name = Path(path).stem if path is not None else "run"
+    return config

@@ -1,0 +1,83 @@
+"""A task ties a dataset to its loss and its evaluation (classification or regression)."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from plait.data.datasets import DATASETS
+from plait.errors import ConfigError
+
+
+@dataclass
+class Task:
+    train: TensorDataset
+    test: TensorDataset
+    info: dict
+
+    @property
+    def kind(self) -> str:
+        return self.info["kind"]
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        if self.kind == "regression":
+            return F.mse_loss(output.float(), target, reduction=reduction)
+        # cross_entropy also takes log-probabilities (the seed CNN's output): log_softmax is idempotent.
+        return F.cross_entropy(output.float(), target, reduction=reduction)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device, group=None, rank: int = 0, world: int = 1) -> dict:
+        """Metrics on the test split; each rank scores a contiguous slice and the sums are all-reduced."""
+        x, y = self.test.tensors
+        lo, hi = len(x) * rank // world, len(x) * (rank + 1) // world
+        x, y = x[lo:hi].to(device), y[lo:hi].to(device)
+        was_training = model.training
+        model.eval()
+        out = model(x)
+        model.train(was_training)
+        correct = (out.argmax(1) == y).sum() if self.kind == "classification" else torch.zeros((), device=device)
+        sums = torch.stack([self.loss(out, y, "sum").double(), correct.double(), torch.tensor(float(len(x)), device=device, dtype=torch.float64)])
+        if world > 1:
+            dist.all_reduce(sums, group=group)
+        loss_sum, correct, count = sums.tolist()
+        metrics = {"test_loss": loss_sum / count}
+        if self.kind == "classification":
+            metrics["test_accuracy"] = correct / count
+        return metrics
+
+    def report(self, model: nn.Module) -> dict:
+        """Task-specific final figures: for regression, the learned weights against least squares."""
+        if self.kind != "regression":
+            return {}
+        x, y = (t.double() for t in self.train.tensors)
+        design = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)  # [N, F+1]
+        exact = torch.linalg.lstsq(design, y).solution.flatten()  # closed form [w..., b]
+        linear = next(m for m in model.modules() if isinstance(m, nn.Linear))
+        learned = torch.cat([linear.weight.detach().double().flatten(), linear.bias.detach().double().flatten()]).cpu()
+        return {
+            "closed_form_weights": exact.tolist(),
+            "learned_weights": learned.tolist(),
+            "weights_rel_error": float((learned - exact).norm() / exact.norm()),
+        }
+
+
+def build_task(name: str, path: str, args: dict) -> Task:
+    if name not in DATASETS:
+        raise ConfigError(f"data.name: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    builder = DATASETS[name]
+    accepted = inspect.signature(builder).parameters
+    for key in args:
+        if key not in accepted or key == "path":
+            raise ConfigError(f"data.args.{key}: dataset {name!r} takes no such argument "
+                              f"(it takes: {', '.join(k for k in accepted if k != 'path')})")
+    try:
+        train, test, info = builder(path=path or None, **args)
+    except TypeError as exc:
+        raise ConfigError(f"data.args: {exc}") from None
+    return Task(train, test, info)

@@ -1,0 +1,41 @@
+"""Entry point of each worker process: ``python -m plait.train.worker CONFIG [--set K=V ...]``.
+
+``plait train`` starts it through torch's elastic launcher; it reads RANK, WORLD_SIZE, ... from
+the environment like any torchrun script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from plait.dist.env import init, shutdown
+from plait.errors import PlaitError
+from plait.train.config import load_config
+from plait.train.trainer import Trainer, format_summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="plait.train.worker")
+    parser.add_argument("config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        info = init(cfg.dist.backend, cfg.train.device, cfg.dist.timeout)
+        summary = Trainer(cfg, info).fit()
+        if info.is_main:
+            print(format_summary(summary, cfg.run.out_dir), flush=True)
+    except PlaitError as exc:
+        message = str(exc) if str(exc).startswith("rank ") else f"rank {rank}: {exc}"
+        print(f"plait: error: {message}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
