@@ -17,6 +17,23 @@ from torch.utils.data import TensorDataset
 from plait.errors import PlaitError
 
 
+class ArrayDataset(TensorDataset):
+    """A TensorDataset that hands DataLoader a whole batch with one indexing op.
+
+    DataLoader calls ``__getitems__`` with the batch's indices when a dataset has it; the
+    result goes through ``collate_fn``, so pair it with ``collate_fn=stacked``.
+    """
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices)
+        return tuple(t[index] for t in self.tensors)
+
+
+def stacked(batch):
+    """DataLoader ``collate_fn`` for ArrayDataset: the batch is already stacked."""
+    return batch
+
+
 def _load_npz(path: str, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
     file = Path(path)
     if not file.is_file():
@@ -60,7 +77,7 @@ def digits(path: str | None = None, size: int = 28, test_fraction: float = 0.2, 
     mean, std = x[train_idx].mean(), x[train_idx].std()
     x = (x - mean) / std
     info = {"in_features": size * size, "num_classes": int(y.max()) + 1, "kind": "classification"}
-    return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx]), info
+    return ArrayDataset(x[train_idx], y[train_idx]), ArrayDataset(x[test_idx], y[test_idx]), info
 
 
 def regression(
@@ -91,7 +108,7 @@ def regression(
     train_idx, test_idx = _split(len(x), test_fraction, seed)
     x32, y32 = x.float(), y.float().unsqueeze(1)  # [N, F], [N, 1]
     info = {"in_features": x.shape[1], "kind": "regression"}
-    return TensorDataset(x32[train_idx], y32[train_idx]), TensorDataset(x32[test_idx], y32[test_idx]), info
+    return ArrayDataset(x32[train_idx], y32[train_idx]), ArrayDataset(x32[test_idx], y32[test_idx]), info
 
 
 DATASETS = {"digits": digits, "regression": regression}

@@ -97,17 +97,20 @@ class DataParallel(nn.Module):
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not named:
             raise PlaitError("DataParallel: the module has no trainable parameters")
-        if self.world > 1:
-            broadcast_tensors([p for p in module.parameters()] + list(module.buffers()), 0, group)
+        self._buckets: list[_Bucket] = []
+        self._slot: dict[nn.Parameter, tuple[_Bucket, int]] = {}
+        self._sync = True
+        if self.world == 1:
+            return  # nothing to average: plain PyTorch training, no hooks
+        broadcast_tensors(list(module.parameters()) + list(module.buffers()), 0, group)
         mib = 1024 * 1024
         self._buckets = _make_buckets(named[::-1], int(bucket_mb * mib), int(first_bucket_mb * mib))
-        self._slot: dict[nn.Parameter, tuple[_Bucket, int]] = {}
         for bucket in self._buckets:
             for i, p in enumerate(bucket.params):
                 self._slot[p] = (bucket, i)
                 p.grad = bucket.views[i]
-        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for _, p in named]
-        self._sync = True
+        for _, p in named:
+            p.register_post_accumulate_grad_hook(self._grad_ready)
         self._armed = False  # the end-of-backward callback is queued for this backward
         self._next = 0  # index of the next bucket to launch; buckets launch in order on every rank
 
@@ -164,12 +167,19 @@ class DataParallel(nn.Module):
                 bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
             self._next += 1
 
+    def _wait_launched(self) -> None:
+        for k, bucket in enumerate(self._buckets):
+            if bucket.work is not None:
+                wait(bucket.work, f"gradient all-reduce (bucket {k + 1} of {len(self._buckets)})", self.group)
+                bucket.work = None
+
     def _finish(self) -> None:
         """End of backward: account for unused parameters, then wait for every bucket."""
         self._armed = False
         try:
             unused = [(b, i) for b in self._buckets for i, ready in enumerate(b.ready) if not ready]
             if unused and not self.allow_unused:
+                self._wait_launched()  # keep ranks in step before failing
                 names = ", ".join(b.names[i] for b, i in unused[:5])
                 more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
                 raise PlaitError(
@@ -181,9 +191,7 @@ class DataParallel(nn.Module):
                 b.ready[i] = True
                 b.pending -= 1
             self._launch_ready()
-            for k, bucket in enumerate(self._buckets):
-                if bucket.work is not None:
-                    wait(bucket.work, f"gradient all-reduce (bucket {k} of {len(self._buckets)})", self.group)
+            self._wait_launched()
         finally:
             for bucket in self._buckets:
                 bucket.reset()

@@ -9,16 +9,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from plait.data.datasets import DATASETS
+from plait.data.datasets import DATASETS, ArrayDataset
 from plait.errors import ConfigError
 
 
 @dataclass
 class Task:
-    train: TensorDataset
-    test: TensorDataset
+    train: ArrayDataset
+    test: ArrayDataset
     info: dict
 
     @property

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from plait.data.datasets import stacked
 from plait.data.partition import PartitionSampler
 from plait.dist.env import DistInfo
 from plait.dist.mesh import Mesh
@@ -57,7 +58,8 @@ class Trainer:
             self.task.train, self.dp, self.dp_rank, scheme=cfg.data.partition, global_batch=t.batch_size,
             seed=t.seed, policy=cfg.data.policy,
         )
-        self.loader = DataLoader(self.task.train, batch_size=self.local_batch, sampler=self.sampler, drop_last=True)
+        self.loader = DataLoader(self.task.train, batch_size=self.local_batch, sampler=self.sampler, drop_last=True,
+                                 collate_fn=stacked)
         if len(self.loader) == 0:
             raise ConfigError(f"train.batch_size: {t.batch_size} leaves no full batch in {len(self.task.train)} samples")
         self.log = RunLog(cfg.run.out_dir, cfg.run.name) if info.is_main else None

@@ -1,0 +1,61 @@
+"""Config: TOML + --set overrides; unknown keys and bad values name the key."""
+
+import pytest
+
+from plait.dist.mesh import resolve_degrees
+from plait.errors import ConfigError, PlaitError
+from plait.train.config import load_config
+
+from conftest import EXAMPLES
+
+
+def test_shipped_configs_load():
+    cfg = load_config(EXAMPLES / "digits_cnn.toml")
+    assert cfg.model.name == "digits_cnn" and cfg.run.name == "digits_cnn"
+    assert load_config(EXAMPLES / "linreg.toml").data.args["features"] == 8
+
+
+def test_overrides_are_typed():
+    cfg = load_config(EXAMPLES / "linreg.toml", ["train.lr=0.5", "train.steps=3", "run.name=x",
+                                                  "parallel.allow_unused=true", "data.args.noise=0.2"])
+    assert (cfg.train.lr, cfg.train.steps, cfg.run.name, cfg.parallel.allow_unused) == (0.5, 3, "x", True)
+    assert cfg.data.args["noise"] == 0.2
+    assert isinstance(load_config(None, ["train.lr=1"]).train.lr, float)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lrate=0.1", "train.lrate: unknown key"),
+    ("bogus.x=1", "bogus: unknown key"),
+    ("train.steps=0", "train.steps: must be >= 1"),
+    ("train.steps=1.5", "train.steps: expected an integer"),
+    ("train.bf16=1", "train.bf16: expected true or false"),
+    ("train.optimizer=rmsprop", "train.optimizer: 'rmsprop' is not one of"),
+    ("data.partition=random", "data.partition"),
+    ("parallel.strategy=gossip", "parallel.strategy"),
+    ("parallel.zero=2", "parallel.zero"),
+    ("dist.timeout=-1", "dist.timeout"),
+    ("train", "expected KEY=VALUE"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(EXAMPLES / "linreg.toml", [override])
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[train\nsteps = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+
+
+def test_mesh_degrees():
+    assert resolve_degrees(8, dp=0, pp=2, tp=2) == {"dp": 2, "pp": 2, "tp": 2}
+    assert resolve_degrees(4) == {"dp": 4, "pp": 1, "tp": 1}
+    with pytest.raises(PlaitError, match="dp=2 x pp=1 x tp=1 = 2 processes, but the world size is 4"):
+        resolve_degrees(4, dp=2)
+    with pytest.raises(PlaitError, match="world size 6 is not divisible"):
+        resolve_degrees(6, dp=0, pp=4)
+    with pytest.raises(PlaitError, match="only one of"):
+        resolve_degrees(6, dp=0, pp=0)
