@@ -24,9 +24,16 @@ def _positive(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments get one line, like every other error, instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"plait: error: {message} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plait", description="Distributed training on torch.distributed.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="plait", description="Distributed training on torch.distributed.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train a config on local (or several nodes') workers")
     train.add_argument("config", help="a TOML config, e.g. examples/digits_cnn.toml")
     train.add_argument("--nproc", "--nproc-per-node", type=_positive, default=1, help="workers on this node")

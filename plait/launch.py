@@ -54,7 +54,8 @@ def _torchrun_args(spec: LaunchSpec, rdzv_dir: str) -> list[str]:
         args += ["--rdzv-endpoint", os.path.join(rdzv_dir, "rendezvous"), "--rdzv-conf", "store_type=file",
                  "--local-addr", "127.0.0.1"]
     else:
-        args += ["--rdzv-endpoint", spec.rdzv_endpoint, "--node-rank", str(spec.node_rank),
+        # c10d assigns ranks by arrival; the node rank decides who hosts the rendezvous store.
+        args += ["--rdzv-endpoint", spec.rdzv_endpoint,
                  "--rdzv-conf", f"is_host={'true' if spec.node_rank == 0 else 'false'}"]
     return args + ["--module", spec.module, *spec.module_args]
 
@@ -69,8 +70,9 @@ def launch(spec: LaunchSpec) -> None:
     if spec.nnodes == 1:
         # Workers make their own store on 127.0.0.1 instead of sharing the agent's.
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    logging.getLogger("torch.distributed.elastic").setLevel(
-        logging.INFO if os.environ.get("PLAIT_VERBOSE") else logging.ERROR)
+    # The agent's own log repeats what the failing worker already said; PLAIT_VERBOSE=1 shows it.
+    for name in ("torch.distributed.elastic", "torch.distributed.run"):
+        logging.getLogger(name).setLevel(logging.INFO if os.environ.get("PLAIT_VERBOSE") else logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="plait-rdzv-") as rdzv_dir:
         args = get_args_parser().parse_args(_torchrun_args(spec, rdzv_dir))
         try:

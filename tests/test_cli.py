@@ -1,0 +1,113 @@
+"""End to end through the real command line: `plait train`, torchrun, two nodes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from plait.testing import free_port
+
+from conftest import EXAMPLES, ROOT
+
+PLAIT = [sys.executable, "-m", "plait.cli"]
+
+
+def plait_train(*args: str, out_dir: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [*PLAIT, "train", *args, "--set", f"run.out_dir={out_dir}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def read_run(out_dir: Path, name: str):
+    run = out_dir / name
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return metrics, json.loads((run / "summary.json").read_text())
+
+
+def test_demo_trains_the_seed_cnn_on_two_workers(tmp_path):
+    """What `make demo` runs: the shipped digits config, data parallel on 2 workers."""
+    done = plait_train(str(EXAMPLES / "digits_cnn.toml"), "--nproc", "2", out_dir=tmp_path)
+    assert done.returncode == 0, done.stderr
+    metrics, summary = read_run(tmp_path, "digits_cnn")
+    assert summary["test_accuracy"] >= 0.95
+    assert summary["world_size"] == 2 and summary["layout"] == "dp=2 x pp=1 x tp=1"
+    for key in ("final_loss", "steps", "samples_per_s", "wall_time_s"):
+        assert key in summary
+    assert [m["step"] for m in metrics] == list(range(10, summary["steps"] + 1, 10))
+    assert all({"loss", "samples_per_s", "lr", "epoch"} <= m.keys() for m in metrics)
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert (tmp_path / "digits_cnn" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "test accuracy" in done.stdout  # the summary
+    assert f"{summary['steps']}/{summary['steps']}" in done.stderr  # the progress bar
+
+
+def test_linreg_is_world_size_invariant_and_matches_least_squares(tmp_path):
+    runs = {}
+    with ThreadPoolExecutor(2) as pool:
+        futures = {n: pool.submit(plait_train, str(EXAMPLES / "linreg.toml"), "--nproc", str(n),
+                                  "--set", f"run.name=linreg{n}", "--set", "run.progress=false",
+                                  out_dir=tmp_path) for n in (1, 2)}
+    for n, future in futures.items():
+        done = future.result()
+        assert done.returncode == 0, done.stderr
+        runs[n] = read_run(tmp_path, f"linreg{n}")
+        assert runs[n][1]["weights_rel_error"] < 1e-3
+    curve1, curve2 = (torch.tensor([m["loss"] for m in runs[n][0]]) for n in (1, 2))
+    torch.testing.assert_close(curve2, curve1, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(torch.tensor(runs[2][1]["learned_weights"]),
+                               torch.tensor(runs[1][1]["learned_weights"]), rtol=1e-5, atol=1e-7)
+
+
+def test_two_nodes_on_loopback(tmp_path):
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = [str(EXAMPLES / "linreg.toml"), "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint,
+              "--set", "run.progress=false", "--set", "train.steps=50"]
+    with ThreadPoolExecutor(2) as pool:
+        nodes = [pool.submit(plait_train, *common, "--node-rank", str(r), out_dir=tmp_path) for r in (0, 1)]
+        results = [n.result() for n in nodes]
+    for r, done in enumerate(results):
+        assert done.returncode == 0, f"node {r}: {done.stderr}"
+    _, summary = read_run(tmp_path, "linreg")
+    assert summary["world_size"] == 2 and summary["steps"] == 50
+
+
+def test_plain_torchrun_runs_a_script_that_imports_plait(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(EXAMPLES / "library_dp.py")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "2 replicas hold bitwise identical parameters" in done.stdout
+    losses = [float(line.split("loss ")[1].split()[0]) for line in done.stdout.splitlines() if "loss" in line]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "train.lrate=0.1"], "plait: error: train.lrate: unknown key"),
+    (["--nproc", "2", "--set", "parallel.dp=4"], "plait: error: mesh: dp=4 x pp=1 x tp=1 = 4 processes, but the world size is 2"),
+    (["--set", "data.path=missing.npz"], "plait: error: data.path: dataset file not found: missing.npz"),
+    (["--nproc", "0"], "plait: error: argument --nproc/--nproc-per-node: must be at least 1, got 0"),
+    (["--nnodes", "2"], "plait: error: --rdzv-endpoint HOST:PORT is required when --nnodes > 1"),
+], ids=["unknown-key", "mesh", "missing-dataset", "nproc-0", "nnodes-no-endpoint"])
+def test_bad_input_is_one_clear_line(tmp_path, args, message):
+    done = plait_train(str(EXAMPLES / "linreg.toml"), *args, out_dir=tmp_path, timeout=60)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), done.stderr
+    assert not (tmp_path / "linreg").exists(), "nothing may start before the input is checked"
+
+
+def test_worker_side_error_names_the_rank(tmp_path):
+    done = plait_train(str(EXAMPLES / "linreg.toml"), "--nproc", "2", "--set", "data.args.features=0",
+                       out_dir=tmp_path, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert "plait: error: rank 0: data.args: need samples >= 2 and features >= 1, got 1024, 0" in lines
+    assert lines[-1] == "plait: error: worker rank 0 failed (exit code 1); its message is above"
+    assert "Traceback" not in done.stderr
