@@ -74,9 +74,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.chunk(dist.get_world_size())[dist.get_rank()]
 
 
-def dp_grads(bucket_mb: float, set_to_none: bool):
+def dp_grads(bucket_mb: float, set_to_none: bool, gather_max_kb: float):
     """Two steps with small buckets; gradients must equal the full-batch ones each time."""
-    model = plait.DataParallel(_model(), bucket_mb=bucket_mb, first_bucket_mb=bucket_mb)
+    model = plait.DataParallel(_model(), bucket_mb=bucket_mb, first_bucket_mb=bucket_mb, gather_max_kb=gather_max_kb)
     out = []
     for seed in (1, 2):
         model.zero_grad(set_to_none=set_to_none)
@@ -87,10 +87,13 @@ def dp_grads(bucket_mb: float, set_to_none: bool):
     return model.num_buckets, out
 
 
+@pytest.mark.parametrize("gather_max_kb", [0, 256], ids=["ring-allreduce", "gather-sum"])
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("bucket_mb", [25.0, 0.0005], ids=["one-bucket", "many-buckets"])
-def test_gradients_are_the_full_batch_gradients(world2, bucket_mb, set_to_none):
-    for rank, (buckets, steps) in enumerate(world2.run(dp_grads, bucket_mb, set_to_none)):
+@pytest.mark.parametrize("world_name", ["world2", "world4"])
+def test_gradients_are_the_full_batch_gradients(world_name, bucket_mb, set_to_none, gather_max_kb, request):
+    world = request.getfixturevalue(world_name)
+    for rank, (buckets, steps) in enumerate(world.run(dp_grads, bucket_mb, set_to_none, gather_max_kb)):
         assert (buckets > 1) == (bucket_mb < 1)
         for got, expected in steps:
             assert_close(got, expected, what=f"rank {rank}: ")

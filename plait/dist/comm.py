@@ -29,6 +29,15 @@ def wait(work: dist.Work, what: str, group: dist.ProcessGroup | None = None) -> 
         ) from None
 
 
+# torch 2.13 renamed the flat all-gather; keep working on the >= 2.4 range pyproject allows.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def all_gather_flat(output: torch.Tensor, tensor: torch.Tensor, group=None, async_op: bool = False):
+    """Gather ``tensor`` from every rank of ``group`` into ``output`` ([world * n]), in rank order."""
+    return _all_gather_flat(output, tensor, group=group, async_op=async_op)
+
+
 def broadcast_tensors(tensors: Sequence[torch.Tensor], src_group_rank: int, group=None) -> None:
     """Broadcast ``tensors`` in place from the group's rank ``src_group_rank``, one message per dtype."""
     src = dist.get_global_rank(group or dist.group.WORLD, src_group_rank)

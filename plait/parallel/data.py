@@ -22,13 +22,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.dist.comm import broadcast_tensors, wait
+from plait.dist.comm import all_gather_flat, broadcast_tensors, wait
 from plait.errors import PlaitError
 from plait.parallel.consistency import check_consistency
 
 
 class _Bucket:
-    """Parameters, in backward order, whose gradients share one flat buffer."""
+    """Parameters, in backward order, whose gradients share one flat buffer.
+
+    A small bucket is summed by gathering every rank's buffer (``gathered``, [world * n]) and
+    adding the rows in rank order: one round trip where the ring all-reduce needs several.
+    """
 
     def __init__(self, named: list[tuple[str, nn.Parameter]]):
         self.names = [n for n, _ in named]
@@ -42,6 +46,11 @@ class _Bucket:
         self.ready = [False] * len(self.params)
         self.pending = len(self.params)
         self.work: dist.Work | None = None
+        self.gathered: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
 
     def reset(self) -> None:
         self.ready = [False] * len(self.params)
@@ -74,6 +83,9 @@ class DataParallel(nn.Module):
         bucket_mb: size cap of a gradient bucket in MiB.
         first_bucket_mb: cap of the first bucket (the last layers), small so that
             communication starts early in backward.
+        gather_max_kb: on gloo, buckets up to this size are summed by one all-gather and a
+            local sum in rank order (one round trip; latency decides at these sizes); larger
+            ones by the ring all-reduce (bandwidth decides). NCCL always uses all-reduce.
         allow_unused: let parameters get no gradient in a backward (their gradient counts as
             zero); otherwise that is an error naming them.
     """
@@ -85,6 +97,7 @@ class DataParallel(nn.Module):
         *,
         bucket_mb: float = 25.0,
         first_bucket_mb: float = 1.0,
+        gather_max_kb: float = 256.0,
         allow_unused: bool = False,
     ):
         super().__init__()
@@ -105,7 +118,10 @@ class DataParallel(nn.Module):
         broadcast_tensors(list(module.parameters()) + list(module.buffers()), 0, group)
         mib = 1024 * 1024
         self._buckets = _make_buckets(named[::-1], int(bucket_mb * mib), int(first_bucket_mb * mib))
+        gather_max = gather_max_kb * 1024 if dist.get_backend(group) == "gloo" else -1
         for bucket in self._buckets:
+            if bucket.nbytes <= gather_max:
+                bucket.gathered = bucket.buffer.new_empty(self.world * bucket.buffer.numel())
             for i, p in enumerate(bucket.params):
                 self._slot[p] = (bucket, i)
                 p.grad = bucket.views[i]
@@ -149,21 +165,27 @@ class DataParallel(nn.Module):
             if bucket.pending == 0:
                 self._launch_ready()
 
-    @staticmethod
-    def _adopt(bucket: _Bucket, i: int) -> None:
-        """Make the parameter's gradient the bucket's view (after ``zero_grad(set_to_none=True)``)."""
+    def _adopt(self, bucket: _Bucket, i: int) -> None:
+        """Scale the gradient by 1/world into the bucket's view and make that its ``.grad``.
+
+        After ``zero_grad(set_to_none=True)`` autograd hands over a fresh tensor: copying it in
+        and scaling are one pass. The all-reduce then sums means into the global-batch mean.
+        """
         p, view = bucket.params[i], bucket.views[i]
         if p.grad is None:
             view.zero_()
         elif p.grad.data_ptr() != view.data_ptr():
-            view.copy_(p.grad)
+            torch.mul(p.grad, 1.0 / self.world, out=view)
+        else:
+            view.mul_(1.0 / self.world)  # accumulated in place (no_sync, or zero_grad(set_to_none=False))
         p.grad = view
 
     def _launch_ready(self) -> None:
         while self._next < len(self._buckets) and self._buckets[self._next].pending == 0:
             bucket = self._buckets[self._next]
-            if self.world > 1:
-                bucket.buffer.div_(self.world)  # sum of means / world = mean over the global batch
+            if bucket.gathered is not None:
+                bucket.work = all_gather_flat(bucket.gathered, bucket.buffer, self.group, async_op=True)
+            else:
                 bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
             self._next += 1
 
@@ -172,6 +194,8 @@ class DataParallel(nn.Module):
             if bucket.work is not None:
                 wait(bucket.work, f"gradient all-reduce (bucket {k + 1} of {len(self._buckets)})", self.group)
                 bucket.work = None
+                if bucket.gathered is not None:  # rows in rank order: the same sum on every rank
+                    torch.sum(bucket.gathered.view(self.world, -1), dim=0, out=bucket.buffer)
 
     def _finish(self) -> None:
         """End of backward: account for unused parameters, then wait for every bucket."""
