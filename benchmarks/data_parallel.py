@@ -7,8 +7,11 @@ World size 2 on this machine, one thread per process, synthetic in-memory data (
 measured). Each round times every mode on the same world, interleaved so that machine noise
 hits all alike; the table shows the median over rounds.
 
-Modes: ``single`` (one process, rank 1 idle: the base of scaling efficiency), ``no-sync`` (two
-processes that never communicate: the ceiling), ``ddp`` (torch DDP, defaults), ``plait``.
+Modes: ``single`` (one process alone, in a world of its own while the pair's processes sit
+blocked on their queues: the base of scaling efficiency), ``no-sync`` (two
+processes that never communicate: the ceiling), ``sync-floor`` (no gradient traffic, one
+4-byte all-reduce per step: what any synchronous scheme pays to wait for the slower rank),
+``ddp`` (torch DDP, defaults), ``plait``.
 Scaling efficiency = samples/s of 2 workers / (2 x samples/s of one), at the same per-worker batch.
 """
 
@@ -28,7 +31,7 @@ import plait
 from plait.models import DigitsCNN, mlp
 from plait.testing import World
 
-MODES = ("single", "no-sync", "ddp", "plait")
+MODES = ("single", "no-sync", "sync-floor", "ddp", "plait")
 
 
 def build(model_name: str) -> tuple[nn.Module, tuple[int, ...]]:
@@ -38,12 +41,9 @@ def build(model_name: str) -> tuple[nn.Module, tuple[int, ...]]:
     return mlp(784, 10, hidden=2048, depth=3), (784,)  # 10.0M parameters
 
 
-def time_mode(model_name: str, mode: str, batch: int, warmup: int, steps: int) -> float | None:
-    """Samples/s of ``mode`` over all participating ranks (None on a rank that sat out)."""
+def time_mode(model_name: str, mode: str, batch: int, warmup: int, steps: int) -> float:
+    """Samples/s of ``mode`` over all ranks of the world it runs on."""
     rank = dist.get_rank()
-    if mode == "single" and rank != 0:
-        dist.barrier()
-        return None
     model, shape = build(model_name)
     if mode == "ddp":
         model = DistributedDataParallel(model)
@@ -52,23 +52,19 @@ def time_mode(model_name: str, mode: str, batch: int, warmup: int, steps: int) -
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(rank)
     x, y = torch.randn(batch, *shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
-    workers = 1 if mode == "single" else dist.get_world_size()
+    token = torch.zeros(1)
     for i in range(warmup + steps):
         if i == warmup:
-            if mode != "single":
-                dist.barrier()
+            dist.barrier()
             start = time.perf_counter()
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
+        if mode == "sync-floor":
+            dist.all_reduce(token)
         opt.step()
-    elapsed = time.perf_counter() - start
-    if mode == "single":
-        dist.barrier()
-    else:  # the slowest rank sets the pace
-        t = torch.tensor(elapsed)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        elapsed = t.item()
-    return workers * batch * steps / elapsed
+    elapsed = torch.tensor(time.perf_counter() - start)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+    return dist.get_world_size() * batch * steps / elapsed.item()
 
 
 def main() -> None:
@@ -79,22 +75,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="timed steps per mode (default: by model)")
     args = parser.parse_args()
     rows = []
-    with World(2, timeout_s=300) as world:
+    with World(1, timeout_s=300) as alone, World(2, timeout_s=300) as pair:
         for name in args.models:
             params = sum(p.numel() for p in build(name)[0].parameters())
             steps = args.steps or (200 if name == "cnn" else 30)
             samples = {m: [] for m in MODES}
             for _ in range(args.rounds):
                 for mode in MODES:
+                    world = alone if mode == "single" else pair
                     samples[mode].append(world.run(time_mode, name, mode, args.batch, steps // 5, steps)[0])
             med = {m: statistics.median(v) for m, v in samples.items()}
             rows.append((name, params, med, {m: (min(v), max(v)) for m, v in samples.items()}))
     print(f"\nworld size 2, 1 thread per process, per-worker batch {args.batch}, median of {args.rounds} rounds")
-    print(f"{'model':6} {'params':>7} | " + " | ".join(f"{m:>9}" for m in MODES) + " | plait/ddp | eff ddp | eff plait | eff ceiling")
+    print(f"{'model':6} {'params':>7} | " + " | ".join(f"{m:>10}" for m in MODES)
+          + " | plait/ddp | eff ddp | eff plait | eff floor | eff ceiling")
     for name, params, med, _ in rows:
-        eff = {m: med[m] / (2 * med["single"]) for m in ("no-sync", "ddp", "plait")}
-        print(f"{name:6} {params / 1e6:6.2f}M | " + " | ".join(f"{med[m]:9.0f}" for m in MODES)
-              + f" | {med['plait'] / med['ddp']:9.3f} | {eff['ddp']:7.2f} | {eff['plait']:9.2f} | {eff['no-sync']:11.2f}")
+        eff = {m: med[m] / (2 * med["single"]) for m in MODES[1:]}
+        print(f"{name:6} {params / 1e6:6.2f}M | " + " | ".join(f"{med[m]:10.0f}" for m in MODES)
+              + f" | {med['plait'] / med['ddp']:9.3f} | {eff['ddp']:7.2f} | {eff['plait']:9.2f}"
+              + f" | {eff['sync-floor']:9.2f} | {eff['no-sync']:11.2f}")
     print("(samples/s; eff = samples/s / (2 x single))")
     for name, _, _, spread in rows:
         print(f"{name}: min-max over rounds: " + ", ".join(f"{m} {lo:.0f}-{hi:.0f}" for m, (lo, hi) in spread.items()))

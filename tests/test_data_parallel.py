@@ -32,8 +32,8 @@ def train_example(example: str, overrides: list[str], out_dir: str):
 
 
 @functools.cache
-def reference(example: str):
-    return train_example(example, [], tempfile.mkdtemp())
+def reference(example: str, options: tuple[str, ...] = ()):
+    return train_example(example, list(options), tempfile.mkdtemp())
 
 
 @pytest.mark.parametrize("accum", [1, 2], ids=["plain", "no_sync-accum2"])
@@ -41,15 +41,46 @@ def reference(example: str):
 @pytest.mark.parametrize("world_name", ["world2", "world4"])
 def test_training_equals_one_process(world_name, example, accum, request, solo, tmp_path):
     world = request.getfixturevalue(world_name)
-    expected_params, expected_losses = reference(example)
-    results = world.run(train_example, example, [f"train.accum_steps={accum}"], str(tmp_path))
+    check_against_reference(world, example, [f"train.accum_steps={accum}"], (), tmp_path)
+
+
+@pytest.mark.parametrize("options, rtol", [
+    (("train.grad_clip=0.05",), 1e-5),
+    # bf16 autocast rounds activations to 8 bits of mantissa: the two runs agree to bf16 precision.
+    (("train.bf16=true",), 2e-2),
+], ids=["grad-clip", "bf16-autocast"])
+def test_training_options_equal_one_process(world2, options, rtol, solo, tmp_path):
+    check_against_reference(world2, "digits_cnn", list(options), options, tmp_path, rtol=rtol)
+    fp32_params, _ = reference("digits_cnn")
+    changed, _ = reference("digits_cnn", options)
+    assert any(not torch.allclose(changed[k], fp32_params[k], rtol=1e-6, atol=0) for k in changed), \
+        f"{options} had no effect on training"
+
+
+def check_against_reference(world, example, overrides, ref_options, tmp_path, rtol=1e-5):
+    expected_params, expected_losses = reference(example, tuple(ref_options))
+    results = world.run(train_example, example, overrides, str(tmp_path))
     for rank, (params, _) in enumerate(results):
-        assert_close(params, expected_params, what=f"rank {rank}: ")
+        assert_close(params, expected_params, rtol=rtol, atol=rtol / 10, what=f"rank {rank}: ")
         for name in params:  # replicas agree bitwise, not just closely
             assert torch.equal(params[name], results[0][0][name]), f"rank {rank} differs from rank 0 in {name}"
     losses = results[0][1]
     assert len(losses) == STEPS
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=rtol, atol=rtol / 100)
+
+
+def train_until_error(example: str, overrides: list[str], out_dir: str) -> str:
+    try:
+        train_example(example, overrides, out_dir)
+    except plait.PlaitError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_non_finite_loss_stops_with_rank_and_step(world2, tmp_path):
+    messages = world2.run(train_until_error, "linreg", ["train.lr=1e30"], str(tmp_path))
+    for rank, message in enumerate(messages):
+        assert message.startswith(f"rank {rank}: loss is ") and "at step 2; stopping" in message, message
 
 
 # -- the engine itself, below the trainer ---------------------------------------------------

@@ -194,8 +194,13 @@ class DataParallel(nn.Module):
             if bucket.work is not None:
                 wait(bucket.work, f"gradient all-reduce (bucket {k + 1} of {len(self._buckets)})", self.group)
                 bucket.work = None
-                if bucket.gathered is not None:  # rows in rank order: the same sum on every rank
-                    torch.sum(bucket.gathered.view(self.world, -1), dim=0, out=bucket.buffer)
+                if bucket.gathered is not None:
+                    # Row by row, in rank order: every element is ((g0 + g1) + g2) + ... on every
+                    # rank, whatever the CPU's vector width, so replicas stay bitwise identical.
+                    rows = bucket.gathered.view(self.world, -1)
+                    bucket.buffer.copy_(rows[0])
+                    for row in rows[1:]:
+                        bucket.buffer.add_(row)
 
     def _finish(self) -> None:
         """End of backward: account for unused parameters, then wait for every bucket."""
