@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--node-rank", type=int, default=0, help="this node's rank (0 hosts the rendezvous)")
     train.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the rendezvous, for --nnodes > 1")
     train.add_argument("--max-restarts", type=int, default=0, help="restarts of the worker group after a failure")
+    train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                       help="continue from the newest complete checkpoint (or from PATH)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.lr=0.1 (repeatable)")
     return parser
@@ -55,11 +58,17 @@ def _check(config_path: str, overrides: list[str], world_size: int) -> None:
     resolve_degrees(world_size, cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
     if cfg.data.path and not Path(cfg.data.path).is_file():
         raise PlaitError(f"data.path: dataset file not found: {cfg.data.path}")
+    if cfg.checkpoint.resume not in ("", "latest"):
+        from plait.train.checkpoint import read_manifest
+
+        read_manifest(Path(cfg.checkpoint.resume))  # a missing or damaged checkpoint stops us here
 
 
 def train(args: argparse.Namespace) -> None:
     from plait.launch import LaunchSpec, launch
 
+    if args.resume is not None:  # a JSON string is a TOML string: any path survives quoting
+        args.overrides.append(f"checkpoint.resume={json.dumps(args.resume)}")
     module_args = [args.config] + [a for o in args.overrides for a in ("--set", o)]
     spec = LaunchSpec(nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
                       rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts,

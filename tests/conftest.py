@@ -11,6 +11,23 @@ from plait.testing import World
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+STEPS = 6
+
+
+def train_example(example: str, overrides: list[str], out_dir: str, steps: int = STEPS):
+    """Run a shipped config (on every rank of a World, or in-process); return
+    (parameters, logged losses of rank 0). Importable, so World workers can run it."""
+    import plait
+    from plait.train.config import load_config
+    from plait.train.trainer import Trainer
+
+    info = plait.init()
+    cfg = load_config(EXAMPLES / f"{example}.toml", [
+        f"train.steps={steps}", "run.log_every=1", "run.progress=false", f"run.out_dir={out_dir}", *overrides])
+    trainer = Trainer(cfg, info)
+    trainer.fit()
+    params = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return params, [r["loss"] for r in trainer.log.records] if trainer.log else None
 
 
 @pytest.fixture(scope="session")

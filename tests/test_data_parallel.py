@@ -12,23 +12,8 @@ import torch.distributed as dist
 from torch import nn
 
 import plait
-from plait.train.config import load_config
-from plait.train.trainer import Trainer
 
-from conftest import EXAMPLES, assert_close
-
-STEPS = 6
-
-
-def train_example(example: str, overrides: list[str], out_dir: str):
-    """Run a shipped config for a few steps; return (parameters, logged losses of rank 0)."""
-    info = plait.init()
-    cfg = load_config(EXAMPLES / f"{example}.toml", [
-        f"train.steps={STEPS}", "run.log_every=1", "run.progress=false", f"run.out_dir={out_dir}", *overrides])
-    trainer = Trainer(cfg, info)
-    trainer.fit()
-    params = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    return params, [r["loss"] for r in trainer.log.records] if trainer.log else None
+from conftest import STEPS, assert_close, train_example
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -15,18 +16,61 @@ def group_ranks(group: dist.ProcessGroup | None) -> list[int]:
     return dist.get_process_group_ranks(group or dist.group.WORLD)
 
 
+def silent_peers(group: dist.ProcessGroup | None = None, grace_s: float = 1.0) -> list[int] | None:
+    """After a failed collective: which peers of ``group`` do not answer within ``grace_s``?
+
+    Each surviving rank posts a mark in the rendezvous store and looks for its peers' marks;
+    a stalled or dead peer posts none. None when the store cannot be reached either.
+    """
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        me = dist.get_rank()
+        store.set(f"plait/alive/{me}", str(time.time()))
+        peers = [r for r in group_ranks(group) if r != me]
+        deadline = time.monotonic() + grace_s
+        while True:
+            silent = [r for r in peers if not _recent(store, r, grace_s)]
+            if not silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.05)
+    except Exception:  # the store lived in a dead peer, or is gone with the group
+        return None
+
+
+def _recent(store, rank: int, grace_s: float) -> bool:
+    key = f"plait/alive/{rank}"
+    if not store.check([key]):
+        return False
+    return time.time() - float(store.get(key)) < 4 * grace_s
+
+
+def describe_failure(what: str, group, exc: BaseException) -> str:
+    silent = silent_peers(group)
+    if silent:
+        who = f"no answer from rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} (stalled or dead)"
+    elif silent is None:
+        who = f"the peers {group_ranks(group)} and the rendezvous store are unreachable"
+    else:
+        who = f"peers {group_ranks(group)} answer but the operation failed"
+    return f"rank {dist.get_rank()}: {what} failed: {who}: {str(exc).splitlines()[0][:200]}"
+
+
 def wait(work: dist.Work, what: str, group: dist.ProcessGroup | None = None) -> None:
-    """Wait for an async op; a timeout or a dead peer becomes a CommError naming this rank.
+    """Wait for an async op; a timeout or a dead peer becomes a CommError naming this rank,
+    the operation, and the peer that did not answer.
 
     The wait is bounded by the process group's timeout (``dist.timeout`` in the config).
     """
     try:
         work.wait()
     except RuntimeError as exc:
-        raise CommError(
-            f"rank {dist.get_rank()}: {what} failed waiting for peers {group_ranks(group)}: "
-            f"{str(exc).splitlines()[0]}"
-        ) from None
+        raise CommError(describe_failure(what, group, exc)) from None
+
+
+def all_reduce(tensor: torch.Tensor, what: str, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """A blocking all-reduce whose failure names rank, operation and silent peer."""
+    wait(dist.all_reduce(tensor, op=op, group=group, async_op=True), what, group)
+    return tensor
 
 
 # torch 2.13 renamed the flat all-gather; keep working on the >= 2.4 range pyproject allows.

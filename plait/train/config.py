@@ -96,6 +96,8 @@ class TrainConfig:
     """Evaluate every this many steps (0: only at the end)."""
     device: str = "auto"
     """auto (CUDA when available), cpu or cuda."""
+    skip_nonfinite: bool = False
+    """Skip an optimizer step whose loss or gradients are not finite, instead of stopping."""
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "accum_steps"):
@@ -138,6 +140,22 @@ class ParallelConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    dir: str = ""
+    """Folder of checkpoints (default: <run.out_dir>/<run.name>/checkpoints)."""
+    every: int = 0
+    """Save every this many steps, and at the end (0: never)."""
+    keep: int = 2
+    """How many complete checkpoints to keep; older ones are deleted."""
+    resume: str = ""
+    """'' starts fresh; 'latest' continues from the newest complete checkpoint; or a checkpoint folder."""
+
+    def __post_init__(self):
+        _require(self.every >= 0, "checkpoint.every", f"must be >= 0, got {self.every}")
+        _require(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
+
+
+@dataclass
 class DistConfig:
     backend: str = "auto"
     """auto (gloo on CPU, nccl on CUDA), gloo or nccl."""
@@ -156,6 +174,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict:
@@ -234,4 +253,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     config = from_dict(Config, data)
     if not config.run.name:
         config.run.name = Path(path).stem if path is not None else "run"
+    if not config.checkpoint.dir:
+        config.checkpoint.dir = str(Path(config.run.out_dir) / config.run.name / "checkpoints")
     return config

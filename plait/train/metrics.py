@@ -9,12 +9,20 @@ from pathlib import Path
 class RunLog:
     """Writes a run's outputs under ``out_dir/name``; used on rank 0 only."""
 
-    def __init__(self, out_dir: str, name: str):
+    def __init__(self, out_dir: str, name: str, resume_step: int | None = None):
+        """Start a fresh metrics file, or, resuming at ``resume_step``, keep the records up to it."""
         self.dir = Path(out_dir) / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
-        self._file = self.metrics_path.open("w")
         self.records: list[dict] = []
+        if resume_step is not None and self.metrics_path.is_file():
+            for line in self.metrics_path.read_text().splitlines():
+                record = json.loads(line)
+                if record.get("step", 0) <= resume_step:
+                    self.records.append(record)
+        self._file = self.metrics_path.open("w")
+        for record in self.records:
+            self._file.write(json.dumps(record) + "\n")
 
     def log(self, record: dict) -> None:
         self.records.append(record)

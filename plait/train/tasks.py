@@ -6,11 +6,11 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from plait.data.datasets import DATASETS, ArrayDataset
+from plait.dist.comm import all_reduce
 from plait.errors import ConfigError
 
 
@@ -43,7 +43,7 @@ class Task:
         correct = (out.argmax(1) == y).sum() if self.kind == "classification" else torch.zeros((), device=device)
         sums = torch.stack([self.loss(out, y, "sum").double(), correct.double(), torch.tensor(float(len(x)), device=device, dtype=torch.float64)])
         if world > 1:
-            dist.all_reduce(sums, group=group)
+            all_reduce(sums, "evaluation all-reduce", group)
         loss_sum, correct, count = sums.tolist()
         metrics = {"test_loss": loss_sum / count}
         if self.kind == "classification":
@@ -55,6 +55,8 @@ class Task:
         if self.kind != "regression":
             return {}
         x, y = (t.double() for t in self.train.tensors)
+        finite = torch.isfinite(x).all(1) & torch.isfinite(y).all(1)  # samples a skipping run could use
+        x, y = x[finite], y[finite]
         design = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)  # [N, F+1]
         exact = torch.linalg.lstsq(design, y).solution.flatten()  # closed form [w..., b]
         linear = next(m for m in model.modules() if isinstance(m, nn.Linear))

@@ -7,21 +7,24 @@ entry point). Every rank runs the same loop; rank 0 writes the outputs and shows
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from plait.data.datasets import stacked
 from plait.data.partition import PartitionSampler
+from plait.dist.comm import all_reduce
 from plait.dist.env import DistInfo
 from plait.dist.mesh import Mesh
 from plait.errors import ConfigError, PlaitError
 from plait.models import build_model
 from plait.parallel.data import DataParallel
+from plait.train.checkpoint import Checkpointer
 from plait.train.config import Config, TrainConfig
 from plait.train.metrics import RunLog
 from plait.train.tasks import build_task
@@ -62,16 +65,59 @@ class Trainer:
                                  collate_fn=stacked)
         if len(self.loader) == 0:
             raise ConfigError(f"train.batch_size: {t.batch_size} leaves no full batch in {len(self.task.train)} samples")
-        self.log = RunLog(cfg.run.out_dir, cfg.run.name) if info.is_main else None
-        self.epoch = 0
+        # Position: the next step to run, and where its batch lies (in global batches of the epoch).
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
+        resumed = self._resume()
+        self.log = RunLog(cfg.run.out_dir, cfg.run.name, resume_step=self.step if resumed else None) \
+            if info.is_main else None
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _resume(self) -> bool:
+        """Load the checkpoint asked for; after an elastic restart, the newest one if any."""
+        where = self.cfg.checkpoint.resume
+        restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+        if not where and restarted and self.cfg.checkpoint.every:
+            where = "latest"
+        if not where:
+            return False
+        path = self.ckpt.latest() if where == "latest" else Path(where)
+        if path is None:
+            if restarted:
+                return False  # the worker group died before its first checkpoint: start over
+            raise PlaitError(f"checkpoint.resume: no complete checkpoint in {self.ckpt.root}")
+        self.optimizer.zero_grad(set_to_none=True)  # lets torch create the optimizer state to load into
+        manifest = self.ckpt.load(path, self.model, self.optimizer)
+        for key in ("batch_size", "partition"):
+            if manifest.get(key) != self._position_keys()[key]:
+                raise PlaitError(f"checkpoint {path} was made with {key}={manifest.get(key)!r}, this run has "
+                                 f"{self._position_keys()[key]!r}: its position in the data would not carry over")
+        self.step, self.epoch, self.batch_in_epoch = manifest["step"], manifest["epoch"], manifest["batch_in_epoch"]
+        if self.info.is_main:
+            print(f"plait: resumed from {path} (step {self.step})", flush=True)
+        return True
+
+    def _position_keys(self) -> dict:
+        return {"batch_size": self.cfg.train.batch_size, "partition": self.cfg.data.partition}
+
+    def _save(self) -> None:
+        info = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "layout": self.mesh.describe(),
+                "model": self.cfg.model.name, "run": self.cfg.run.name, **self._position_keys()}
+        self.ckpt.save(self.step, self.model, self.optimizer, info)
 
     # -- data -------------------------------------------------------------------------------
     def _batches(self):
-        """Endless local batches, epoch after epoch."""
+        """Endless local batches from the current position, epoch after epoch.
+
+        ``batch_in_epoch`` counts global batches (steps), so the position reshards: on N ranks it
+        is ``batch_in_epoch * batch_size / N`` indices into each rank's share of the epoch.
+        """
         while True:
-            self.sampler.set_epoch(self.epoch)
-            yield from self.loader
-            self.epoch += 1
+            self.sampler.set_epoch(self.epoch, offset=self.batch_in_epoch * self.local_batch)
+            for batch in self.loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     # -- one optimizer step -----------------------------------------------------------------
     def _step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
@@ -87,8 +133,15 @@ class Trainer:
                     loss = self.task.loss(self.ddp(xm), ym) / len(micro)
                 loss.backward()
             total += loss.detach()
-        if not math.isfinite(total.item()):
-            raise PlaitError(f"rank {self.info.rank}: loss is {total.item()} at step {step}; stopping")
+        if t.skip_nonfinite:
+            # Gradients are averaged over ranks, so one rank's NaN reaches all: every rank decides alike.
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+                self.skipped += 1
+                return total
+        elif not math.isfinite(total.item()):
+            raise PlaitError(f"rank {self.info.rank}: loss is {total.item()} at step {step}; stopping "
+                             "(the last checkpoint is kept; train.skip_nonfinite = true skips such steps)")
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
@@ -97,7 +150,7 @@ class Trainer:
     def _global_mean(self, value: torch.Tensor) -> float:
         value = value.detach().clone().double()
         if self.dp > 1:
-            dist.all_reduce(value, group=self.dp_group)
+            all_reduce(value, f"loss all-reduce at step {self.step}", self.dp_group)
         return value.item() / self.dp
 
     def _evaluate(self) -> dict:
@@ -108,12 +161,17 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         bar = tqdm(total=t.steps, desc=cfg.run.name, unit="step", disable=not (self.log and cfg.run.progress),
                    dynamic_ncols=True)
+        bar.update(self.step)
         batches = self._batches()
         start = interval_start = time.perf_counter()
-        loss = float("nan")
-        for step in range(1, t.steps + 1):
+        loss, first = float("nan"), self.step
+        self.skipped = 0
+        for step in range(self.step + 1, t.steps + 1):
             x, y = next(batches)
             local_loss = self._step(x.to(self.device), y.to(self.device), step)
+            self.step = step
+            if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == t.steps):
+                self._save()
             bar.update(1)
             if step % cfg.run.log_every == 0 or step == t.steps:
                 loss = self._global_mean(local_loss)
@@ -121,6 +179,8 @@ class Trainer:
                 done = cfg.run.log_every if step % cfg.run.log_every == 0 else step % cfg.run.log_every
                 record = {"step": step, "epoch": self.epoch, "loss": loss, "lr": t.lr,
                           "samples_per_s": done * t.batch_size / (now - interval_start)}
+                if t.skip_nonfinite:
+                    record["skipped_steps"] = self.skipped
                 interval_start = now
                 if t.eval_every and step % t.eval_every == 0 and step != t.steps:
                     record.update(self._evaluate())
@@ -129,16 +189,17 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4g}")
         train_time = time.perf_counter() - start
         bar.close()
-        return self._finish(loss, train_time)
+        return self._finish(loss, train_time, t.steps - first)
 
-    def _finish(self, loss: float, train_time: float) -> dict:
+    def _finish(self, loss: float, train_time: float, steps_run: int) -> dict:
         cfg, t = self.cfg, self.cfg.train
         metrics = self._evaluate()
         if cfg.parallel.check_consistency and self.dp > 1:
             self.ddp.check_consistency()
         summary = {
             "name": cfg.run.name, "final_loss": loss, **metrics, "steps": t.steps,
-            "samples_per_s": t.steps * t.batch_size / train_time, "world_size": self.info.world_size,
+            "samples_per_s": steps_run * t.batch_size / max(train_time, 1e-9), "world_size": self.info.world_size,
+            "resumed_from_step": t.steps - steps_run, "skipped_steps": self.skipped,
             "layout": self.mesh.describe(), "wall_time_s": train_time, "global_batch": t.batch_size,
             "epochs": self.epoch + 1, **self.task.report(self.model),
         }

@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+import torch.distributed as dist
+
 from plait.dist.env import init, shutdown
 from plait.errors import PlaitError
 from plait.train.config import load_config
@@ -28,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = Trainer(cfg, info).fit()
         if info.is_main:
             print(format_summary(summary, cfg.run.out_dir), flush=True)
-    except PlaitError as exc:
-        message = str(exc) if str(exc).startswith("rank ") else f"rank {rank}: {exc}"
+    except (PlaitError, dist.DistError) as exc:  # DistError: a collective inside torch (DCP, barrier) failed
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = text if text.startswith("rank ") else f"rank {rank}: {text}"
         print(f"plait: error: {message}", file=sys.stderr, flush=True)
         return 1
     finally:

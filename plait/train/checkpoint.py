@@ -1,0 +1,253 @@
+"""Sharded, atomic checkpoints on ``torch.distributed.checkpoint`` (DCP).
+
+    <dir>/step_00000100/       a complete checkpoint: DCP's files + manifest.json
+    <dir>/step_00000200.partial/  a save in progress (or one that crashed): never loaded
+
+Every rank writes its share in parallel (DCP gives each replicated tensor to one rank; no rank
+gathers the model). When all ranks are done, rank 0 writes ``manifest.json`` (step, position in
+the data, layout, world size, the sizes of all files) and renames the folder: one rename makes
+the checkpoint visible, so a crash mid-save leaves the previous one whole.
+
+Loading runs no code from the checkpoint: tensors are read with ``weights_only`` loading, DCP's
+pickled metadata through an unpickler that admits only DCP's own metadata classes, and
+everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from plait.errors import PlaitError
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class CheckpointError(PlaitError):
+    """A checkpoint that is corrupt, unsafe, or made for another model."""
+
+
+# -- safe loading of DCP's metadata --------------------------------------------------------
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits DCP's metadata classes, torch sizes, dtypes and layouts; refuses anything else."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (
+            module == "torch.distributed.checkpoint.metadata"
+            or (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                                  ("torch", "Size"), ("torch.serialization", "_get_layout"),
+                                  ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+        return super().find_class(module, name)
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader with the metadata read by ``_MetadataUnpickler`` instead of pickle."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            try:
+                metadata = _MetadataUnpickler(stream).load()
+            except Exception as exc:  # a refused class, or bytes that are no pickle at all
+                raise CheckpointError(f"checkpoint {self.path}: unreadable or unsafe metadata: {exc}") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"checkpoint {self.path}: metadata is not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# -- RNG state as tensors --------------------------------------------------------------------
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states (torch CPU and CUDA, Python, NumPy) as tensors."""
+    version, words, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor([version, *words, -1 if gauss is None else 1], dtype=torch.int64),
+        "python_gauss": torch.tensor([0.0 if gauss is None else gauss], dtype=torch.float64),
+        "numpy": torch.tensor([*keys.astype(np.int64), pos, has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([cached], dtype=torch.float64),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"].tolist()
+    random.setstate((py[0], tuple(py[1:-1]), None if py[-1] < 0 else state["python_gauss"].item()))
+    np_words = state["numpy"]
+    np.random.set_state(("MT19937", np_words[:-2].numpy().astype(np.uint32), int(np_words[-2]),
+                         int(np_words[-1]), state["numpy_gauss"].item()))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -- the checkpointer ----------------------------------------------------------------------
+class Checkpointer:
+    """Save and load (model, optimizer, trainer position, RNG) under ``root``, on ``group``."""
+
+    def __init__(self, root: str | Path, group: dist.ProcessGroup | None = None, keep: int = 2):
+        self.root, self.group, self.keep = Path(root), group, keep
+        self.rank = dist.get_rank(group)
+
+    # -- saving ---------------------------------------------------------------------------
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, info: dict) -> Path:
+        """Write and commit the checkpoint of ``step``; ``info`` goes into the manifest."""
+        partial = self.write(step, model, optimizer)
+        return self.commit(partial, step, model, optimizer, info)
+
+    def write(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
+        """Every rank writes its share into ``step_N.partial``; nothing is visible yet."""
+        partial = self.root / f"step_{step:08d}.partial"
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a crash at this step
+            partial.mkdir(parents=True)
+        dist.barrier(group=self.group)
+        tensors, _ = self._state(model, optimizer)
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(partial), process_group=self.group)
+        return partial
+
+    def commit(self, partial: Path, step: int, model, optimizer, info: dict) -> Path:
+        """Rank 0 writes the manifest and renames the folder once every rank has written."""
+        dist.barrier(group=self.group)
+        final = partial.with_name(f"step_{step:08d}")
+        if self.rank == 0:
+            _, extras = self._state(model, optimizer)
+            files = {f.name: f.stat().st_size for f in sorted(partial.iterdir())}
+            manifest = {"format": FORMAT, "step": step, "world_size": dist.get_world_size(self.group),
+                        "optimizer_extras": extras, "files": files, **info}
+            _write_synced(partial / MANIFEST, json.dumps(manifest, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(partial, final)
+            _fsync_dir(self.root)
+            for old in self.complete()[: -self.keep or None]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier(group=self.group)
+        return final
+
+    # -- finding and loading --------------------------------------------------------------
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")
+                 and (p / MANIFEST).is_file()]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def load(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Load a checkpoint into ``model`` and ``optimizer`` (any world size); return its manifest."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        tensors, extras = self._state(model, optimizer)
+        metadata = SafeReader(path).read_metadata()
+        available = metadata.state_dict_metadata
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.") or k in available}
+        _check_matches(path, tensors, available)
+        try:
+            dcp.load(tensors, storage_reader=SafeReader(path), process_group=self.group)
+        except Exception as exc:  # DCP reports a short or damaged file in many ways
+            raise CheckpointError(f"checkpoint {path} could not be read: {str(exc).splitlines()[0][:300]}") from None
+        model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        optim_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
+        optim_sd.update({k: _from_json(v) for k, v in manifest["optimizer_extras"].items()})
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_OPTIONS)
+        mine = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng.rank{self.rank}.")}
+        if mine:  # ranks beyond the saved world keep the RNG they were seeded with
+            set_rng_state(mine)
+        return manifest
+
+    def _state(self, model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+        """Flat tensor state for DCP, and the optimizer's non-tensor entries for the manifest."""
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+        tensors = {f"model.{k}": v for k, v in model_sd.items()}
+        extras = {}
+        for key, value in optim_sd.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{key}"] = value
+            else:
+                extras[key] = value
+        tensors.update({f"rng.rank{self.rank}.{k}": v for k, v in rng_state().items()})
+        return tensors, extras
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a complete checkpoint, after checking that no file is missing or cut short."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is incomplete") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: format {manifest.get('format')!r}, expected {FORMAT}")
+    for name, size in manifest["files"].items():
+        file = path / name
+        actual = file.stat().st_size if file.is_file() else None
+        if actual != size:
+            what = "is missing" if actual is None else f"has {actual} bytes, expected {size} (truncated?)"
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} {what}")
+    return manifest
+
+
+def _check_matches(path: Path, tensors: dict, available: dict) -> None:
+    for key, tensor in tensors.items():
+        if key.startswith("rng."):
+            continue
+        meta = available.get(key)
+        if meta is None:
+            raise CheckpointError(f"checkpoint {path} does not match this model/optimizer: it has no {key!r}")
+        if isinstance(meta, BytesStorageMetadata):
+            raise CheckpointError(f"checkpoint {path}: {key!r} is stored as pickled bytes; refusing to load it")
+        if tuple(meta.size) != tuple(tensor.shape):
+            raise CheckpointError(f"checkpoint {path} does not match this model: {key!r} has shape "
+                                  f"{tuple(meta.size)} there, {tuple(tensor.shape)} here")
+    extra = [k for k in available if k.startswith("model.") and k not in tensors]
+    if extra:
+        raise CheckpointError(f"checkpoint {path} does not match this model: it has {extra[0]!r}, which this model lacks")
+
+
+def _from_json(value):
+    return tuple(value) if isinstance(value, list) else value  # JSON turns tuples (betas) into lists
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

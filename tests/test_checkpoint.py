@@ -1,0 +1,211 @@
+"""Checkpoints and recovery: exact resume, resharding, crashes mid-save, stalls, bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import plait
+from plait.testing import World, WorkerError
+from plait.train.checkpoint import Checkpointer
+
+from conftest import assert_close, train_example
+
+EVERY = ["checkpoint.every=4"]
+
+
+def ckpt_dir(tmp_path: Path, name: str) -> str:
+    return f"checkpoint.dir={tmp_path / name}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world2, tmp_path_factory):
+    """The seed CNN (SGD with momentum: optimizer state matters), 12 steps on 2 ranks, no stop."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return world2.run(train_example, "digits_cnn", [*EVERY, f"checkpoint.dir={out}/ck"], str(out), 12)[0]
+
+
+@pytest.fixture(scope="module")
+def stopped_at_8(world2, tmp_path_factory):
+    """The same run stopped after 8 steps: its checkpoints, at steps 4 and 8."""
+    out = tmp_path_factory.mktemp("stopped")
+    world2.run(train_example, "digits_cnn", [*EVERY, f"checkpoint.dir={out}/ck"], str(out), 8)
+    return out
+
+
+def test_resume_is_bitwise_exact(world2, uninterrupted, stopped_at_8, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stopped_at_8, out)  # checkpoints and the metrics of steps 1-8
+    params, losses = world2.run(train_example, "digits_cnn", [*EVERY, f"checkpoint.dir={out}/ck",
+                                                              "checkpoint.resume=latest"], str(out), 12)[0]
+    expected_params, expected_losses = uninterrupted
+    for name in expected_params:
+        assert torch.equal(params[name], expected_params[name]), name
+    assert losses == expected_losses  # steps 1-8 kept from the first run, 9-12 from the resumed one
+
+
+@pytest.mark.parametrize("world_name", ["solo", "world4"])
+def test_checkpoint_of_two_ranks_resumes_on_one_and_four(world_name, request, uninterrupted, stopped_at_8, tmp_path):
+    world = request.getfixturevalue(world_name)
+    shutil.copytree(stopped_at_8 / "ck", tmp_path / "ck")
+    overrides = [*EVERY, f"checkpoint.dir={tmp_path}/ck", "checkpoint.resume=latest"]
+    if world_name == "solo":
+        params, losses = train_example("digits_cnn", overrides, str(tmp_path), 12)
+    else:
+        params, losses = world.run(train_example, "digits_cnn", overrides, str(tmp_path), 12)[0]
+    expected_params, expected_losses = uninterrupted
+    assert_close(params, expected_params)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses[8:]), rtol=1e-5, atol=1e-7)
+
+
+def save_then_die_before_commit(out_dir: str):
+    from conftest import EXAMPLES
+    from plait.train.config import load_config
+    from plait.train.trainer import Trainer
+
+    cfg = load_config(EXAMPLES / "linreg.toml", ["train.steps=4", "checkpoint.every=4", "run.progress=false",
+                                                 f"run.out_dir={out_dir}"])
+    trainer = Trainer(cfg, plait.init())
+    trainer.fit()  # commits step 4
+    partial = trainer.ckpt.write(8, trainer.model, trainer.optimizer)
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # between write and commit
+    trainer.ckpt.commit(partial, 8, trainer.model, trainer.optimizer, {})
+
+
+def test_crash_between_write_and_commit_keeps_last_checkpoint(solo, tmp_path):
+    with World(2, timeout_s=10) as world, pytest.raises(WorkerError):
+        world.run(save_then_die_before_commit, str(tmp_path))
+    root = tmp_path / "linreg" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000004", "step_00000008.partial"]
+    assert Checkpointer(root).latest().name == "step_00000004"
+    params, losses = train_example("linreg", [f"checkpoint.dir={root}", "checkpoint.resume=latest"], str(tmp_path), 6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "linreg" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 5, 6], "continues after step 4, the last committed checkpoint"
+    assert all(torch.isfinite(v).all() for v in params.values())
+
+
+def stall_and_wait(sleep_rank: int, seconds: float):
+    model = plait.DataParallel(nn.Linear(4, 2))
+    if dist.get_rank() == sleep_rank:
+        time.sleep(seconds)
+    start = time.monotonic()
+    try:
+        model(torch.ones(2, 4)).sum().backward()
+    except plait.CommError as exc:
+        return str(exc), time.monotonic() - start
+    return "no error", time.monotonic() - start
+
+
+def test_stalled_peer_gives_timeout_error_naming_it():
+    timeout = 3.0
+    with World(2, timeout_s=timeout) as world:
+        (message, elapsed), _ = world.run(stall_and_wait, 1, 3 * timeout)
+    assert message.startswith("rank 0: gradient all-reduce (bucket 1 of 1) failed: no answer from rank 1"), message
+    assert timeout <= elapsed < timeout + 3.0
+
+
+# -- refusing bad checkpoints ---------------------------------------------------------------
+@pytest.fixture()
+def linreg_checkpoint(solo, tmp_path):
+    train_example("linreg", ["checkpoint.every=3", f"checkpoint.dir={tmp_path}/ck"], str(tmp_path), 3)
+    path = tmp_path / "ck" / "step_00000003"
+    before = {f.name: f.read_bytes() for f in path.iterdir()}
+    yield path
+    # Each test restores what it damaged; the refused run itself must have written nothing.
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name], "no new checkpoint may appear"
+
+
+def resume(path, tmp_path, *more):
+    return train_example("linreg", [f"checkpoint.resume={path}", f"checkpoint.dir={path.parent}", *more],
+                         str(tmp_path / "again"), 6)
+
+
+def test_checkpoint_of_another_model_is_refused(linreg_checkpoint, tmp_path):
+    with pytest.raises(plait.PlaitError, match=r"does not match this model: 'model.linear.weight' has shape \(1, 8\) there, \(1, 4\) here"):
+        resume(linreg_checkpoint, tmp_path, "data.args.features=4")
+
+
+def test_truncated_checkpoint_is_refused(linreg_checkpoint, tmp_path):
+    shard = linreg_checkpoint / "__0_0.distcp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(plait.PlaitError, match=r"is corrupt: __0_0.distcp has \d+ bytes, expected \d+ \(truncated\?\)"):
+        resume(linreg_checkpoint, tmp_path)
+    shard.write_bytes(data)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Exploit.marker}",))
+
+
+def test_loading_never_runs_code_from_the_checkpoint(linreg_checkpoint, tmp_path):
+    _Exploit.marker = tmp_path / "pwned"
+    meta, manifest_file = linreg_checkpoint / ".metadata", linreg_checkpoint / "manifest.json"
+    original, original_manifest = meta.read_bytes(), manifest_file.read_text()
+    meta.write_bytes(pickle.dumps(_Exploit()))
+    manifest = json.loads((linreg_checkpoint / "manifest.json").read_text())
+    manifest["files"][".metadata"] = meta.stat().st_size  # an attacker controls the manifest too
+    (linreg_checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(plait.PlaitError, match=r"unsafe metadata: refusing to load (posix|os)\.system"):
+        resume(linreg_checkpoint, tmp_path)
+    assert not _Exploit.marker.exists()
+    meta.write_bytes(original)
+    manifest_file.write_text(original_manifest)
+
+
+def test_missing_checkpoint_is_refused(solo, tmp_path):
+    with pytest.raises(plait.PlaitError, match="no complete checkpoint in"):
+        train_example("linreg", [f"checkpoint.dir={tmp_path}/none", "checkpoint.resume=latest"], str(tmp_path))
+
+
+# -- the loss guard -------------------------------------------------------------------------
+@pytest.fixture()
+def poisoned(tmp_path):
+    """The regression data with one NaN sample, as a user's .npz."""
+    from plait.data.datasets import _split, regression
+    from plait.data.partition import PartitionSampler
+
+    train, test, _ = regression()
+    x = torch.cat([train.tensors[0], test.tensors[0]]).numpy()
+    y = torch.cat([train.tensors[1], test.tensors[1]]).flatten().numpy()
+    train_indices, _ = _split(len(x), 0.25, 0)  # the split linreg.toml's data gets (test_fraction 0.25)
+    step3 = PartitionSampler(len(train_indices), global_batch=64, seed=0).indices(epoch=0)[2 * 64]
+    x[train_indices[step3], 0] = np.nan  # in the batch of step 3 (batch 64, seed 0), epoch 0
+    path = tmp_path / "poisoned.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(solo, poisoned, tmp_path):
+    options = [f"data.path={poisoned}", "train.batch_size=64", "checkpoint.every=1", "checkpoint.keep=1",
+               f"checkpoint.dir={tmp_path}/ck"]
+    with pytest.raises(plait.PlaitError, match=r"loss is nan at step (\d+); stopping") as err:
+        train_example("linreg", options, str(tmp_path), 40)
+    bad_step = int(err.value.args[0].split("at step ")[1].split(";")[0])
+    assert bad_step == 3
+    latest = Checkpointer(tmp_path / "ck").latest()
+    assert latest.name == f"step_{bad_step - 1:08d}"
+    params, _ = train_example("linreg", [*options, "checkpoint.resume=latest"], str(tmp_path), bad_step - 1)
+    assert all(torch.isfinite(v).all() for v in params.values())
+
+
+def test_nonfinite_steps_can_be_skipped(solo, poisoned, tmp_path):
+    params, losses = train_example("linreg", [f"data.path={poisoned}", "train.batch_size=64", "train.skip_nonfinite=true"],
+                                   str(tmp_path), 40)
+    assert any(np.isnan(losses)) and all(torch.isfinite(v).all() for v in params.values())
+    summary = json.loads((tmp_path / "linreg" / "summary.json").read_text())
+    assert summary["skipped_steps"] == sum(np.isnan(losses))
