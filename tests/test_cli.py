@@ -111,3 +111,54 @@ def test_worker_side_error_names_the_rank(tmp_path):
     assert "plait: error: rank 0: data.args: need samples >= 2 and features >= 1, got 1024, 0" in lines
     assert lines[-1] == "plait: error: worker rank 0 failed (exit code 1); its message is above"
     assert "Traceback" not in done.stderr
+
+
+def _worker_pid(marker: str, rank: int) -> int | None:
+    """The pid of the worker process of ``rank`` whose command line holds ``marker``."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"plait.train.worker" in cmdline and marker.encode() in cmdline and f"RANK={rank}".encode() in environ:
+            return int(entry)
+    return None
+
+
+def test_killed_worker_is_restarted_and_resumes(world2, tmp_path):
+    """SIGKILL rank 1 mid-run: the elastic agent restarts the group, which resumes by itself."""
+    import signal
+    import time
+
+    from conftest import train_example
+
+    steps, name = 150, f"elastic-{os.getpid()}"
+    cmd = [*PLAIT, "train", str(EXAMPLES / "digits_cnn.toml"), "--nproc", "2", "--max-restarts", "3",
+           "--set", f"train.steps={steps}", "--set", "checkpoint.every=10", "--set", f"run.name={name}",
+           "--set", f"run.out_dir={tmp_path}", "--set", "run.log_every=1", "--set", "run.progress=false"]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = tmp_path / name / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (checkpoints / "step_00000020").is_dir():
+        assert run.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    pid = _worker_pid(name, rank=1)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    stdout, stderr = run.communicate(timeout=240)
+    assert run.returncode == 0, stderr
+    assert "plait: resumed from" in stdout
+    metrics, summary = read_run(tmp_path, name)
+    assert summary["steps"] == steps and 20 <= summary["resumed_from_step"] < steps
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    _, expected = world2.run(train_example, "digits_cnn", [], str(tmp_path / "reference"), steps)[0]
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in metrics]), torch.tensor(expected), rtol=1e-5, atol=1e-7)
+
+
+def test_resume_flag_checks_the_checkpoint_first(tmp_path):
+    done = plait_train(str(EXAMPLES / "linreg.toml"), "--resume", str(tmp_path / "nope"), out_dir=tmp_path, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"plait: error: checkpoint not found: {tmp_path / 'nope'}"

@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PlaitError, dist.DistError) as exc:  # DistError: a collective inside torch (DCP, barrier) failed
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         message = text if text.startswith("rank ") else f"rank {rank}: {text}"
-        print(f"plait: error: {message}", file=sys.stderr, flush=True)
+        # One write call: ranks share the stream, and a pipe keeps a single small write whole.
+        sys.stderr.flush()
+        os.write(2, f"plait: error: {message}\n".encode())
         return 1
     finally:
         shutdown()
