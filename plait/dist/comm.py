@@ -67,6 +67,11 @@ def wait(work: dist.Work, what: str, group: dist.ProcessGroup | None = None) -> 
         raise CommError(describe_failure(what, group, exc)) from None
 
 
+def barrier(what: str, group=None) -> None:
+    """A barrier whose failure names rank, operation and silent peer."""
+    wait(dist.barrier(group=group, async_op=True), what, group)
+
+
 def all_reduce(tensor: torch.Tensor, what: str, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """A blocking all-reduce whose failure names rank, operation and silent peer."""
     wait(dist.all_reduce(tensor, op=op, group=group, async_op=True), what, group)

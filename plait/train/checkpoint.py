@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from plait.dist.comm import barrier
 from plait.errors import PlaitError
 
 FORMAT = 1
@@ -124,14 +125,14 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # left by a crash at this step
             partial.mkdir(parents=True)
-        dist.barrier(group=self.group)
+        barrier(f"checkpoint save of step {step}", self.group)
         tensors, _ = self._state(model, optimizer)
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(partial), process_group=self.group)
         return partial
 
     def commit(self, partial: Path, step: int, model, optimizer, info: dict) -> Path:
         """Rank 0 writes the manifest and renames the folder once every rank has written."""
-        dist.barrier(group=self.group)
+        barrier(f"checkpoint commit of step {step}", self.group)
         final = partial.with_name(f"step_{step:08d}")
         if self.rank == 0:
             _, extras = self._state(model, optimizer)
@@ -144,7 +145,7 @@ class Checkpointer:
             _fsync_dir(self.root)
             for old in self.complete()[: -self.keep or None]:
                 shutil.rmtree(old, ignore_errors=True)
-        dist.barrier(group=self.group)
+        barrier(f"checkpoint commit of step {step}", self.group)
         return final
 
     # -- finding and loading --------------------------------------------------------------
