@@ -20,6 +20,15 @@ class DigitsCNN(nn.Module):
         self.fc1 = nn.Linear(320, 50)
         self.fc2 = nn.Linear(50, num_classes)
 
+    def pipeline_blocks(self) -> list[tuple[str, nn.Module]]:
+        """The same computation as consecutive blocks, for cutting into pipeline stages."""
+        return [
+            ("conv1", nn.Sequential(self.conv1, nn.MaxPool2d(2), nn.ReLU())),  # [N, 10, 12, 12]
+            ("conv2", nn.Sequential(self.conv2, nn.MaxPool2d(2), nn.ReLU(), nn.Flatten())),  # [N, 320]
+            ("fc1", nn.Sequential(self.fc1, nn.ReLU())),  # [N, 50]
+            ("fc2", nn.Sequential(self.fc2, nn.LogSoftmax(dim=1))),  # [N, classes]
+        ]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(F.max_pool2d(self.conv1(x), 2))  # [N, 10, 12, 12]
         x = F.relu(F.max_pool2d(self.conv2(x), 2))  # [N, 20, 4, 4]

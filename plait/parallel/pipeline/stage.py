@@ -1,0 +1,143 @@
+"""One pipeline stage: runs a schedule's actions, exchanging activations with its neighbours.
+
+    stage = PipelineStage(StageModule(blocks), stage=mesh.coord("pp"), stages=mesh.size("pp"),
+                          group=mesh.group("pp"), loss_fn=loss_fn)
+    loss = stage.step(inputs, targets, microbatches=4, schedule="1f1b")   # loss on the last stage
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.errors import PlaitError
+from plait.parallel.pipeline.p2p import FAILED, OK, Link, Spec, encode_header
+from plait.parallel.pipeline.schedules import SCHEDULES
+
+
+def _as_tuple(x) -> tuple[torch.Tensor, ...]:
+    return x if isinstance(x, tuple) else (x,)
+
+
+class PipelineStage:
+    """Stage ``stage`` of ``stages`` on the pipeline ``group``.
+
+    Args:
+        module: this stage's blocks (a ``StageModule``), or a ``DataParallel`` around them; then
+            gradients are averaged over its group once per step, at the last backward.
+        loss_fn: ``loss_fn(output, target)`` on the last stage, a mean over the micro-batch.
+    """
+
+    def __init__(self, module: nn.Module, stage: int, stages: int, group: dist.ProcessGroup,
+                 loss_fn=None, device: torch.device | None = None):
+        self.module, self.stage, self.stages, self.group = module, stage, stages, group
+        self.loss_fn, self.device = loss_fn, device or torch.device("cpu")
+        self.first, self.last = stage == 0, stage == stages - 1
+        ranks = dist.get_process_group_ranks(group)
+        self.prev = None if self.first else Link(ranks[stage - 1], group, self.device, "activations")
+        self.next = None if self.last else Link(ranks[stage + 1], group, self.device, "gradients")
+        self.trace: list[tuple[str, int, float, float]] = []  # (kind, micro-batch, start, end)
+        self.max_in_flight = 0
+        self._saved: dict[int, tuple] = {}
+        self._specs: list[Spec] = []
+
+    # -- one step -------------------------------------------------------------------------
+    def step(self, inputs, targets, microbatches: int, schedule: str = "1f1b") -> torch.Tensor | None:
+        """Forward and backward of one batch as ``microbatches`` micro-batches; gradients are
+        accumulated (mean over the batch). Returns the mean loss on the last stage, else None."""
+        if schedule not in SCHEDULES:
+            raise PlaitError(f"pipeline.schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        xs = _split(inputs, microbatches) if self.first else [None] * microbatches
+        ys = _split(targets, microbatches) if self.last else [None] * microbatches
+        actions = SCHEDULES[schedule](microbatches, self.stages, self.stage)
+        last_backward = max(i for kind, i in actions if kind == "B")
+        self.trace, self.max_in_flight, self._losses = [], 0, []
+        self.t0 = time.perf_counter()
+        for kind, i in actions:
+            if kind == "F":
+                self._forward(i, xs[i], ys[i], header=i == 0, scale=1.0 / microbatches)
+            else:
+                self._backward(i, sync=i == last_backward)
+        for link in (self.prev, self.next):
+            if link:
+                link.flush()
+        return torch.stack(self._losses).sum() if self.last else None
+
+    def _forward(self, i: int, x, y, header: bool, scale: float) -> None:
+        if self.first:
+            inputs = _as_tuple(x)
+        else:
+            if header:
+                status, self._specs = self.prev.recv_header()
+                if status != OK:
+                    raise PlaitError(f"pipeline: stage {self.stage - 1} failed; see its error")
+            inputs = tuple(t.requires_grad_(t.is_floating_point()) for t in self.prev.recv(self._specs))
+        start = time.perf_counter()
+        out = _as_tuple(self.module(*inputs))
+        if self.last:
+            out = (self.loss_fn(out[0] if len(out) == 1 else out, y) * scale,)
+            self._losses.append(out[0].detach())
+        self.trace.append(("F", i, start - self.t0, time.perf_counter() - self.t0))
+        if not self.last:
+            self.next.send(out, encode_header(out) if header else None)
+        self._saved[i] = (inputs, out)
+        self.max_in_flight = max(self.max_in_flight, len(self._saved))
+
+    def _backward(self, i: int, sync: bool) -> None:
+        inputs, out = self._saved.pop(i)
+        if self.last:
+            grads = None
+        else:
+            wanted = [o for o in out if o.is_floating_point()]
+            grads = self.next.recv([(o.dtype, tuple(o.shape)) for o in wanted])
+            out = tuple(wanted)
+        start = time.perf_counter()
+        no_sync = getattr(self.module, "no_sync", None)
+        with no_sync() if (no_sync and not sync) else nullcontext():
+            torch.autograd.backward(out, grads)
+        self.trace.append(("B", i, start - self.t0, time.perf_counter() - self.t0))
+        if not self.first:
+            self.prev.send(tuple(t.grad if t.grad is not None else torch.zeros_like(t)
+                                 for t in inputs if t.is_floating_point()))
+
+    # -- checking the cut before training -------------------------------------------------
+    @torch.no_grad()
+    def check(self, sample_input) -> None:
+        """Push one sample through every stage; if a stage cannot take what the previous one
+        makes, every stage raises the same error naming it (no stage is left waiting)."""
+        error, out = "", ()
+        try:
+            if self.first:
+                inputs = _as_tuple(sample_input)
+            else:
+                status, specs = self.prev.recv_header()
+                inputs = self.prev.recv(specs) if status == OK else None
+                if status != OK:
+                    error = "upstream"
+            if inputs is not None:
+                out = _as_tuple(self.module(*inputs))
+        except Exception as exc:  # a stage that does not fit the previous one's output
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if not self.last:
+            ok = not error and out
+            self.next.send(out if ok else (), encode_header(out if ok else (), OK if ok else FAILED))
+            self.next.flush()
+        errors = [None] * self.stages
+        dist.all_gather_object(errors, error, group=self.group)
+        for s, e in enumerate(errors):
+            if e and e != "upstream":
+                raise PlaitError(f"pipeline: stage {s} cannot take the output of stage {s - 1}: {e}"
+                                 if s else f"pipeline: stage 0 fails on the input batch: {e}")
+
+
+def _split(batch, microbatches: int) -> list:
+    """Cut a tensor (or tuple of tensors) along dim 0 into equal micro-batches."""
+    first = _as_tuple(batch)[0]
+    if first.shape[0] % microbatches:
+        raise PlaitError(f"pipeline.microbatches={microbatches} does not divide the batch of {first.shape[0]}")
+    parts = [t.chunk(microbatches) for t in _as_tuple(batch)]
+    return [tuple(p[i] for p in parts) if isinstance(batch, tuple) else parts[0][i] for i in range(microbatches)]

@@ -1,0 +1,54 @@
+"""What a pipeline step looked like: a Chrome/Perfetto trace, a PNG timeline, the bubble."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+Trace = list[tuple[str, int, float, float]]  # (kind "F"/"B", micro-batch, start s, end s) of one stage
+
+
+def measured_bubble(traces: list[Trace]) -> float:
+    """Mean over stages of the idle share of the step (from the first start to the last end)."""
+    start = min(t[2] for trace in traces for t in trace)
+    span = max(t[3] for trace in traces for t in trace) - start
+    busy = [sum(end - begin for _, _, begin, end in trace) for trace in traces]
+    return sum(1 - b / span for b in busy) / len(traces)
+
+
+def write_chrome_trace(traces: list[Trace], path: str | Path) -> Path:
+    """A trace that chrome://tracing and ui.perfetto.dev load: one row (thread) per stage."""
+    events = [{"name": f"{kind}{mb}", "cat": "forward" if kind == "F" else "backward", "ph": "X",
+               "ts": begin * 1e6, "dur": (end - begin) * 1e6, "pid": 0, "tid": stage}
+              for stage, trace in enumerate(traces) for kind, mb, begin, end in trace]
+    events += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": s, "args": {"name": f"stage {s}"}}
+               for s in range(len(traces))]
+    path = Path(path)
+    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    return path
+
+
+def plot_timeline(traces: list[Trace], path: str | Path, title: str) -> Path:
+    """Stages as rows, micro-batches as labelled boxes (forward light, backward dark)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = min(t[2] for trace in traces for t in trace)
+    fig, ax = plt.subplots(figsize=(10, 0.7 * len(traces) + 1.2))
+    for stage, trace in enumerate(traces):
+        for kind, mb, begin, end in trace:
+            left, width = (begin - start) * 1e3, (end - begin) * 1e3
+            ax.broken_barh([(left, width)], (stage - 0.4, 0.8), color="#8ecae6" if kind == "F" else "#219ebc",
+                           edgecolor="black", linewidth=0.5)
+            ax.text(left + width / 2, stage, f"{kind}{mb}", ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(len(traces)), [f"stage {s}" for s in range(len(traces))])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,133 @@
+"""Pipeline parallelism: schedules, cutting, and training equal to one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import plait
+from plait.parallel.pipeline import SCHEDULES, PipelineStage, StageModule, blocks_of, bubble_fraction, cut_points
+from plait.parallel.pipeline.schedules import gpipe, one_f_one_b
+
+from conftest import assert_close
+
+
+# -- schedules and cuts: arithmetic, no processes -------------------------------------------
+def in_flight(actions) -> int:
+    live, peak = set(), 0
+    for kind, i in actions:
+        live.add(i) if kind == "F" else live.remove(i)
+        peak = max(peak, len(live))
+    return peak
+
+
+@pytest.mark.parametrize("p", [2, 4])
+@pytest.mark.parametrize("m", [1, 2, 4, 8])
+def test_schedules_run_each_microbatch_once_in_order(p, m):
+    for s in range(p):
+        for name, schedule in SCHEDULES.items():
+            actions = schedule(m, p, s)
+            assert sorted(actions) == sorted([("F", i) for i in range(m)] + [("B", i) for i in range(m)]), name
+            assert all(actions.index(("F", i)) < actions.index(("B", i)) for i in range(m))
+        assert in_flight(gpipe(m, p, s)) == m
+        assert in_flight(one_f_one_b(m, p, s)) == min(p - s, m) <= p
+
+
+def test_theoretical_bubble():
+    assert bubble_fraction(4, 2) == pytest.approx(1 / 5) and bubble_fraction(1, 4) == pytest.approx(3 / 4)
+
+
+def mlp(depth: int = 6) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, 16), nn.Tanh()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(16, 16), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(16, 3))
+
+
+def test_cut_points():
+    blocks = blocks_of(mlp())
+    assert cut_points(blocks, 2, cuts=[4]) == [0, 4]
+    starts = cut_points(blocks, 3)  # by parameter count: Linear blocks weigh, Tanh blocks do not
+    weights = [sum(p.numel() for p in b.parameters()) for _, b in blocks]
+    parts = [sum(weights[a:b]) for a, b in zip(starts, starts[1:] + [len(blocks)])]
+    assert max(parts) <= 2 * min(parts)
+    timed = cut_points(blocks, 2, balance="time", sample=(torch.randn(4, 8),))
+    assert len(timed) == 2 and 0 < timed[1] < len(blocks)
+    with pytest.raises(plait.PlaitError, match="12 stages but the model has only 11 blocks"):
+        cut_points(blocks, 12)
+    with pytest.raises(plait.PlaitError, match="pipeline.cuts"):
+        cut_points(blocks, 3, cuts=[5, 2])
+
+
+def _batch(step: int):
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(16, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+
+
+def reference_training(steps: int):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(steps):
+        x, y = _batch(step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return dict(model.named_parameters())
+
+
+def pipeline_training(steps: int, microbatches: int, schedule: str):
+    """Every rank is one stage; returns its parameters (named as in the whole model)."""
+    p, s = dist.get_world_size(), dist.get_rank()
+    model = mlp()
+    blocks = blocks_of(model)
+    starts = cut_points(blocks, p) + [len(blocks)]
+    module = StageModule(blocks[starts[s]:starts[s + 1]])
+    stage = PipelineStage(module, s, p, dist.group.WORLD, loss_fn=F.cross_entropy)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for step in range(steps):
+        x, y = _batch(step)
+        opt.zero_grad()
+        loss = stage.step(x, y, microbatches, schedule)
+        losses.append(None if loss is None else loss.item())
+        opt.step()
+    mine = {id(q) for q in module.parameters()}
+    return {n: q.detach() for n, q in model.named_parameters() if id(q) in mine}, stage.max_in_flight, losses
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("microbatches", [1, 2, 4])
+@pytest.mark.parametrize("world_name", ["world2", "world4"])
+def test_pipeline_training_equals_one_process(world_name, microbatches, schedule, request):
+    world = request.getfixturevalue(world_name)
+    expected = {n: q.detach() for n, q in reference_training(3).items()}
+    results = world.run(pipeline_training, 3, microbatches, schedule)
+    merged = {}
+    for stage, (params, peak, losses) in enumerate(results):
+        assert not merged.keys() & params.keys(), "stages must not share parameters"
+        merged.update(params)
+        p = len(results)
+        assert peak == (microbatches if schedule == "gpipe" else min(p - stage, microbatches))
+    assert_close(merged, expected)
+    assert results[-1][2][0] is not None and all(r[2][0] is None for r in results[:-1])
+
+
+def check_mismatched_stages():
+    torch.manual_seed(0)
+    blocks = [("0", nn.Linear(8, 16)), ("1", nn.Linear(32, 4))]  # stage 1 expects 32 features, gets 16
+    s = dist.get_rank()
+    stage = PipelineStage(StageModule(blocks[s:s + 1]), s, 2, dist.group.WORLD, loss_fn=F.cross_entropy)
+    try:
+        stage.check(torch.randn(4, 8))
+    except plait.PlaitError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_mismatched_stages_fail_on_every_rank_before_training(world2):
+    for message in world2.run(check_mismatched_stages):
+        assert message.startswith("pipeline: stage 1 cannot take the output of stage 0: RuntimeError: mat1 and mat2"), message
