@@ -26,7 +26,8 @@ def train_example(example: str, overrides: list[str], out_dir: str, steps: int =
         f"train.steps={steps}", "run.log_every=1", "run.progress=false", f"run.out_dir={out_dir}", *overrides])
     trainer = Trainer(cfg, info)
     trainer.fit()
-    params = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    mine = {id(p) for p in trainer.engine.module.parameters()}  # a pipeline stage trains only its own
+    params = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if id(v) in mine}
     return params, [r["loss"] for r in trainer.log.records] if trainer.log else None
 
 

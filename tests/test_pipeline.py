@@ -57,7 +57,7 @@ def test_cut_points():
     assert max(parts) <= 2 * min(parts)
     timed = cut_points(blocks, 2, balance="time", sample=(torch.randn(4, 8),))
     assert len(timed) == 2 and 0 < timed[1] < len(blocks)
-    with pytest.raises(plait.PlaitError, match="12 stages but the model has only 11 blocks"):
+    with pytest.raises(plait.PlaitError, match="12 stages but the model has only 11 blocks to cut"):
         cut_points(blocks, 12)
     with pytest.raises(plait.PlaitError, match="pipeline.cuts"):
         cut_points(blocks, 3, cuts=[5, 2])
@@ -131,3 +131,65 @@ def check_mismatched_stages():
 def test_mismatched_stages_fail_on_every_rank_before_training(world2):
     for message in world2.run(check_mismatched_stages):
         assert message.startswith("pipeline: stage 1 cannot take the output of stage 0: RuntimeError: mat1 and mat2"), message
+
+
+# -- through the trainer: dp x pp layouts of the shipped configs ------------------------------
+@pytest.mark.parametrize("layout, schedule", [
+    ("world2", "1f1b"), ("world2", "gpipe"), ("world4", "1f1b"),
+], ids=["pp2-1f1b", "pp2-gpipe", "dp2xpp2-1f1b"])
+def test_trainer_pipeline_equals_one_process(layout, schedule, request, solo, tmp_path):
+    from conftest import train_example
+
+    world = request.getfixturevalue(layout)
+    expected_params, expected_losses = train_example("digits_cnn", [], str(tmp_path / "reference"))
+    results = world.run(train_example, "digits_cnn", ["parallel.pp=2", "pipeline.microbatches=4",
+                                                      f"pipeline.schedule={schedule}"], str(tmp_path))
+    merged = {}
+    for params, _ in results:
+        for name, value in params.items():  # dp replicas of a stage hold the same values
+            merged.setdefault(name, value)
+    assert_close(merged, expected_params)
+    torch.testing.assert_close(torch.tensor(results[0][1]), torch.tensor(expected_losses), rtol=1e-5, atol=1e-7)
+
+
+def test_shipped_pipeline_config_trains(world2, tmp_path):
+    from conftest import EXAMPLES
+    from plait.train.config import load_config
+
+    assert load_config(EXAMPLES / "mlp_pipeline.toml").parallel.pp == 2
+    results = world2.run(_train_shipped_mlp, str(tmp_path))
+    losses = results[0]
+    assert losses[-1] < losses[0]
+
+
+def _train_shipped_mlp(out_dir: str):
+    from conftest import EXAMPLES
+    from plait.train.config import load_config
+    from plait.train.trainer import Trainer
+
+    cfg = load_config(EXAMPLES / "mlp_pipeline.toml", ["train.steps=20", "run.log_every=1", "run.progress=false",
+                                                       f"run.out_dir={out_dir}"])
+    trainer = Trainer(cfg, plait.init())
+    trainer.fit()
+    return [r["loss"] for r in trainer.log.records] if trainer.log else None
+
+
+def _error_of(example: str, overrides: list[str], out_dir: str) -> str:
+    from conftest import train_example
+
+    try:
+        train_example(example, overrides, out_dir)
+    except plait.PlaitError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize("example, overrides, message", [
+    ("linreg", ["parallel.pp=2"], "pipeline: 2 stages but the model has only 1 block to cut"),
+    ("digits_cnn", ["parallel.pp=2", "pipeline.microbatches=5"],
+     "pipeline.microbatches: 5 does not divide each data-parallel rank's 64 samples"),
+    ("digits_cnn", ["parallel.pp=2", "pipeline.cuts=[9]"], "pipeline.cuts=[9]: need 1 increasing block indices in 1..3"),
+], ids=["more-stages-than-blocks", "microbatches-do-not-divide", "bad-cut"])
+def test_bad_pipeline_input_fails_before_training_on_every_rank(world2, tmp_path, example, overrides, message):
+    for error in world2.run(_error_of, example, overrides, str(tmp_path)):
+        assert error.startswith(message), error

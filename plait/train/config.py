@@ -133,10 +133,31 @@ class ParallelConfig:
         for key in ("dp", "pp", "tp", "zero"):
             _require(getattr(self, key) >= 0, f"parallel.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(self.bucket_mb > 0, "parallel.bucket_mb", f"must be positive, got {self.bucket_mb}")
-        # Pipeline, tensor parallelism and ZeRO are engines of their own, not in this version.
-        for key, off in (("pp", 1), ("tp", 1), ("zero", 0)):
+        # Tensor parallelism and ZeRO are engines of their own, not in this version.
+        for key, off in (("tp", 1), ("zero", 0)):
             value = getattr(self, key)
-            _require(value == off, f"parallel.{key}", f"{value} asked for, but only data parallelism is available in this version")
+            _require(value == off, f"parallel.{key}", f"{value} asked for, but only data and pipeline parallelism are available in this version")
+
+
+@dataclass
+class PipelineConfig:
+    microbatches: int = 1
+    """Micro-batches per step per data-parallel rank (must divide its share of the batch)."""
+    schedule: str = "1f1b"
+    """'gpipe' (all forwards, then all backwards) or '1f1b' (at most pp micro-batches in flight)."""
+    balance: str = "params"
+    """Cut the model into stages balanced by 'params' (parameter count) or 'time' (measured)."""
+    cuts: list = field(default_factory=list)
+    """Explicit cut points instead: the index of the first block of stages 1..pp-1."""
+    trace: bool = False
+    """Record the last step: a Perfetto trace, a PNG timeline and the measured bubble."""
+
+    def __post_init__(self):
+        _require(self.microbatches >= 1, "pipeline.microbatches", f"must be >= 1, got {self.microbatches}")
+        _one_of(self.schedule, ("gpipe", "1f1b"), "pipeline.schedule")
+        _one_of(self.balance, ("params", "time"), "pipeline.balance")
+        _require(all(isinstance(c, int) and not isinstance(c, bool) for c in self.cuts), "pipeline.cuts",
+                 f"expected a list of block indices, got {self.cuts!r}")
 
 
 @dataclass
@@ -174,6 +195,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -193,6 +215,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         _require(isinstance(value, str), key, f"expected a string, got {value!r}")
     elif kind is dict:
         _require(isinstance(value, dict), key, f"expected a table, got {value!r}")
+    elif kind is list:
+        _require(isinstance(value, list), key, f"expected a list, got {value!r}")
     return value
 
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.data.datasets import DATASETS, ArrayDataset
-from plait.dist.comm import all_reduce
 from plait.errors import ConfigError
 
 
@@ -31,19 +30,13 @@ class Task:
         return F.cross_entropy(output.float(), target, reduction=reduction)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, device: torch.device, group=None, rank: int = 0, world: int = 1) -> dict:
-        """Metrics on the test split; each rank scores a contiguous slice and the sums are all-reduced."""
-        x, y = self.test.tensors
-        lo, hi = len(x) * rank // world, len(x) * (rank + 1) // world
-        x, y = x[lo:hi].to(device), y[lo:hi].to(device)
-        was_training = model.training
-        model.eval()
-        out = model(x)
-        model.train(was_training)
-        correct = (out.argmax(1) == y).sum() if self.kind == "classification" else torch.zeros((), device=device)
-        sums = torch.stack([self.loss(out, y, "sum").double(), correct.double(), torch.tensor(float(len(x)), device=device, dtype=torch.float64)])
-        if world > 1:
-            all_reduce(sums, "evaluation all-reduce", group)
+    def score(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Sums over a slice of the test split: [loss sum, correct, count] (float64)."""
+        correct = (out.argmax(1) == y).sum() if self.kind == "classification" else torch.zeros((), device=y.device)
+        count = torch.tensor(float(len(y)), device=y.device, dtype=torch.float64)
+        return torch.stack([self.loss(out, y, "sum").double(), correct.double(), count]).cpu()
+
+    def metrics(self, sums: torch.Tensor) -> dict:
         loss_sum, correct, count = sums.tolist()
         metrics = {"test_loss": loss_sum / count}
         if self.kind == "classification":

@@ -9,23 +9,26 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from plait.data.datasets import stacked
 from plait.data.partition import PartitionSampler
-from plait.dist.comm import all_reduce
+from plait.dist.comm import all_reduce, barrier
 from plait.dist.env import DistInfo
 from plait.dist.mesh import Mesh
 from plait.errors import ConfigError, PlaitError
 from plait.models import build_model
 from plait.parallel.data import DataParallel
+from plait.parallel.pipeline.schedules import bubble_fraction
+from plait.parallel.pipeline.trace import measured_bubble, plot_timeline, write_chrome_trace
 from plait.train.checkpoint import Checkpointer
 from plait.train.config import Config, TrainConfig
+from plait.train.engines import Pipelined, Replicated
 from plait.train.metrics import RunLog
 from plait.train.tasks import build_task
 
@@ -43,6 +46,7 @@ class Trainer:
         self.cfg, self.info, self.device = cfg, info, info.device
         self.mesh = Mesh(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, device_type=info.device.type)
         self.dp, self.dp_rank, self.dp_group = self.mesh.size("dp"), self.mesh.coord("dp"), self.mesh.group("dp")
+        self.pp = self.mesh.size("pp")
         t = cfg.train
         if t.batch_size % (self.dp * t.accum_steps):
             raise ConfigError(
@@ -50,13 +54,20 @@ class Trainer:
                 f"train.accum_steps ({t.accum_steps})"
             )
         self.local_batch = t.batch_size // self.dp
+        if self.pp > 1 and self.local_batch % cfg.pipeline.microbatches:
+            raise ConfigError(f"pipeline.microbatches: {cfg.pipeline.microbatches} does not divide each data-parallel "
+                              f"rank's {self.local_batch} samples (train.batch_size {t.batch_size} / dp {self.dp})")
+        if self.pp > 1 and (cfg.checkpoint.every or cfg.checkpoint.resume):
+            raise ConfigError("checkpoint: checkpoints of pipeline-parallel runs are not available in this version")
         torch.manual_seed(t.seed)
         self.task = build_task(cfg.data.name, cfg.data.path, cfg.data.args)
         self.model = build_model(cfg.model.name, cfg.model.args, self.task.info).to(self.device)
-        self.ddp = DataParallel(
-            self.model, self.dp_group, bucket_mb=cfg.parallel.bucket_mb, allow_unused=cfg.parallel.allow_unused
-        )
-        self.optimizer = build_optimizer(t, self.model.parameters())
+        sample = self.task.train.tensors[0][: self.local_batch].to(self.device)
+        self.engine = (Pipelined(self.model, self.mesh, cfg, self.task.loss, sample, self.device) if self.pp > 1
+                       else Replicated(self.model, self.mesh, cfg, self.task.loss))
+        self.engine.check(sample)  # stages that do not fit together fail here, on every rank
+        self.params = list(self.engine.module.parameters())
+        self.optimizer = build_optimizer(t, self.params)
         self.sampler = PartitionSampler(
             self.task.train, self.dp, self.dp_rank, scheme=cfg.data.partition, global_batch=t.batch_size,
             seed=t.seed, policy=cfg.data.policy,
@@ -71,6 +82,11 @@ class Trainer:
         resumed = self._resume()
         self.log = RunLog(cfg.run.out_dir, cfg.run.name, resume_step=self.step if resumed else None) \
             if info.is_main else None
+        self.skipped, self.pipeline_report = 0, {}
+
+    @property
+    def ddp(self) -> DataParallel:
+        return self.engine.ddp
 
     # -- checkpoints ------------------------------------------------------------------------
     def _resume(self) -> bool:
@@ -123,38 +139,60 @@ class Trainer:
     def _step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         t = self.cfg.train
         self.optimizer.zero_grad()
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.bf16)
-        total = torch.zeros((), device=self.device)
-        micro = list(zip(x.chunk(t.accum_steps), y.chunk(t.accum_steps)))
-        for i, (xm, ym) in enumerate(micro):
-            last = i == len(micro) - 1
-            with self.ddp.no_sync() if not last else nullcontext():
-                with autocast:
-                    loss = self.task.loss(self.ddp(xm), ym) / len(micro)
-                loss.backward()
-            total += loss.detach()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.bf16):
+            local_loss = self.engine.step(x, y)
         if t.skip_nonfinite:
-            # Gradients are averaged over ranks, so one rank's NaN reaches all: every rank decides alike.
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            if not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+            if not self._all_finite():
                 self.skipped += 1
-                return total
-        elif not math.isfinite(total.item()):
-            raise PlaitError(f"rank {self.info.rank}: loss is {total.item()} at step {step}; stopping "
+                return local_loss
+        elif not math.isfinite(local_loss.item()):
+            raise PlaitError(f"rank {self.info.rank}: loss is {local_loss.item()} at step {step}; stopping "
                              "(the last checkpoint is kept; train.skip_nonfinite = true skips such steps)")
         if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            self._clip(t.grad_clip)
         self.optimizer.step()
-        return total
+        return local_loss
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.params if p.grad is not None]
+
+    def _all_finite(self) -> bool:
+        """Gradients are averaged over dp, so one rank's NaN reaches all of its group; stages
+        agree through the pp group: every rank decides alike."""
+        finite = torch.stack([torch.isfinite(g).all() for g in self._grads()]).all().float()
+        if self.pp > 1:
+            all_reduce(finite, "finite-gradient check", self.mesh.group("pp"), op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _clip(self, max_norm: float) -> None:
+        """Clip to a global norm: squared norms summed over stages (dp replicas hold the same)."""
+        grads = self._grads()
+        square = torch.stack([g.detach().double().square().sum() for g in grads]).sum()
+        if self.pp > 1:
+            all_reduce(square, "gradient-norm all-reduce", self.mesh.group("pp"))
+        coef = max_norm / (square.sqrt().item() + 1e-6)
+        if coef < 1.0:
+            torch._foreach_mul_(grads, coef)
 
     def _global_mean(self, value: torch.Tensor) -> float:
-        value = value.detach().clone().double()
-        if self.dp > 1:
-            all_reduce(value, f"loss all-reduce at step {self.step}", self.dp_group)
+        """Mean loss over the global batch: ranks holding a loss (all, or the last stages) add."""
+        value = value.detach().clone().double() if self.engine.has_loss else torch.zeros((), dtype=torch.float64)
+        if self.info.world_size > 1:
+            all_reduce(value, f"loss all-reduce at step {self.step}")
         return value.item() / self.dp
 
     def _evaluate(self) -> dict:
-        return self.task.evaluate(self.model, self.device, self.dp_group, self.dp_rank, self.dp)
+        """Test metrics: each dp rank scores a contiguous slice, through its pipeline if any."""
+        x, y = self.task.test.tensors
+        lo, hi = len(x) * self.dp_rank // self.dp, len(x) * (self.dp_rank + 1) // self.dp
+        was_training = self.engine.module.training
+        self.engine.module.eval()
+        out = self.engine.infer(x[lo:hi].to(self.device))
+        self.engine.module.train(was_training)
+        sums = self.task.score(out, y[lo:hi].to(self.device)) if out is not None else torch.zeros(3, dtype=torch.float64)
+        if self.info.world_size > 1:
+            all_reduce(sums, "evaluation all-reduce")
+        return self.task.metrics(sums)
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -165,10 +203,14 @@ class Trainer:
         batches = self._batches()
         start = interval_start = time.perf_counter()
         loss, first = float("nan"), self.step
-        self.skipped = 0
         for step in range(self.step + 1, t.steps + 1):
             x, y = next(batches)
+            tracing = self.pp > 1 and cfg.pipeline.trace and step == t.steps
+            if tracing:
+                barrier("pipeline trace start")  # one clock start for every stage's timeline
             local_loss = self._step(x.to(self.device), y.to(self.device), step)
+            if tracing:
+                self.pipeline_report = self._write_trace()
             self.step = step
             if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == t.steps):
                 self._save()
@@ -191,6 +233,20 @@ class Trainer:
         bar.close()
         return self._finish(loss, train_time, t.steps - first)
 
+    def _write_trace(self) -> dict:
+        """Gather every stage's timeline of this step; rank 0 writes the trace and the plot."""
+        traces = [None] * self.pp
+        dist.all_gather_object(traces, self.engine.stage.trace, group=self.mesh.group("pp"))
+        m, p = self.cfg.pipeline.microbatches, self.pp
+        report = {"pipeline_schedule": self.cfg.pipeline.schedule, "pipeline_microbatches": m,
+                  "bubble_measured": measured_bubble(traces), "bubble_theory": bubble_fraction(m, p)}
+        if self.log:
+            write_chrome_trace(traces, self.log.dir / "pipeline_trace.json")
+            plot_timeline(traces, self.log.dir / "pipeline_timeline.png",
+                          f"{self.cfg.pipeline.schedule}, p={p}, m={m}: bubble {report['bubble_measured']:.2f} "
+                          f"measured, {report['bubble_theory']:.2f} in theory")
+        return report
+
     def _finish(self, loss: float, train_time: float, steps_run: int) -> dict:
         cfg, t = self.cfg, self.cfg.train
         metrics = self._evaluate()
@@ -201,7 +257,8 @@ class Trainer:
             "samples_per_s": steps_run * t.batch_size / max(train_time, 1e-9), "world_size": self.info.world_size,
             "resumed_from_step": t.steps - steps_run, "skipped_steps": self.skipped,
             "layout": self.mesh.describe(), "wall_time_s": train_time, "global_batch": t.batch_size,
-            "epochs": self.epoch + 1, **self.task.report(self.model),
+            "epochs": self.epoch + 1, **self.pipeline_report,
+            **(self.task.report(self.model) if self.pp == 1 else {}),
         }
         if self.log:
             self.log.write_json("summary.json", summary)

@@ -19,8 +19,7 @@ def blocks_of(model: nn.Module | list) -> list[tuple[str, nn.Module]]:
         return list(model.named_children())
     if isinstance(model, (list, tuple, nn.ModuleList)):
         return [(str(i), m) for i, m in enumerate(model)]
-    raise PlaitError(f"pipeline: cannot cut a {type(model).__name__}: give an nn.Sequential, a list of "
-                     "blocks, or a model with pipeline_blocks()")
+    return [(type(model).__name__, model)]  # one block: it cannot be cut
 
 
 def _balance(weights: list[float], parts: int) -> list[int]:
@@ -71,7 +70,8 @@ def cut_points(blocks: list[tuple[str, nn.Module]], stages: int, balance: str = 
     """Where each stage starts (index of its first block), for ``stages`` stages."""
     n = len(blocks)
     if stages > n:
-        raise PlaitError(f"pipeline: {stages} stages but the model has only {n} blocks to cut")
+        raise PlaitError(f"pipeline: {stages} stages but the model has only {n} block{'s' if n > 1 else ''} to cut "
+                         "(pipelines cut an nn.Sequential, a list of blocks, or a model's pipeline_blocks())")
     if cuts:
         starts = [0, *cuts]
         if len(cuts) != stages - 1 or starts != sorted(set(starts)) or cuts[-1] >= n or cuts[0] <= 0:

@@ -104,6 +104,21 @@ class PipelineStage:
             self.prev.send(tuple(t.grad if t.grad is not None else torch.zeros_like(t)
                                  for t in inputs if t.is_floating_point()))
 
+    @torch.no_grad()
+    def infer(self, inputs) -> torch.Tensor | None:
+        """Forward only, through every stage; the output on the last stage, None elsewhere."""
+        if self.first:
+            xs = _as_tuple(inputs)
+        else:
+            _, specs = self.prev.recv_header()
+            xs = self.prev.recv(specs)
+        out = _as_tuple(self.module(*xs))
+        if not self.last:
+            self.next.send(out, encode_header(out))
+            self.next.flush()
+            return None
+        return out[0] if len(out) == 1 else out
+
     # -- checking the cut before training -------------------------------------------------
     @torch.no_grad()
     def check(self, sample_input) -> None:
