@@ -2,11 +2,14 @@
 
 The first message of a step carries a header (status, then dtype code, rank and shape of each
 tensor), so shapes are learned at run time; gradients flow back with the shapes sent forward.
-Sends are non-blocking (a stage never waits for its neighbour to take a message); receives wait,
-bounded by the process group's timeout.
+Sends are non-blocking (a stage never waits for its neighbour to take a message). Receives are
+posted ahead of need, so a message lands while the stage computes; taking one waits, bounded by
+the process group's timeout.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 import torch.distributed as dist
@@ -49,6 +52,7 @@ class Link:
     def __init__(self, peer: int, group: dist.ProcessGroup, device: torch.device, what: str):
         self.peer, self.group, self.device, self.what = peer, group, device, what
         self.pending: list[dist.Work] = []
+        self.posted: deque[list[tuple[torch.Tensor, dist.Work]]] = deque()
 
     def send(self, tensors: tuple[torch.Tensor, ...], header: torch.Tensor | None = None) -> None:
         if header is not None:
@@ -62,14 +66,20 @@ class Link:
              self.group)
         return decode_header(header.cpu())
 
+    def post(self, specs: list[Spec]) -> None:
+        """Post the receive of the next message now, so it lands while this stage computes."""
+        buffers = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
+        self.posted.append([(t, dist.irecv(t, self.peer, group=self.group)) for t in buffers])
+
+    def take(self) -> tuple[torch.Tensor, ...]:
+        """The oldest posted message (messages on a link arrive in the order they were sent)."""
+        for _, work in self.posted[0]:
+            wait(work, f"pipeline receive from rank {self.peer} ({self.what})", self.group)
+        return tuple(t for t, _ in self.posted.popleft())
+
     def recv(self, specs: list[Spec]) -> tuple[torch.Tensor, ...]:
-        out = []
-        for dtype, shape in specs:
-            t = torch.empty(shape, dtype=dtype, device=self.device)
-            wait(dist.irecv(t, self.peer, group=self.group), f"pipeline receive from rank {self.peer} ({self.what})",
-                 self.group)
-            out.append(t)
-        return tuple(out)
+        self.post(specs)
+        return self.take()
 
     def flush(self) -> None:
         """Wait until every message sent so far has left (before its buffers may be reused)."""

@@ -57,6 +57,7 @@ class PipelineStage:
         last_backward = max(i for kind, i in actions if kind == "B")
         self.trace, self.max_in_flight, self._losses = [], 0, []
         self.t0 = time.perf_counter()
+        self._microbatches = microbatches
         for kind, i in actions:
             if kind == "F":
                 self._forward(i, xs[i], ys[i], header=i == 0, scale=1.0 / microbatches)
@@ -71,11 +72,13 @@ class PipelineStage:
         if self.first:
             inputs = _as_tuple(x)
         else:
-            if header:
+            if header:  # learn this step's shapes, then post every micro-batch's receive at once
                 status, self._specs = self.prev.recv_header()
                 if status != OK:
                     raise PlaitError(f"pipeline: stage {self.stage - 1} failed; see its error")
-            inputs = tuple(t.requires_grad_(t.is_floating_point()) for t in self.prev.recv(self._specs))
+                for _ in range(self._microbatches):
+                    self.prev.post(self._specs)
+            inputs = tuple(t.requires_grad_(t.is_floating_point()) for t in self.prev.take())
         start = time.perf_counter()
         out = _as_tuple(self.module(*inputs))
         if self.last:
@@ -84,6 +87,7 @@ class PipelineStage:
         self.trace.append(("F", i, start - self.t0, time.perf_counter() - self.t0))
         if not self.last:
             self.next.send(out, encode_header(out) if header else None)
+            self.next.post([(o.dtype, tuple(o.shape)) for o in out if o.is_floating_point()])  # its gradient
         self._saved[i] = (inputs, out)
         self.max_in_flight = max(self.max_in_flight, len(self._saved))
 
@@ -92,9 +96,8 @@ class PipelineStage:
         if self.last:
             grads = None
         else:
-            wanted = [o for o in out if o.is_floating_point()]
-            grads = self.next.recv([(o.dtype, tuple(o.shape)) for o in wanted])
-            out = tuple(wanted)
+            grads = self.next.take()
+            out = tuple(o for o in out if o.is_floating_point())
         start = time.perf_counter()
         no_sync = getattr(self.module, "no_sync", None)
         with no_sync() if (no_sync and not sync) else nullcontext():

@@ -1,0 +1,126 @@
+"""Plait's pipeline schedules beside torch.distributed.pipelining, in one run.
+
+    .venv/bin/python benchmarks/pipeline.py                    # pp=2, m in 2 4 8, 5 rounds
+    .venv/bin/python benchmarks/pipeline.py --microbatches 4 --rounds 3
+
+World size 2 (pp=2), one thread per process, a 10M-parameter MLP (8 layers of 1024 + ends) cut
+into the same two halves for both, global batch 64, SGD. Median step time over rounds (each
+round: a few warm-up steps, then timed steps) for Plait's GPipe and 1F1B and torch's
+ScheduleGPipe and Schedule1F1B, interleaved; and Plait's measured bubble (from its own trace of
+one step) beside the theoretical (p-1)/(m+p-1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, bubble_fraction, cut_points
+from plait.parallel.pipeline.trace import measured_bubble
+from plait.testing import World
+
+BATCH, WIDTH = 64, 1024
+
+
+def build() -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(784, WIDTH), nn.ReLU()]
+    for _ in range(8):
+        layers += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(WIDTH, 10))
+
+
+def my_stage_module() -> nn.Module:
+    blocks = blocks_of(build())
+    starts = cut_points(blocks, 2) + [len(blocks)]
+    s = dist.get_rank()
+    return StageModule(blocks[starts[s]:starts[s + 1]])
+
+
+def time_steps(impl: str, schedule: str, m: int, warmup: int, steps: int) -> tuple[float, float | None]:
+    """Median seconds per step (slowest rank), and Plait's measured bubble of its last step."""
+    module = my_stage_module()
+    opt = torch.optim.SGD(module.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(BATCH, 784, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen)
+    rank = dist.get_rank()
+    if impl == "plait":
+        stage = PipelineStage(module, rank, 2, dist.group.WORLD, loss_fn=F.cross_entropy)
+
+        def run():
+            stage.step(x, y, m, schedule)
+    else:
+        from torch.distributed.pipelining import PipelineStage as TorchStage, Schedule1F1B, ScheduleGPipe
+
+        tstage = TorchStage(module, rank, 2, torch.device("cpu"))
+        kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+        sched = kind(tstage, m, loss_fn=F.cross_entropy)
+
+        def run():
+            if rank == 0:
+                sched.step(x)
+            else:
+                sched.step(target=y, losses=[])
+    times = []
+    for i in range(warmup + steps):
+        dist.barrier()
+        start = time.perf_counter()
+        opt.zero_grad()
+        run()
+        opt.step()
+        elapsed = torch.tensor(time.perf_counter() - start)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if i >= warmup:
+            times.append(elapsed.item())
+    bubble = None
+    if impl == "plait":
+        traces = [None, None]
+        dist.all_gather_object(traces, stage.trace)
+        bubble = measured_bubble(traces)
+    return statistics.median(times), bubble
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--microbatches", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    cases = [(impl, sched) for sched in ("gpipe", "1f1b") for impl in ("plait", "torch")]
+    table = {}
+    with World(2, timeout_s=300) as world:
+        params = world.run(lambda_params)[0]
+        for m in args.microbatches:
+            samples = {c: [] for c in cases}
+            bubbles = {s: [] for s in ("gpipe", "1f1b")}
+            for _ in range(args.rounds):
+                for impl, sched in cases:
+                    seconds, bubble = world.run(time_steps, impl, sched, m, 2, args.steps)[0]
+                    samples[(impl, sched)].append(seconds)
+                    if bubble is not None:
+                        bubbles[sched].append(bubble)
+            table[m] = ({c: statistics.median(v) for c, v in samples.items()},
+                        {s: statistics.median(v) for s, v in bubbles.items()})
+    print(f"\npp=2, {params / 1e6:.1f}M-parameter MLP, global batch {BATCH}, 1 thread per process, "
+          f"median of {args.rounds} rounds x {args.steps} steps (ms per step)")
+    print(f"{'m':>2} | {'schedule':8} | {'plait':>7} | {'torch':>7} | {'torch/plait':>11} | {'bubble measured':>15} | {'theory':>6}")
+    for m, (med, bubble) in table.items():
+        for sched in ("gpipe", "1f1b"):
+            p, t = med[("plait", sched)], med[("torch", sched)]
+            print(f"{m:>2} | {sched:8} | {p * 1e3:7.1f} | {t * 1e3:7.1f} | {t / p:11.3f} | "
+                  f"{bubble[sched]:15.3f} | {bubble_fraction(m, 2):6.3f}")
+    print("(torch/plait > 1: Plait is faster)")
+
+
+def lambda_params() -> int:
+    return sum(p.numel() for p in build().parameters())
+
+
+if __name__ == "__main__":
+    main()
