@@ -193,3 +193,52 @@ def _error_of(example: str, overrides: list[str], out_dir: str) -> str:
 def test_bad_pipeline_input_fails_before_training_on_every_rank(world2, tmp_path, example, overrides, message):
     for error in world2.run(_error_of, example, overrides, str(tmp_path)):
         assert error.startswith(message), error
+
+
+class _Split(nn.Module):
+    """Returns a tuple: features and an int64 tensor (no gradient flows through it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 16)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h, h.argmax(1, keepdim=True)  # ([N, 16] float, [N, 1] int64)
+
+
+class _Join(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(17, 3)
+
+    def forward(self, h, idx):
+        return self.lin(torch.cat([torch.tanh(h), idx.float() / 16], dim=1))
+
+
+def tuple_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(_Split(), _Join())
+
+
+def tuple_pipeline(microbatches: int, schedule: str):
+    model, s = tuple_model(), dist.get_rank()
+    blocks = blocks_of(model)
+    module = StageModule(blocks[s:s + 1])
+    stage = PipelineStage(module, s, 2, dist.group.WORLD, loss_fn=F.cross_entropy)
+    x, y = _batch(0)
+    stage.check(x[:4])
+    stage.step(x, y, microbatches, schedule)
+    return {f"{blocks[s][0]}.{n}": p.grad for n, p in blocks[s][1].named_parameters()}
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_tuple_activations_with_integer_tensors(world2, schedule):
+    model = tuple_model()
+    x, y = _batch(0)
+    F.cross_entropy(model(x), y).backward()
+    expected = {n: p.grad for n, p in model.named_parameters()}
+    got = {}
+    for grads in world2.run(tuple_pipeline, 4, schedule):
+        got.update(grads)
+    assert_close(got, expected)
