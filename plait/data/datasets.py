@@ -111,4 +111,43 @@ def regression(
     return ArrayDataset(x32[train_idx], y32[train_idx]), ArrayDataset(x32[test_idx], y32[test_idx]), info
 
 
-DATASETS = {"digits": digits, "regression": regression}
+# A fixed, listed slice of the Python standard library's own source: text every machine has.
+STDLIB_FILES = ("textwrap.py", "string.py", "shlex.py", "heapq.py", "bisect.py", "fractions.py",
+                "statistics.py", "difflib.py")
+
+
+def text(path: str | None = None, block_size: int = 64, max_chars: int = 0, test_fraction: float = 0.1,
+         vocab_multiple: int = 8, seed: int = 0):
+    """Characters of ``STDLIB_FILES`` (read at run time from this Python's stdlib), as windows of
+    ``block_size`` tokens; the target is the window shifted by one. With ``path``: a text file.
+
+    The vocabulary (sorted characters) is padded to a multiple of ``vocab_multiple`` so it splits
+    over tensor-parallel ranks; ``info["unigram_entropy"]`` is the corpus's character entropy (nats).
+    """
+    import sysconfig
+
+    if path is None:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        corpus = "".join((stdlib / name).read_text(encoding="utf-8") for name in STDLIB_FILES)
+    else:
+        if not Path(path).is_file():
+            raise PlaitError(f"data.path: dataset file not found: {path}")
+        corpus = Path(path).read_text(encoding="utf-8", errors="replace")
+    if max_chars:
+        corpus = corpus[:max_chars]
+    if len(corpus) < 2 * (block_size + 1):
+        raise PlaitError(f"data.args: the corpus ({len(corpus)} characters) is too short for block_size {block_size}")
+    chars = sorted(set(corpus))
+    ids = torch.as_tensor(np.searchsorted(np.array(chars), np.array(list(corpus))), dtype=torch.int64)  # [chars]
+    counts = torch.bincount(ids).double()
+    probs = counts[counts > 0] / counts.sum()
+    n = (len(ids) - 1) // block_size
+    x, y = ids[: n * block_size].view(n, block_size), ids[1 : n * block_size + 1].view(n, block_size)
+    train_idx, test_idx = _split(n, test_fraction, seed)
+    vocab = -(-len(chars) // vocab_multiple) * vocab_multiple
+    info = {"vocab_size": vocab, "block_size": block_size, "kind": "lm", "characters": len(corpus),
+            "unigram_entropy": float(-(probs * probs.log()).sum())}
+    return ArrayDataset(x[train_idx], y[train_idx]), ArrayDataset(x[test_idx], y[test_idx]), info
+
+
+DATASETS = {"digits": digits, "regression": regression, "text": text}

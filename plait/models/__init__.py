@@ -8,12 +8,14 @@ from collections.abc import Callable
 from torch import nn
 
 from plait.errors import ConfigError
+from plait.models.gpt import GPT
 from plait.models.simple import DigitsCNN, LinearRegression, mlp
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": DigitsCNN,
     "linreg": LinearRegression,
     "mlp": mlp,
+    "gpt": GPT,
 }
 
 
@@ -37,4 +39,4 @@ def build_model(name: str, args: dict, data_info: dict) -> nn.Module:
         raise ConfigError(f"model.args: cannot build {name!r}: {exc}") from None
 
 
-__all__ = ["MODELS", "DigitsCNN", "LinearRegression", "build_model", "mlp"]
+__all__ = ["GPT", "MODELS", "DigitsCNN", "LinearRegression", "build_model", "mlp"]

@@ -133,10 +133,8 @@ class ParallelConfig:
         for key in ("dp", "pp", "tp", "zero"):
             _require(getattr(self, key) >= 0, f"parallel.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(self.bucket_mb > 0, "parallel.bucket_mb", f"must be positive, got {self.bucket_mb}")
-        # Tensor parallelism and ZeRO are engines of their own, not in this version.
-        for key, off in (("tp", 1), ("zero", 0)):
-            value = getattr(self, key)
-            _require(value == off, f"parallel.{key}", f"{value} asked for, but only data and pipeline parallelism are available in this version")
+        # ZeRO is an engine of its own, not in this version.
+        _require(self.zero == 0, "parallel.zero", f"{self.zero} asked for, but ZeRO is not available in this version")
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 An engine owns the module this rank trains and runs a batch through it:
 
-``Replicated``  data parallel: the whole model on every rank, micro-batches under ``no_sync``.
-``Pipelined``   data x pipeline: this rank's stage, micro-batches by the GPipe or 1F1B schedule.
+``Replicated``      data parallel: the whole model on every rank, micro-batches under ``no_sync``.
+``Pipelined``       data x pipeline: this rank's stage, micro-batches by the GPipe or 1F1B schedule.
+``TensorParallel``  data x tensor: the model's layers split by its ``tp_plan()``, a vocab-parallel loss.
 
 The trainer around them is the same: optimizer, clipping, logging, checkpoints.
 """
@@ -19,12 +20,15 @@ from plait.dist.mesh import Mesh
 from plait.errors import ConfigError
 from plait.parallel.data import DataParallel
 from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, cut_points
+from plait.parallel.tensor import parallelize, vocab_parallel_cross_entropy
+from plait.parallel.tensor.comm import gather_from
 
 
 class Replicated:
     """The whole model on every rank; gradients averaged over ``dp``."""
 
     has_loss = True  # every rank computes the loss of its share of the batch
+    loss_copies = 1  # ranks that hold the same loss value
 
     def __init__(self, model: nn.Module, mesh: Mesh, cfg, loss_fn):
         self.module, self.loss_fn, self.accum = model, loss_fn, cfg.train.accum_steps
@@ -53,6 +57,8 @@ class Replicated:
 class Pipelined:
     """This rank's pipeline stage; gradients averaged over ``dp`` once per step."""
 
+    loss_copies = 1
+
     def __init__(self, model: nn.Module, mesh: Mesh, cfg, loss_fn, sample: torch.Tensor, device):
         pp, stage = mesh.size("pp"), mesh.coord("pp")
         pipe = cfg.pipeline
@@ -77,3 +83,23 @@ class Pipelined:
 
     def check(self, x: torch.Tensor) -> None:
         self.stage.check(x[: max(1, len(x) // self.microbatches)])
+
+
+class TensorParallel(Replicated):
+    """Layers split over ``tp`` by the model's plan; gradients of each slice averaged over ``dp``.
+    The output head stays split by vocabulary and the loss is computed without gathering it."""
+
+    def __init__(self, model: nn.Module, mesh: Mesh, cfg, device):
+        if not hasattr(model, "tp_plan"):
+            raise ConfigError(f"parallel.tp: model {cfg.model.name!r} has no tensor-parallel plan (a tp_plan() method)")
+        self.tp_group = mesh.group("tp")
+        parallelize(model, model.tp_plan(), self.tp_group)
+        super().__init__(model.to(device), mesh, cfg, self._loss)
+        self.loss_copies = mesh.size("tp")  # every rank of a tp group computes the same loss
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits.flatten(0, -2), target.flatten(), self.tp_group)  # [B*T, V/t]
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_from(self.module(x), self.tp_group)  # full logits, for test metrics

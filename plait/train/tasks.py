@@ -26,21 +26,25 @@ class Task:
     def loss(self, output: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         if self.kind == "regression":
             return F.mse_loss(output.float(), target, reduction=reduction)
+        if self.kind == "lm":  # [B, T, V] logits against [B, T] next tokens
+            return F.cross_entropy(output.flatten(0, 1).float(), target.flatten(), reduction=reduction)
         # cross_entropy also takes log-probabilities (the seed CNN's output): log_softmax is idempotent.
         return F.cross_entropy(output.float(), target, reduction=reduction)
 
     @torch.no_grad()
     def score(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Sums over a slice of the test split: [loss sum, correct, count] (float64)."""
-        correct = (out.argmax(1) == y).sum() if self.kind == "classification" else torch.zeros((), device=y.device)
-        count = torch.tensor(float(len(y)), device=y.device, dtype=torch.float64)
+        correct = (out.argmax(-1) == y).sum() if self.kind != "regression" else torch.zeros((), device=y.device)
+        count = torch.tensor(float(y.numel() if self.kind == "lm" else len(y)), device=y.device, dtype=torch.float64)
         return torch.stack([self.loss(out, y, "sum").double(), correct.double(), count]).cpu()
 
     def metrics(self, sums: torch.Tensor) -> dict:
         loss_sum, correct, count = sums.tolist()
         metrics = {"test_loss": loss_sum / count}
-        if self.kind == "classification":
+        if self.kind != "regression":
             metrics["test_accuracy"] = correct / count
+        if self.kind == "lm":
+            metrics["unigram_entropy"] = self.info["unigram_entropy"]
         return metrics
 
     def report(self, model: nn.Module) -> dict:

@@ -28,7 +28,7 @@ from plait.parallel.pipeline.schedules import bubble_fraction
 from plait.parallel.pipeline.trace import measured_bubble, plot_timeline, write_chrome_trace
 from plait.train.checkpoint import Checkpointer
 from plait.train.config import Config, TrainConfig
-from plait.train.engines import Pipelined, Replicated
+from plait.train.engines import Pipelined, Replicated, TensorParallel
 from plait.train.metrics import RunLog
 from plait.train.tasks import build_task
 
@@ -57,14 +57,23 @@ class Trainer:
         if self.pp > 1 and self.local_batch % cfg.pipeline.microbatches:
             raise ConfigError(f"pipeline.microbatches: {cfg.pipeline.microbatches} does not divide each data-parallel "
                               f"rank's {self.local_batch} samples (train.batch_size {t.batch_size} / dp {self.dp})")
-        if self.pp > 1 and (cfg.checkpoint.every or cfg.checkpoint.resume):
-            raise ConfigError("checkpoint: checkpoints of pipeline-parallel runs are not available in this version")
+        self.tp = self.mesh.size("tp")
+        if (self.pp > 1 or self.tp > 1) and (cfg.checkpoint.every or cfg.checkpoint.resume):
+            raise ConfigError("checkpoint: checkpoints of pipeline- or tensor-parallel runs are not available in this version")
+        if self.pp > 1 and self.tp > 1:
+            raise ConfigError("parallel: pipeline and tensor parallelism together are not available in this version")
+        if self.tp > 1 and t.grad_clip:
+            raise ConfigError("train.grad_clip: clipping with tensor parallelism is not available in this version")
         torch.manual_seed(t.seed)
         self.task = build_task(cfg.data.name, cfg.data.path, cfg.data.args)
         self.model = build_model(cfg.model.name, cfg.model.args, self.task.info).to(self.device)
         sample = self.task.train.tensors[0][: self.local_batch].to(self.device)
-        self.engine = (Pipelined(self.model, self.mesh, cfg, self.task.loss, sample, self.device) if self.pp > 1
-                       else Replicated(self.model, self.mesh, cfg, self.task.loss))
+        if self.pp > 1:
+            self.engine = Pipelined(self.model, self.mesh, cfg, self.task.loss, sample, self.device)
+        elif self.tp > 1:
+            self.engine = TensorParallel(self.model, self.mesh, cfg, self.device)
+        else:
+            self.engine = Replicated(self.model, self.mesh, cfg, self.task.loss)
         self.engine.check(sample)  # stages that do not fit together fail here, on every rank
         self.params = list(self.engine.module.parameters())
         self.optimizer = build_optimizer(t, self.params)
@@ -179,7 +188,7 @@ class Trainer:
         value = value.detach().clone().double() if self.engine.has_loss else torch.zeros((), dtype=torch.float64)
         if self.info.world_size > 1:
             all_reduce(value, f"loss all-reduce at step {self.step}")
-        return value.item() / self.dp
+        return value.item() / (self.dp * self.engine.loss_copies)
 
     def _evaluate(self) -> dict:
         """Test metrics: each dp rank scores a contiguous slice, through its pipeline if any."""
@@ -258,7 +267,9 @@ class Trainer:
             "resumed_from_step": t.steps - steps_run, "skipped_steps": self.skipped,
             "layout": self.mesh.describe(), "wall_time_s": train_time, "global_batch": t.batch_size,
             "epochs": self.epoch + 1, **self.pipeline_report,
-            **(self.task.report(self.model) if self.pp == 1 else {}),
+            **({"tokens_per_s": steps_run * t.batch_size * self.task.info["block_size"] / max(train_time, 1e-9)}
+               if self.task.kind == "lm" else {}),
+            **(self.task.report(self.model) if self.pp == self.tp == 1 else {}),
         }
         if self.log:
             self.log.write_json("summary.json", summary)
@@ -274,6 +285,8 @@ def format_summary(s: dict, out_dir: str) -> str:
     figures = [f"final loss {s['final_loss']:.4g}", f"test loss {s['test_loss']:.4g}"]
     if "test_accuracy" in s:
         figures.append(f"test accuracy {s['test_accuracy']:.4f}")
+    if "unigram_entropy" in s:
+        figures.append(f"unigram entropy {s['unigram_entropy']:.3f} nats, {s['tokens_per_s']:.0f} tokens/s")
     if "weights_rel_error" in s:
         figures.append(f"weights vs closed-form least squares: relative error {s['weights_rel_error']:.2e}")
     lines.append("  " + ", ".join(figures))

@@ -1,0 +1,59 @@
+"""Convert a model in place from a plan: ``{module-name pattern: style}``.
+
+    plan = {"blocks.*.mlp.up": "colwise", "blocks.*.mlp.down": "rowwise", "tok_emb": "vocab"}
+    parallelize(model, plan, mesh.group("tp"))
+
+Styles: ``colwise`` (output split, kept split), ``colwise_gather`` (output gathered), ``rowwise``
+(input split, output summed), ``vocab`` (embedding split by vocabulary). A linear whose weight is
+an embedding's (a tied output head) shares the embedding's slice.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+
+import torch.distributed as dist
+from torch import nn
+
+from plait.errors import PlaitError
+from plait.parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+STYLES = ("colwise", "colwise_gather", "rowwise", "vocab")
+_KINDS = {"colwise": nn.Linear, "colwise_gather": nn.Linear, "rowwise": nn.Linear, "vocab": nn.Embedding}
+
+
+def parallelize(model: nn.Module, plan: dict[str, str], group) -> nn.Module:
+    """Replace the modules ``plan`` names by their tensor-parallel versions on ``group``."""
+    shared: dict[int, nn.Parameter] = {}  # id of an unsplit weight -> its slice, for tied weights
+    for pattern, style in plan.items():
+        if style not in STYLES:
+            raise PlaitError(f"tensor parallel plan: {pattern!r}: unknown style {style!r}; choose one of {', '.join(STYLES)}")
+        names = [n for n, _ in model.named_modules() if n and fnmatch(n, pattern)]
+        if not names:
+            raise PlaitError(f"tensor parallel plan: pattern {pattern!r} matches no module of {type(model).__name__}")
+        for name in names:
+            _replace(model, name, style, group, shared)
+    tp = dist.get_world_size(group)
+    for name, module in model.named_modules():
+        heads = getattr(module, "heads", None)
+        if heads is not None and heads % tp:
+            raise PlaitError(f"tensor parallel: {name}: {heads} attention heads are not divisible by tp={tp}")
+    return model
+
+
+def _replace(model: nn.Module, name: str, style: str, group, shared: dict) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    module = getattr(parent, leaf)
+    if not isinstance(module, _KINDS[style]):
+        raise PlaitError(f"tensor parallel plan: {name} is a {type(module).__name__}, style {style!r} "
+                         f"needs an {_KINDS[style].__name__}")
+    if style == "vocab":
+        new = VocabParallelEmbedding.from_module(module, group, name)
+    elif style == "rowwise":
+        new = RowParallelLinear.from_module(module, group, name)
+    else:
+        new = ColumnParallelLinear.from_module(module, group, name, gather_output=style == "colwise_gather",
+                                               weight=shared.get(id(module.weight)))
+    shared[id(module.weight)] = new.weight
+    setattr(parent, leaf, new)
