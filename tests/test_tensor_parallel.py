@@ -17,12 +17,14 @@ from plait.parallel.tensor.comm import gather_from
 from conftest import assert_close, train_example
 
 
-def _slice_of(full: torch.Tensor, shard: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """The part of ``full`` that ``shard`` holds: split along the one dimension where they differ."""
+def _slice_of(full: torch.Tensor, shard: torch.Tensor, rank: int, world: int, name: str = "") -> torch.Tensor:
+    """The part of ``full`` that ``shard`` holds: split along the one dimension where they differ
+    (a fused q/k/v projection: this rank's slice of each of its three parts)."""
     if full.shape == shard.shape:
         return full
     dim = next(d for d in range(full.dim()) if full.shape[d] != shard.shape[d])
-    return full.chunk(world, dim=dim)[rank]
+    parts = full.chunk(3, dim=dim) if ".qkv." in name else (full,)
+    return torch.cat([part.chunk(world, dim=dim)[rank] for part in parts], dim=dim)
 
 
 def layer_grads():
@@ -81,7 +83,7 @@ def gpt_grads(tied: bool):
     loss_p = vocab_parallel_cross_entropy(logits_p.flatten(0, 1), target.flatten(), group)
     loss_p.backward()
     full_grads = dict(full.named_parameters())
-    grads = {n: (p.grad, _slice_of(full_grads[n].grad, p.grad, rank, world)) for n, p in split.named_parameters()}
+    grads = {n: (p.grad, _slice_of(full_grads[n].grad, p.grad, rank, world, n)) for n, p in split.named_parameters()}
     assert len(grads) == len(list(full.parameters())), "every parameter, shared ones once"
     return gather_from(logits_p.detach(), group), logits_f.detach(), loss_p.detach(), loss_f.detach(), grads
 
@@ -108,7 +110,7 @@ def test_gpt_training_equals_one_process(world_name, tp, request, solo, tmp_path
     results = request.getfixturevalue(world_name).run(train_example, "gpt_tp", [*GPT_RUN, f"parallel.tp={tp}"],
                                                       str(tmp_path), 4)
     for rank, (params, _) in enumerate(results):
-        want = {n: _slice_of(expected[n], p, rank % tp, tp) for n, p in params.items()}
+        want = {n: _slice_of(expected[n], p, rank % tp, tp, n) for n, p in params.items()}
         assert_close(params, want, what=f"rank {rank}: ", scaled=True)
     torch.testing.assert_close(torch.tensor(results[0][1]), torch.tensor(expected_losses), rtol=1e-5, atol=1e-6)
 

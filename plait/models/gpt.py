@@ -2,8 +2,8 @@
 a final norm and an output head (tied to the token embedding or not).
 
 Free of parallelism; ``tp_plan()`` says how tensor parallelism splits it (Megatron's layout:
-q, k, v and the MLP's up-projection colwise, the attention's and MLP's output projections
-rowwise, so each block needs one all-reduce in attention and one in the MLP).
+the fused q/k/v projection split by heads and the MLP's up-projection colwise, the attention's
+and MLP's output projections rowwise: each block all-reduces twice forward and twice backward).
 """
 
 from __future__ import annotations
@@ -19,16 +19,14 @@ class CausalSelfAttention(nn.Module):
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads, self.head_dim = heads, dim // heads
-        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)  # q, k and v, one after the other
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-
-        def split(y):  # [B, T, h*hd] -> [B, h, T, hd]; h is however many heads this rank holds
-            return y.view(b, t, -1, self.head_dim).transpose(1, 2)
-
-        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True)
+        q, k, v = (y.view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, h, T, hd]: h = heads held here
+                   for y in self.qkv(x).chunk(3, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))  # [B, T, dim]
 
 
@@ -71,6 +69,5 @@ class GPT(nn.Module):
 
     @staticmethod
     def tp_plan() -> dict[str, str]:
-        return {"tok_emb": "vocab", "blocks.*.attn.q": "colwise", "blocks.*.attn.k": "colwise",
-                "blocks.*.attn.v": "colwise", "blocks.*.attn.proj": "rowwise", "blocks.*.mlp.up": "colwise",
-                "blocks.*.mlp.down": "rowwise", "head": "colwise"}
+        return {"tok_emb": "vocab", "blocks.*.attn.qkv": "qkv", "blocks.*.attn.proj": "rowwise",
+                "blocks.*.mlp.up": "colwise", "blocks.*.mlp.down": "rowwise", "head": "colwise"}

@@ -42,10 +42,17 @@ class ColumnParallelLinear(nn.Module):
 
     @classmethod
     def from_module(cls, linear: nn.Linear, group, name: str = "", gather_output: bool = False,
-                    weight: nn.Parameter | None = None) -> ColumnParallelLinear:
-        n, r = _shard_size(linear.out_features, group, "output features", name)
-        w = weight if weight is not None else _param(linear.weight[r * n : (r + 1) * n])  # [out/t, in]
-        b = _param(linear.bias[r * n : (r + 1) * n]) if linear.bias is not None else None
+                    weight: nn.Parameter | None = None, parts: int = 1) -> ColumnParallelLinear:
+        """``parts``: the output is that many equal parts side by side (a fused q/k/v projection);
+        each rank takes its slice of every part, so its output is again ``parts`` parts."""
+        _shard_size(linear.out_features // parts, group, "output features" + (" per part" if parts > 1 else ""), name)
+
+        def mine(t: torch.Tensor) -> torch.Tensor:
+            rank, world = dist.get_rank(group), dist.get_world_size(group)
+            return torch.cat([part.chunk(world)[rank] for part in t.chunk(parts)])  # [out/t, ...]
+
+        w = weight if weight is not None else _param(mine(linear.weight))  # [out/t, in]
+        b = _param(mine(linear.bias)) if linear.bias is not None else None
         return cls(w, b, group, gather_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

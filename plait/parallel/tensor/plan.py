@@ -3,8 +3,9 @@
     plan = {"blocks.*.mlp.up": "colwise", "blocks.*.mlp.down": "rowwise", "tok_emb": "vocab"}
     parallelize(model, plan, mesh.group("tp"))
 
-Styles: ``colwise`` (output split, kept split), ``colwise_gather`` (output gathered), ``rowwise``
-(input split, output summed), ``vocab`` (embedding split by vocabulary). A linear whose weight is
+Styles: ``colwise`` (output split, kept split), ``colwise_gather`` (output gathered), ``qkv``
+(colwise on a fused q/k/v projection: each rank takes its heads' rows of q, of k and of v),
+``rowwise`` (input split, output summed), ``vocab`` (embedding split by vocabulary). A linear whose weight is
 an embedding's (a tied output head) shares the embedding's slice.
 """
 
@@ -18,8 +19,9 @@ from torch import nn
 from plait.errors import PlaitError
 from plait.parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
-STYLES = ("colwise", "colwise_gather", "rowwise", "vocab")
-_KINDS = {"colwise": nn.Linear, "colwise_gather": nn.Linear, "rowwise": nn.Linear, "vocab": nn.Embedding}
+STYLES = ("colwise", "colwise_gather", "qkv", "rowwise", "vocab")
+_KINDS = {"colwise": nn.Linear, "colwise_gather": nn.Linear, "qkv": nn.Linear, "rowwise": nn.Linear,
+          "vocab": nn.Embedding}
 
 
 def parallelize(model: nn.Module, plan: dict[str, str], group) -> nn.Module:
@@ -54,6 +56,6 @@ def _replace(model: nn.Module, name: str, style: str, group, shared: dict) -> No
         new = RowParallelLinear.from_module(module, group, name)
     else:
         new = ColumnParallelLinear.from_module(module, group, name, gather_output=style == "colwise_gather",
-                                               weight=shared.get(id(module.weight)))
+                                               weight=shared.get(id(module.weight)), parts=3 if style == "qkv" else 1)
     shared[id(module.weight)] = new.weight
     setattr(parent, leaf, new)
