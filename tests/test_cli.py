@@ -177,3 +177,13 @@ def test_pipeline_from_the_command_line_with_trace(tmp_path):
     boxes = [e["name"] for e in trace["traceEvents"] if e["ph"] == "X"]
     assert sorted(boxes) == sorted(f"{k}{i}" for k in "FB" for i in range(4) for _ in range(2))
     assert (tmp_path / "digits_cnn" / "pipeline_timeline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gpt_tensor_parallel_from_the_command_line(tmp_path):
+    done = plait_train(str(EXAMPLES / "gpt_tp.toml"), "--nproc", "2", "--set", "parallel.tp=2",
+                       "--set", "train.steps=20", "--set", "data.args.max_chars=30000", "--set", "run.progress=false",
+                       out_dir=tmp_path)
+    assert done.returncode == 0, done.stderr
+    _, summary = read_run(tmp_path, "gpt_tp")
+    assert summary["layout"] == "dp=1 x pp=1 x tp=2" and summary["tokens_per_s"] > 0
+    assert "tokens/s" in done.stdout and "unigram entropy" in done.stdout

@@ -32,12 +32,12 @@ class CommCounter:
         CommCounter.active = None
 
 
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     x = x.contiguous()
     if CommCounter.active is not None:
         CommCounter.active.allreduce_bytes += x.numel() * x.element_size()
         CommCounter.active.allreduce_calls += 1
-    return all_reduce(x, "tensor-parallel all-reduce", group)
+    return all_reduce(x, "tensor-parallel all-reduce", group, op=op)
 
 
 def _gather_last(x: torch.Tensor, group) -> torch.Tensor:

@@ -107,8 +107,7 @@ class _VocabParallelCE(torch.autograd.Function):
     def forward(ctx, logits, target, group):
         logits = logits.float()  # [N, V/t]
         rank_start = dist.get_rank(group) * logits.shape[-1]
-        top = logits.max(dim=-1).values
-        _all_reduce_max(top, group)
+        top = _all_reduce(logits.max(dim=-1).values, group, op=dist.ReduceOp.MAX)  # [N]
         shifted = logits - top.unsqueeze(-1)
         exp = shifted.exp()
         total = _all_reduce(exp.sum(dim=-1), group)  # [N]
@@ -126,12 +125,6 @@ class _VocabParallelCE(torch.autograd.Function):
         g = softmax.clone()
         g.scatter_add_(-1, local.unsqueeze(-1), -mine.to(g.dtype).unsqueeze(-1))
         return g * grad.unsqueeze(-1), None, None
-
-
-def _all_reduce_max(x: torch.Tensor, group) -> None:
-    from plait.dist.comm import all_reduce
-
-    all_reduce(x, "tensor-parallel max", group, op=dist.ReduceOp.MAX)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group,
