@@ -51,6 +51,17 @@ def solo():
     return plait.init(backend="gloo", device="cpu")
 
 
+def train_until_error(example: str, overrides: list[str], out_dir: str) -> str:
+    """``train_example`` that returns the PlaitError it stopped with (or "no error")."""
+    from plait.errors import PlaitError
+
+    try:
+        train_example(example, overrides, out_dir)
+    except PlaitError as exc:
+        return str(exc)
+    return "no error"
+
+
 def assert_close(actual: dict, expected: dict, rtol: float = 1e-5, atol: float = 1e-6, what: str = "",
                  scaled: bool = False) -> None:
     """Per-tensor closeness. ``scaled``: the absolute tolerance is ``rtol`` times the tensor's

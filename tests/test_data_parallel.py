@@ -13,7 +13,7 @@ from torch import nn
 
 import plait
 
-from conftest import STEPS, assert_close, train_example
+from conftest import STEPS, assert_close, train_example, train_until_error
 
 
 @functools.cache
@@ -52,14 +52,6 @@ def check_against_reference(world, example, overrides, ref_options, tmp_path, rt
     losses = results[0][1]
     assert len(losses) == STEPS
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=rtol, atol=rtol / 100)
-
-
-def train_until_error(example: str, overrides: list[str], out_dir: str) -> str:
-    try:
-        train_example(example, overrides, out_dir)
-    except plait.PlaitError as exc:
-        return str(exc)
-    return "no error"
 
 
 def test_non_finite_loss_stops_with_rank_and_step(world2, tmp_path):

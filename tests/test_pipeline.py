@@ -12,7 +12,7 @@ import plait
 from plait.parallel.pipeline import SCHEDULES, PipelineStage, StageModule, blocks_of, bubble_fraction, cut_points
 from plait.parallel.pipeline.schedules import gpipe, one_f_one_b
 
-from conftest import assert_close
+from conftest import assert_close, train_until_error
 
 
 # -- schedules and cuts: arithmetic, no processes -------------------------------------------
@@ -174,16 +174,6 @@ def _train_shipped_mlp(out_dir: str):
     return [r["loss"] for r in trainer.log.records] if trainer.log else None
 
 
-def _error_of(example: str, overrides: list[str], out_dir: str) -> str:
-    from conftest import train_example
-
-    try:
-        train_example(example, overrides, out_dir)
-    except plait.PlaitError as exc:
-        return str(exc)
-    return "no error"
-
-
 @pytest.mark.parametrize("example, overrides, message", [
     ("linreg", ["parallel.pp=2"], "pipeline: 2 stages but the model has only 1 block to cut"),
     ("digits_cnn", ["parallel.pp=2", "pipeline.microbatches=5"],
@@ -191,7 +181,7 @@ def _error_of(example: str, overrides: list[str], out_dir: str) -> str:
     ("digits_cnn", ["parallel.pp=2", "pipeline.cuts=[9]"], "pipeline.cuts=[9]: need 1 increasing block indices in 1..3"),
 ], ids=["more-stages-than-blocks", "microbatches-do-not-divide", "bad-cut"])
 def test_bad_pipeline_input_fails_before_training_on_every_rank(world2, tmp_path, example, overrides, message):
-    for error in world2.run(_error_of, example, overrides, str(tmp_path)):
+    for error in world2.run(train_until_error, example, overrides, str(tmp_path)):
         assert error.startswith(message), error
 
 
