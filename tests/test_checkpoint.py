@@ -209,3 +209,34 @@ def test_nonfinite_steps_can_be_skipped(solo, poisoned, tmp_path):
     assert any(np.isnan(losses)) and all(torch.isfinite(v).all() for v in params.values())
     summary = json.loads((tmp_path / "linreg" / "summary.json").read_text())
     assert summary["skipped_steps"] == sum(np.isnan(losses))
+
+
+# -- pipeline and tensor-parallel runs --------------------------------------------------------
+SPLIT_LAYOUTS = {
+    "pp2": ("digits_cnn", ["parallel.pp=2", "pipeline.microbatches=2"]),
+    "tp2": ("gpt_tp", ["parallel.tp=2", "data.args.max_chars=6000", "data.args.block_size=16", "model.args.dim=32",
+                       "train.batch_size=8"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(SPLIT_LAYOUTS))
+def test_split_layouts_resume_exactly(world2, layout, tmp_path):
+    example, options = SPLIT_LAYOUTS[layout]
+    ck = ["checkpoint.every=3", f"checkpoint.dir={tmp_path}/ck"]
+    whole = world2.run(train_example, example, options, str(tmp_path / "whole"), 6)
+    world2.run(train_example, example, [*options, *ck], str(tmp_path / "parts"), 3)
+    resumed = world2.run(train_example, example, [*options, *ck, "checkpoint.resume=latest"], str(tmp_path / "parts"), 6)
+    for rank in range(2):
+        for name, value in whole[rank][0].items():
+            assert torch.equal(resumed[rank][0][name], value), f"rank {rank}: {name}"
+    assert resumed[0][1] == whole[0][1]
+
+
+def test_resume_on_another_split_layout_is_refused(world2, tmp_path):
+    example, options = SPLIT_LAYOUTS["pp2"]
+    ck = ["checkpoint.every=2", f"checkpoint.dir={tmp_path}/ck"]
+    world2.run(train_example, example, [*options, *ck], str(tmp_path), 2)
+    from conftest import train_until_error
+
+    for message in world2.run(train_until_error, example, [*ck, "checkpoint.resume=latest"], str(tmp_path)):
+        assert "was made with pp=2, tp=1; this run has pp=1, tp=1: only the data-parallel degree may change" in message

@@ -109,9 +109,14 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 class Checkpointer:
     """Save and load (model, optimizer, trainer position, RNG) under ``root``, on ``group``."""
 
-    def __init__(self, root: str | Path, group: dist.ProcessGroup | None = None, keep: int = 2):
+    def __init__(self, root: str | Path, group: dist.ProcessGroup | None = None, keep: int = 2,
+                 shard_tag: str = "", whole_model: bool = True):
+        """``shard_tag`` marks keys of tensors that are slices (tensor parallel: ``@tp1of2``), so
+        slices that share a name are not taken for replicas. ``whole_model``: every rank holds the
+        whole model (not one pipeline stage), so a checkpoint tensor this model lacks is an error."""
         self.root, self.group, self.keep = Path(root), group, keep
         self.rank = dist.get_rank(group)
+        self.tag, self.whole_model = shard_tag, whole_model
 
     # -- saving ---------------------------------------------------------------------------
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, info: dict) -> Path:
@@ -134,8 +139,11 @@ class Checkpointer:
         """Rank 0 writes the manifest and renames the folder once every rank has written."""
         barrier(f"checkpoint commit of step {step}", self.group)
         final = partial.with_name(f"step_{step:08d}")
+        _, mine = self._state(model, optimizer)
+        everyone = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(everyone, mine, group=self.group)  # stages hold different param groups
         if self.rank == 0:
-            _, extras = self._state(model, optimizer)
+            extras = {k: v for part in everyone for k, v in part.items()}
             files = {f.name: f.stat().st_size for f in sorted(partial.iterdir())}
             manifest = {"format": FORMAT, "step": step, "world_size": dist.get_world_size(self.group),
                         "optimizer_extras": extras, "files": files, **info}
@@ -169,14 +177,16 @@ class Checkpointer:
         metadata = SafeReader(path).read_metadata()
         available = metadata.state_dict_metadata
         tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.") or k in available}
-        _check_matches(path, tensors, available)
+        _check_matches(path, tensors, available, self.whole_model, self.tag)
         try:
             dcp.load(tensors, storage_reader=SafeReader(path), process_group=self.group)
         except Exception as exc:  # DCP reports a short or damaged file in many ways
             raise CheckpointError(f"checkpoint {path} could not be read: {str(exc).splitlines()[0][:300]}") from None
-        model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        optim_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
-        optim_sd.update({k: _from_json(v) for k, v in manifest["optimizer_extras"].items()})
+        cut = len(self.tag)
+        model_sd = {k[6 : len(k) - cut]: v for k, v in tensors.items() if k.startswith("model.")}
+        optim_sd = {k[6 : len(k) - cut]: v for k, v in tensors.items() if k.startswith("optim.")}
+        optim_sd.update({k[: len(k) - cut]: _from_json(v) for k, v in manifest["optimizer_extras"].items()
+                         if k.endswith(self.tag) and k[: len(k) - cut] in _optimizer_keys(model, optimizer)})
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_OPTIONS)
         mine = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng.rank{self.rank}.")}
         if mine:  # ranks beyond the saved world keep the RNG they were seeded with
@@ -186,13 +196,13 @@ class Checkpointer:
     def _state(self, model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
         """Flat tensor state for DCP, and the optimizer's non-tensor entries for the manifest."""
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
-        tensors = {f"model.{k}": v for k, v in model_sd.items()}
+        tensors = {f"model.{k}{self.tag}": v for k, v in model_sd.items()}
         extras = {}
         for key, value in optim_sd.items():
             if torch.is_tensor(value):
-                tensors[f"optim.{key}"] = value
+                tensors[f"optim.{key}{self.tag}"] = value
             else:
-                extras[key] = value
+                extras[f"{key}{self.tag}"] = value
         tensors.update({f"rng.rank{self.rank}.{k}": v for k, v in rng_state().items()})
         return tensors, extras
 
@@ -218,7 +228,11 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _check_matches(path: Path, tensors: dict, available: dict) -> None:
+def _optimizer_keys(model: nn.Module, optimizer) -> set[str]:
+    return set(get_state_dict(model, optimizer, options=_OPTIONS)[1])
+
+
+def _check_matches(path: Path, tensors: dict, available: dict, whole_model: bool, tag: str = "") -> None:
     for key, tensor in tensors.items():
         if key.startswith("rng."):
             continue
@@ -230,8 +244,8 @@ def _check_matches(path: Path, tensors: dict, available: dict) -> None:
         if tuple(meta.size) != tuple(tensor.shape):
             raise CheckpointError(f"checkpoint {path} does not match this model: {key!r} has shape "
                                   f"{tuple(meta.size)} there, {tuple(tensor.shape)} here")
-    extra = [k for k in available if k.startswith("model.") and k not in tensors]
-    if extra:
+    extra = [k for k in available if k.startswith("model.") and k.endswith(tag) and k not in tensors]
+    if extra and whole_model:
         raise CheckpointError(f"checkpoint {path} does not match this model: it has {extra[0]!r}, which this model lacks")
 
 

@@ -26,7 +26,7 @@ from plait.models import build_model
 from plait.parallel.data import DataParallel
 from plait.parallel.pipeline.schedules import bubble_fraction
 from plait.parallel.pipeline.trace import measured_bubble, plot_timeline, write_chrome_trace
-from plait.train.checkpoint import Checkpointer
+from plait.train.checkpoint import Checkpointer, read_manifest
 from plait.train.config import Config, TrainConfig
 from plait.train.engines import Pipelined, Replicated, TensorParallel
 from plait.train.metrics import RunLog
@@ -58,8 +58,6 @@ class Trainer:
             raise ConfigError(f"pipeline.microbatches: {cfg.pipeline.microbatches} does not divide each data-parallel "
                               f"rank's {self.local_batch} samples (train.batch_size {t.batch_size} / dp {self.dp})")
         self.tp = self.mesh.size("tp")
-        if (self.pp > 1 or self.tp > 1) and (cfg.checkpoint.every or cfg.checkpoint.resume):
-            raise ConfigError("checkpoint: checkpoints of pipeline- or tensor-parallel runs are not available in this version")
         if self.pp > 1 and self.tp > 1:
             raise ConfigError("parallel: pipeline and tensor parallelism together are not available in this version")
         if self.tp > 1 and t.grad_clip:
@@ -87,7 +85,9 @@ class Trainer:
             raise ConfigError(f"train.batch_size: {t.batch_size} leaves no full batch in {len(self.task.train)} samples")
         # Position: the next step to run, and where its batch lies (in global batches of the epoch).
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
+        tp_tag = f"@tp{self.mesh.coord('tp')}of{self.tp}" if self.tp > 1 else ""
+        self.ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, shard_tag=tp_tag,
+                                 whole_model=self.pp == 1)
         resumed = self._resume()
         self.log = RunLog(cfg.run.out_dir, cfg.run.name, resume_step=self.step if resumed else None) \
             if info.is_main else None
@@ -111,8 +111,12 @@ class Trainer:
             if restarted:
                 return False  # the worker group died before its first checkpoint: start over
             raise PlaitError(f"checkpoint.resume: no complete checkpoint in {self.ckpt.root}")
+        made = read_manifest(path)
+        if (made.get("pp", 1), made.get("tp", 1)) != (self.pp, self.tp):
+            raise PlaitError(f"checkpoint {path} was made with pp={made.get('pp', 1)}, tp={made.get('tp', 1)}; this run "
+                             f"has pp={self.pp}, tp={self.tp}: only the data-parallel degree may change on resume")
         self.optimizer.zero_grad(set_to_none=True)  # lets torch create the optimizer state to load into
-        manifest = self.ckpt.load(path, self.model, self.optimizer)
+        manifest = self.ckpt.load(path, self.engine.module, self.optimizer)
         for key in ("batch_size", "partition"):
             if manifest.get(key) != self._position_keys()[key]:
                 raise PlaitError(f"checkpoint {path} was made with {key}={manifest.get(key)!r}, this run has "
@@ -127,8 +131,9 @@ class Trainer:
 
     def _save(self) -> None:
         info = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "layout": self.mesh.describe(),
+                "pp": self.pp, "tp": self.tp,
                 "model": self.cfg.model.name, "run": self.cfg.run.name, **self._position_keys()}
-        self.ckpt.save(self.step, self.model, self.optimizer, info)
+        self.ckpt.save(self.step, self.engine.module, self.optimizer, info)
 
     # -- data -------------------------------------------------------------------------------
     def _batches(self):
