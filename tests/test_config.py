@@ -32,7 +32,7 @@ def test_overrides_are_typed():
     ("train.optimizer=rmsprop", "train.optimizer: 'rmsprop' is not one of"),
     ("data.partition=random", "data.partition"),
     ("parallel.strategy=gossip", "parallel.strategy"),
-    ("parallel.zero=2", "parallel.zero"),
+    ("parallel.zero=4", "parallel.zero: ZeRO stages are 0"),
     ("dist.timeout=-1", "dist.timeout"),
     ("train", "expected KEY=VALUE"),
 ])

@@ -87,6 +87,14 @@ def all_gather_flat(output: torch.Tensor, tensor: torch.Tensor, group=None, asyn
     return _all_gather_flat(output, tensor, group=group, async_op=async_op)
 
 
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def reduce_scatter_flat(output: torch.Tensor, tensor: torch.Tensor, group=None, async_op: bool = False):
+    """Sum ``tensor`` ([world * n]) over ``group``; rank r keeps elements [r*n, (r+1)*n) in ``output``."""
+    return _reduce_scatter_flat(output, tensor, group=group, async_op=async_op)
+
+
 def broadcast_tensors(tensors: Sequence[torch.Tensor], src_group_rank: int, group=None) -> None:
     """Broadcast ``tensors`` in place from the group's rank ``src_group_rank``, one message per dtype."""
     src = dist.get_global_rank(group or dist.group.WORLD, src_group_rank)

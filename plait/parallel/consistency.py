@@ -12,7 +12,8 @@ from plait.errors import PlaitError
 
 
 def _fingerprint(t: torch.Tensor) -> int:
-    data = t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy()
+    # Hash a copy: .numpy() on the tensor itself would pin its storage (ZeRO-3 frees and regrows it).
+    data = t.detach().reshape(-1).view(torch.uint8).cpu().clone().numpy()
     return zlib.crc32(data)
 
 

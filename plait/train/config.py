@@ -133,8 +133,7 @@ class ParallelConfig:
         for key in ("dp", "pp", "tp", "zero"):
             _require(getattr(self, key) >= 0, f"parallel.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(self.bucket_mb > 0, "parallel.bucket_mb", f"must be positive, got {self.bucket_mb}")
-        # ZeRO is an engine of its own, not in this version.
-        _require(self.zero == 0, "parallel.zero", f"{self.zero} asked for, but ZeRO is not available in this version")
+        _require(self.zero in (0, 1, 2, 3), "parallel.zero", f"ZeRO stages are 0 (off), 1, 2 and 3, got {self.zero}")
 
 
 @dataclass

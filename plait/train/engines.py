@@ -5,6 +5,7 @@ An engine owns the module this rank trains and runs a batch through it:
 ``Replicated``      data parallel: the whole model on every rank, micro-batches under ``no_sync``.
 ``Pipelined``       data x pipeline: this rank's stage, micro-batches by the GPipe or 1F1B schedule.
 ``TensorParallel``  data x tensor: the model's layers split by its ``tp_plan()``, a vocab-parallel loss.
+``Sharded``         ZeRO stage 1, 2 or 3 on the data-parallel axis.
 
 The trainer around them is the same: optimizer, clipping, logging, checkpoints.
 """
@@ -22,6 +23,7 @@ from plait.parallel.data import DataParallel
 from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, cut_points
 from plait.parallel.tensor import parallelize, vocab_parallel_cross_entropy
 from plait.parallel.tensor.comm import gather_from
+from plait.parallel.zero import Zero
 
 
 class Replicated:
@@ -29,6 +31,17 @@ class Replicated:
 
     has_loss = True  # every rank computes the loss of its share of the batch
     loss_copies = 1  # ranks that hold the same loss value
+    norm_group = None  # gradients are whole on every rank: their norm needs no communication
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What the optimizer trains."""
+        return list(self.module.parameters())
+
+    def attach(self, optimizer) -> None:
+        pass
+
+    def whole_model(self):
+        return nullcontext(self.module)
 
     def __init__(self, model: nn.Module, mesh: Mesh, cfg, loss_fn):
         self.module, self.loss_fn, self.accum = model, loss_fn, cfg.train.accum_steps
@@ -58,6 +71,7 @@ class Pipelined:
     """This rank's pipeline stage; gradients averaged over ``dp`` once per step."""
 
     loss_copies = 1
+    parameters, attach, whole_model = Replicated.parameters, Replicated.attach, Replicated.whole_model
 
     def __init__(self, model: nn.Module, mesh: Mesh, cfg, loss_fn, sample: torch.Tensor, device):
         pp, stage = mesh.size("pp"), mesh.coord("pp")
@@ -73,6 +87,7 @@ class Pipelined:
         self.stage = PipelineStage(self.ddp, stage, pp, mesh.group("pp"), loss_fn=loss_fn, device=device)
         self.has_loss = self.stage.last
         self.microbatches, self.schedule = pipe.microbatches, pipe.schedule
+        self.norm_group = mesh.group("pp")  # each stage holds a part of the gradients
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = self.stage.step(x, y, self.microbatches, self.schedule)
@@ -103,3 +118,27 @@ class TensorParallel(Replicated):
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         return gather_from(self.module(x), self.tp_group)  # full logits, for test metrics
+
+
+class Sharded(Replicated):
+    """ZeRO on the data-parallel axis: the optimizer trains this rank's slices."""
+
+    def __init__(self, model: nn.Module, mesh: Mesh, cfg, loss_fn):
+        self.module, self.loss_fn, self.accum = model, loss_fn, cfg.train.accum_steps
+        if cfg.parallel.zero == 3 and self.accum > 1:
+            raise ConfigError("train.accum_steps: ZeRO stage 3 keeps no full gradients to accumulate; use a larger batch")
+        self.ddp = Zero(model, mesh.group("dp"), stage=cfg.parallel.zero)
+        self.norm_group = mesh.group("dp")  # each rank holds a slice of the gradients
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.ddp.shard_parameters()
+
+    def attach(self, optimizer) -> None:
+        self.ddp.attach(optimizer)
+
+    def whole_model(self):
+        return self.ddp.gathered()
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ddp(x)

@@ -23,12 +23,13 @@ from plait.dist.env import DistInfo
 from plait.dist.mesh import Mesh
 from plait.errors import ConfigError, PlaitError
 from plait.models import build_model
+from plait.parallel.consistency import check_consistency
 from plait.parallel.data import DataParallel
 from plait.parallel.pipeline.schedules import bubble_fraction
 from plait.parallel.pipeline.trace import measured_bubble, plot_timeline, write_chrome_trace
 from plait.train.checkpoint import Checkpointer, read_manifest
 from plait.train.config import Config, TrainConfig
-from plait.train.engines import Pipelined, Replicated, TensorParallel
+from plait.train.engines import Pipelined, Replicated, Sharded, TensorParallel
 from plait.train.metrics import RunLog
 from plait.train.tasks import build_task
 
@@ -66,15 +67,22 @@ class Trainer:
         self.task = build_task(cfg.data.name, cfg.data.path, cfg.data.args)
         self.model = build_model(cfg.model.name, cfg.model.args, self.task.info).to(self.device)
         sample = self.task.train.tensors[0][: self.local_batch].to(self.device)
-        if self.pp > 1:
+        if cfg.parallel.zero and (self.pp > 1 or self.tp > 1):
+            raise ConfigError("parallel.zero: ZeRO with pipeline or tensor parallelism is not available in this version")
+        if cfg.parallel.zero and (cfg.checkpoint.every or cfg.checkpoint.resume):
+            raise ConfigError("checkpoint: checkpoints of ZeRO runs are not available in this version")
+        if cfg.parallel.zero:
+            self.engine = Sharded(self.model, self.mesh, cfg, self.task.loss)
+        elif self.pp > 1:
             self.engine = Pipelined(self.model, self.mesh, cfg, self.task.loss, sample, self.device)
         elif self.tp > 1:
             self.engine = TensorParallel(self.model, self.mesh, cfg, self.device)
         else:
             self.engine = Replicated(self.model, self.mesh, cfg, self.task.loss)
         self.engine.check(sample)  # stages that do not fit together fail here, on every rank
-        self.params = list(self.engine.module.parameters())
+        self.params = self.engine.parameters()
         self.optimizer = build_optimizer(t, self.params)
+        self.engine.attach(self.optimizer)
         self.sampler = PartitionSampler(
             self.task.train, self.dp, self.dp_rank, scheme=cfg.data.partition, global_batch=t.batch_size,
             seed=t.seed, policy=cfg.data.policy,
@@ -174,16 +182,16 @@ class Trainer:
         """Gradients are averaged over dp, so one rank's NaN reaches all of its group; stages
         agree through the pp group: every rank decides alike."""
         finite = torch.stack([torch.isfinite(g).all() for g in self._grads()]).all().float()
-        if self.pp > 1:
-            all_reduce(finite, "finite-gradient check", self.mesh.group("pp"), op=dist.ReduceOp.MIN)
+        if self.engine.norm_group is not None:
+            all_reduce(finite, "finite-gradient check", self.engine.norm_group, op=dist.ReduceOp.MIN)
         return bool(finite.item())
 
     def _clip(self, max_norm: float) -> None:
         """Clip to a global norm: squared norms summed over stages (dp replicas hold the same)."""
         grads = self._grads()
         square = torch.stack([g.detach().double().square().sum() for g in grads]).sum()
-        if self.pp > 1:
-            all_reduce(square, "gradient-norm all-reduce", self.mesh.group("pp"))
+        if self.engine.norm_group is not None:  # stages or ZeRO slices each hold a part
+            all_reduce(square, "gradient-norm all-reduce", self.engine.norm_group)
         coef = max_norm / (square.sqrt().item() + 1e-6)
         if coef < 1.0:
             torch._foreach_mul_(grads, coef)
@@ -264,8 +272,10 @@ class Trainer:
     def _finish(self, loss: float, train_time: float, steps_run: int) -> dict:
         cfg, t = self.cfg, self.cfg.train
         metrics = self._evaluate()
-        if cfg.parallel.check_consistency and self.dp > 1:
-            self.ddp.check_consistency()
+        with self.engine.whole_model() as whole:
+            if cfg.parallel.check_consistency and self.dp > 1:
+                check_consistency(whole, self.dp_group)
+            report = self.task.report(whole) if self.pp == self.tp == 1 else {}
         summary = {
             "name": cfg.run.name, "final_loss": loss, **metrics, "steps": t.steps,
             "samples_per_s": steps_run * t.batch_size / max(train_time, 1e-9), "world_size": self.info.world_size,
@@ -274,7 +284,7 @@ class Trainer:
             "epochs": self.epoch + 1, **self.pipeline_report,
             **({"tokens_per_s": steps_run * t.batch_size * self.task.info["block_size"] / max(train_time, 1e-9)}
                if self.task.kind == "lm" else {}),
-            **(self.task.report(self.model) if self.pp == self.tp == 1 else {}),
+            **report, **({"zero_memory_bytes": self.ddp.memory(self.optimizer)} if cfg.parallel.zero else {}),
         }
         if self.log:
             self.log.write_json("summary.json", summary)

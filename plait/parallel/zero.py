@@ -1,0 +1,209 @@
+"""ZeRO (Rajbhandari et al., 2020) on the data-parallel group: shard what need not be replicated.
+
+    stage 1  optimizer state sharded: gradients all-reduced, each rank steps its slice, slices all-gathered
+    stage 2  and gradients: reduce-scattered, so each rank keeps only its slice between steps
+    stage 3  and parameters: a unit's parameters are all-gathered just before its forward and its
+             backward, and freed right after
+
+Each unit (the whole model for stages 1-2; each top-level child for stage 3) keeps its parameters
+as views into one flat buffer, padded to a multiple of the world size; rank r owns elements
+[r*S, (r+1)*S). The optimizer trains those slices (``shard_parameters()``): any elementwise
+torch.optim optimizer (SGD, Adam, AdamW) then computes exactly what it would on the whole model.
+
+    model = Zero(model, group=mesh.group("dp"), stage=3)
+    optimizer = torch.optim.AdamW(model.shard_parameters(), lr=1e-3)
+    model.attach(optimizer)       # stages 1-2: gather the updated slices after every step
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.dist.comm import all_gather_flat, broadcast_tensors, reduce_scatter_flat, wait
+from plait.errors import PlaitError
+
+
+class _Unit:
+    """One flat buffer of parameters and this rank's slice of it."""
+
+    def __init__(self, module: nn.Module, params: list[nn.Parameter], world: int, rank: int):
+        self.module, self.params, self.world, self.rank = module, params, world, rank
+        self.numel = sum(p.numel() for p in params)
+        self.size = -(-self.numel // world)  # slice length S
+        first = params[0]
+        self.full = torch.zeros(self.size * world, dtype=first.dtype, device=first.device)  # [W*S]
+        offset = 0
+        self.offsets = []
+        for p in params:
+            self.full[offset : offset + p.numel()].copy_(p.detach().reshape(-1))
+            self.offsets.append(offset)
+            offset += p.numel()
+        self.grad_full: torch.Tensor | None = None
+        self.pending, self.work, self.fresh = len(params), None, True
+
+    def make_shard(self, own_storage: bool) -> None:
+        """This rank's slice as the parameter the optimizer trains [S]: a view of the flat buffer
+        (stages 1-2: a step updates the parameters in place), or its own memory (stage 3)."""
+        mine = self.full[self.rank * self.size : (self.rank + 1) * self.size]
+        self.shard = nn.Parameter(mine.clone() if own_storage else mine)
+
+    def bind_params(self) -> None:
+        """Make every parameter a view of the flat buffer."""
+        for p, offset in zip(self.params, self.offsets):
+            p.data = self.full[offset : offset + p.numel()].view_as(p)
+
+    def gather(self, group) -> None:
+        """Every rank's slice into the flat buffer (re-allocating it if it was freed)."""
+        if self.full.untyped_storage().size() == 0:
+            self.full.untyped_storage().resize_(self.full.numel() * self.full.element_size())
+        mine = self.shard.detach().clone()  # never gather from memory the gather writes into
+        wait(all_gather_flat(self.full, mine, group, async_op=True), "ZeRO parameter all-gather", group)
+
+    def free_full(self) -> None:
+        self.full.untyped_storage().resize_(0)  # views stay valid tensors; their memory is gone
+
+
+class Zero(nn.Module):
+    """Data parallelism with ZeRO stage 1, 2 or 3 over ``group``."""
+
+    def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None, stage: int = 1,
+                 units: list[nn.Module] | None = None):
+        super().__init__()
+        if stage not in (1, 2, 3):
+            raise PlaitError(f"parallel.zero={stage}: ZeRO stages are 1, 2 and 3")
+        self.module, self.group, self.stage = module, group, stage
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        if self.world > 1:
+            broadcast_tensors(list(module.parameters()) + list(module.buffers()), 0, group)
+        if units is None:
+            units = [m for m in module.children() if any(p.requires_grad for p in m.parameters())] \
+                if stage == 3 else [module]
+        seen: set[int] = set()
+        self.units: list[_Unit] = []
+        for m in units:
+            params = [p for p in m.parameters() if p.requires_grad and id(p) not in seen]
+            if not params:
+                continue
+            if stage == 3 and any(id(p) in seen for p in m.parameters()):
+                raise PlaitError("ZeRO stage 3: a parameter shared between units is not supported")
+            seen.update(id(p) for p in params)
+            self.units.append(_Unit(m, params, self.world, self.rank))
+        missing = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in seen]
+        if missing:
+            raise PlaitError(f"ZeRO: parameters outside every unit: {', '.join(missing[:3])}")
+        self._slot = {}
+        for u in self.units:
+            u.make_shard(own_storage=stage == 3)
+            u.bind_params()
+            for i, p in enumerate(u.params):
+                self._slot[p] = (u, i)
+                p.register_post_accumulate_grad_hook(self._grad_ready)
+            if stage == 3:
+                u.free_full()
+                u.module.register_forward_pre_hook(lambda m, args, u=u: u.gather(self.group))
+                u.module.register_forward_hook(lambda m, args, out, u=u: u.free_full())
+                u.module.register_full_backward_pre_hook(lambda m, grad, u=u: u.gather(self.group))
+        self._sync, self._armed = True, False
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def shard_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer trains: this rank's slice of every unit."""
+        return [u.shard for u in self.units]
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """After each optimizer step, put the updated slices back into the whole parameters."""
+        if self.stage < 3:
+            optimizer.register_step_post_hook(lambda *_: self.gather_params())
+
+    def gather_params(self) -> None:
+        for u in self.units:
+            u.gather(self.group)
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate full gradients locally (stages 1-2)."""
+        if self.stage == 3:
+            raise PlaitError("ZeRO stage 3 keeps no full gradients to accumulate: use micro-batches of equal size instead")
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    # -- gradients ------------------------------------------------------------------------
+    def _grad_ready(self, p: nn.Parameter) -> None:
+        u, i = self._slot[p]
+        if u.grad_full is None:  # stages 2-3 hold full gradients only while they are reduced
+            u.grad_full = torch.zeros(u.full.numel(), dtype=u.full.dtype, device=u.full.device)  # [W*S]
+        elif u.fresh:  # stage 1 keeps its buffer: start the new accumulation from zero
+            u.grad_full.zero_()
+        u.fresh = False
+        offset = u.offsets[i]
+        u.grad_full[offset : offset + p.numel()].add_(p.grad.reshape(-1))
+        p.grad = None  # the flat buffer holds it now
+        if not self._sync:
+            return
+        if not self._armed:
+            self._armed = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+        u.pending -= 1
+        if u.pending == 0:
+            self._reduce(u)
+
+    def _reduce(self, u: _Unit) -> None:
+        u.grad_full.div_(self.world)
+        if self.stage == 1:
+            u.work = dist.all_reduce(u.grad_full, group=self.group, async_op=True)
+        else:
+            u.shard.grad = torch.empty_like(u.shard)
+            u.work = reduce_scatter_flat(u.shard.grad, u.grad_full, self.group, async_op=True)
+        if self.stage == 3:
+            u.free_full()
+
+    def _finish(self) -> None:
+        self._armed = False
+        for u in self.units:
+            if u.pending:
+                raise PlaitError(f"rank {dist.get_rank()}: ZeRO: {u.pending} parameters got no gradient in this backward")
+            wait(u.work, "ZeRO gradient reduction", self.group)
+            if self.stage == 1:  # gradients stay replicated; the optimizer sees this rank's slice
+                u.shard.grad = u.grad_full[self.rank * u.size : (self.rank + 1) * u.size]
+            else:
+                u.grad_full = None
+            u.work, u.pending, u.fresh = None, len(u.params), True
+
+    # -- export and accounting ------------------------------------------------------------
+    @contextmanager
+    def gathered(self) -> Iterator[nn.Module]:
+        """The whole model, its parameters gathered for the duration (stage 3 frees them after)."""
+        if self.stage == 3:
+            self.gather_params()
+        try:
+            yield self.module
+        finally:
+            if self.stage == 3:
+                for u in self.units:
+                    u.free_full()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state, gathered (every rank gets it; rank 0 may save it)."""
+        with self.gathered() as module:
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def memory(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+        """Bytes this rank holds now in parameters, gradients and optimizer state."""
+        def held(t):  # a view's own bytes; nothing for freed storage
+            return 0 if t is None else min(t.untyped_storage().size(), t.numel() * t.element_size())
+
+        params = sum(held(u.full) + (held(u.shard) if self.stage == 3 else 0) for u in self.units)
+        grads = sum(held(u.grad_full) + (held(u.shard.grad) if self.stage > 1 else 0) for u in self.units)
+        state = sum(held(v) for s in (optimizer.state.values() if optimizer else []) for v in s.values()
+                    if torch.is_tensor(v) and v.numel() > 1)
+        return {"params": params, "grads": grads, "optimizer": state}
