@@ -76,3 +76,37 @@ def test_memory_follows_the_papers_formula(world_name, stage, request):
         expected = {"params": 4 / (n if stage == 3 else 1), "grads": 4 / (n if stage >= 2 else 1), "optimizer": 8 / n}
         for kind, per_param in expected.items():
             assert memory[kind] == pytest.approx(per_param * padded, rel=0.10), (kind, memory)
+
+
+def zero_grads_both_ways(stage: int, reduce_scatter: bool):
+    """Two SGD steps on each rank's half of a batch; the whole model's parameters afterwards."""
+    torch.manual_seed(0)
+    zero = Zero(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), stage=stage, reduce_scatter=reduce_scatter)
+    opt = torch.optim.SGD(zero.shard_parameters(), lr=0.5, momentum=0.9)
+    zero.attach(opt)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for step in range(2):
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(zero(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+        opt.step()
+    return zero.full_state_dict()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_reduce_scatter_and_all_reduce_paths_agree(world2, stage):
+    """Gloo all-reduces by default (faster there); NCCL reduce-scatters: both must train alike."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for step in range(2):
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    expected = {k: v.detach() for k, v in model.state_dict().items()}
+    for reduce_scatter in (True, False):
+        for rank, state in enumerate(world2.run(zero_grads_both_ways, stage, reduce_scatter)):
+            assert_close(state, expected, what=f"reduce_scatter={reduce_scatter} rank {rank}: ")

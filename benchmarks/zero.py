@@ -1,0 +1,134 @@
+"""ZeRO stages 1-3 beside DDP and FSDP2 (``torch.distributed.fsdp.fully_shard``), in one run.
+
+    .venv/bin/python benchmarks/zero.py                   # speed and memory, then the 50M memory report
+    .venv/bin/python benchmarks/zero.py --skip-report
+
+World size 2, one thread per process, the 10M-parameter MLP of benchmarks/data_parallel.py,
+per-worker batch 32, Adam. Each mode runs in fresh processes (peak resident memory is a
+per-process high-water mark): median step time over timed steps, samples/s, and the peak RSS
+of rank 0 above what the process held before building the model.
+
+The report then builds a ~50M-parameter MLP under each stage and prints the bytes each rank
+holds in parameters, gradients and Adam state at steady state (after a step) and at the end of
+backward, beside the paper's per-device formula for fp32 with Adam: 16 bytes per parameter
+replicated; stage 1: 4+4+8/N; stage 2: 4+(4+8)/N; stage 3: 16/N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from plait.models import mlp
+from plait.parallel.zero import Zero
+from plait.testing import World
+
+MODES = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def wrap(mode: str, model: nn.Module):
+    """(model to call, parameters to optimize, hook after building the optimizer)."""
+    if mode == "ddp":
+        model = DistributedDataParallel(model)
+        return model, list(model.parameters()), lambda opt: None
+    if mode == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for layer in model:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, list(model.parameters()), lambda opt: None
+    zero = Zero(model, stage=int(mode[-1]))
+    return zero, zero.shard_parameters(), zero.attach
+
+
+def speed(mode: str, batch: int, warmup: int, steps: int) -> tuple[float, float]:
+    before = rss_mb()
+    torch.manual_seed(0)
+    model, params, attach = wrap(mode, mlp(784, 10, hidden=2048, depth=3))
+    opt = torch.optim.Adam(params, lr=1e-4)
+    attach(opt)
+    x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
+    times = []
+    for i in range(warmup + steps):
+        dist.barrier()
+        start = time.perf_counter()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        elapsed = torch.tensor(time.perf_counter() - start)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if i >= warmup:
+            times.append(elapsed.item())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    return statistics.median(times), peak - before
+
+
+def memory_report(stage: int, width: int) -> tuple[dict, dict, int]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+    zero = Zero(model, stage=stage)
+    opt = torch.optim.Adam(zero.shard_parameters(), lr=1e-4)
+    zero.attach(opt)
+    F.cross_entropy(zero(torch.randn(4, width)), torch.randint(0, width, (4,))).backward()
+    opt.step()
+    steady = zero.memory(opt)
+    peak = {**zero.peak, "optimizer": steady["optimizer"]}
+    return steady, peak, sum(u.size * u.world for u in zero.units)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--skip-report", action="store_true")
+    parser.add_argument("--width", type=int, default=4096, help="report model: 3 square layers of this width")
+    args = parser.parse_args()
+    results = {}
+    for mode in args.modes:
+        with World(2, timeout_s=600) as world:
+            results[mode] = world.run(speed, mode, args.batch, 5, args.steps, timeout=1800)[0]
+    base = results.get("ddp", (None,))[0]
+    print(f"\nworld size 2, 10M-parameter MLP, Adam, batch {args.batch}/worker, median of {args.steps} steps")
+    print(f"{'mode':6} | {'ms/step':>8} | {'samples/s':>9} | {'vs DDP':>6} | {'peak RSS MB (rank 0)':>20}")
+    for mode, (seconds, peak) in results.items():
+        ratio = f"{base / seconds:6.2f}" if base else "     -"
+        print(f"{mode:6} | {seconds * 1e3:8.1f} | {2 * args.batch / seconds:9.0f} | {ratio} | {peak:20.0f}")
+    if "fsdp2" in results and "zero3" in results:
+        print(f"zero3 / FSDP2 speed ratio: {results['fsdp2'][0] / results['zero3'][0]:.2f}; "
+              f"peak memory: {results['zero3'][1]:.0f} vs {results['fsdp2'][1]:.0f} MB")
+    if args.skip_report:
+        return
+    formula = {1: (4, 4, 8 / 2), 2: (4, 4 / 2, 8 / 2), 3: (4 / 2, 4 / 2, 8 / 2)}
+    print(f"\nbytes per rank, world size 2, Adam, {3 * (args.width ** 2 + args.width) / 1e6:.1f}M parameters "
+          "(steady: after a step; peak: end of backward)")
+    print(f"{'stage':5} | {'params MB':>9} | {'grads MB':>8} | {'optim MB':>8} | {'total MB':>8} | "
+          f"{'formula MB':>10} | {'ratio':>5} | {'peak total MB':>13}")
+    with World(2, timeout_s=600) as world:
+        for stage in (1, 2, 3):
+            steady, peak, padded = world.run(memory_report, stage, args.width, timeout=1800)[0]
+            total, expected = sum(steady.values()), sum(formula[stage]) * padded
+            print(f"{stage:5} | {steady['params'] / 2**20:9.1f} | {steady['grads'] / 2**20:8.1f} | "
+                  f"{steady['optimizer'] / 2**20:8.1f} | {total / 2**20:8.1f} | {expected / 2**20:10.1f} | "
+                  f"{total / expected:5.2f} | {sum(peak.values()) / 2**20:13.1f}")
+
+
+if __name__ == "__main__":
+    main()
