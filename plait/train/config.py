@@ -200,6 +200,22 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def _check_combinations(cfg: Config) -> None:
+    """Layouts and options that do not go together in this version, refused before any worker starts."""
+    p, t, z = cfg.parallel.pp, cfg.parallel.tp, cfg.parallel.zero
+    _require(not (p > 1 and t > 1), "parallel", "pipeline and tensor parallelism together are not available in this version")
+    _require(not (z and (p > 1 or t > 1)), "parallel.zero",
+             "ZeRO with pipeline or tensor parallelism is not available in this version")
+    _require(not (z and (cfg.checkpoint.every or cfg.checkpoint.resume)), "checkpoint",
+             "checkpoints of ZeRO runs are not available in this version")
+    _require(not (z == 3 and cfg.train.accum_steps > 1), "train.accum_steps",
+             "ZeRO stage 3 keeps no full gradients to accumulate; use a larger batch")
+    _require(not (p > 1 and cfg.train.accum_steps > 1), "train.accum_steps",
+             "with pipeline parallelism, use pipeline.microbatches instead")
+    _require(not (t > 1 and cfg.train.grad_clip), "train.grad_clip",
+             "clipping with tensor parallelism is not available in this version")
+
+
 def _coerce(value: Any, kind: Any, key: str) -> Any:
     if kind is bool:
         _require(isinstance(value, bool), key, f"expected true or false, got {value!r}")
@@ -272,6 +288,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for assignment in overrides:
         apply_override(data, assignment)
     config = from_dict(Config, data)
+    _check_combinations(config)
     if not config.run.name:
         config.run.name = Path(path).stem if path is not None else "run"
     if not config.checkpoint.dir:

@@ -76,8 +76,6 @@ class Pipelined:
     def __init__(self, model: nn.Module, mesh: Mesh, cfg, loss_fn, sample: torch.Tensor, device):
         pp, stage = mesh.size("pp"), mesh.coord("pp")
         pipe = cfg.pipeline
-        if cfg.train.accum_steps != 1:
-            raise ConfigError("train.accum_steps: with pipeline parallelism, use pipeline.microbatches instead")
         blocks = blocks_of(model)
         starts = cut_points(blocks, pp, pipe.balance, pipe.cuts or None, (sample,)) + [len(blocks)]
         self.module = StageModule(blocks[starts[stage]:starts[stage + 1]]).to(device)
@@ -125,8 +123,6 @@ class Sharded(Replicated):
 
     def __init__(self, model: nn.Module, mesh: Mesh, cfg, loss_fn):
         self.module, self.loss_fn, self.accum = model, loss_fn, cfg.train.accum_steps
-        if cfg.parallel.zero == 3 and self.accum > 1:
-            raise ConfigError("train.accum_steps: ZeRO stage 3 keeps no full gradients to accumulate; use a larger batch")
         self.ddp = Zero(model, mesh.group("dp"), stage=cfg.parallel.zero)
         self.norm_group = mesh.group("dp")  # each rank holds a slice of the gradients
 

@@ -59,18 +59,10 @@ class Trainer:
             raise ConfigError(f"pipeline.microbatches: {cfg.pipeline.microbatches} does not divide each data-parallel "
                               f"rank's {self.local_batch} samples (train.batch_size {t.batch_size} / dp {self.dp})")
         self.tp = self.mesh.size("tp")
-        if self.pp > 1 and self.tp > 1:
-            raise ConfigError("parallel: pipeline and tensor parallelism together are not available in this version")
-        if self.tp > 1 and t.grad_clip:
-            raise ConfigError("train.grad_clip: clipping with tensor parallelism is not available in this version")
         torch.manual_seed(t.seed)
         self.task = build_task(cfg.data.name, cfg.data.path, cfg.data.args)
         self.model = build_model(cfg.model.name, cfg.model.args, self.task.info).to(self.device)
         sample = self.task.train.tensors[0][: self.local_batch].to(self.device)
-        if cfg.parallel.zero and (self.pp > 1 or self.tp > 1):
-            raise ConfigError("parallel.zero: ZeRO with pipeline or tensor parallelism is not available in this version")
-        if cfg.parallel.zero and (cfg.checkpoint.every or cfg.checkpoint.resume):
-            raise ConfigError("checkpoint: checkpoints of ZeRO runs are not available in this version")
         if cfg.parallel.zero:
             self.engine = Sharded(self.model, self.mesh, cfg, self.task.loss)
         elif self.pp > 1:
