@@ -112,5 +112,17 @@ def init(backend: str = "auto", device: str = "auto", timeout_s: float = 300.0) 
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group, all ranks together.
+
+    The barrier first lets every rank finish with its peers before any closes its connections
+    (one rank aborted once at exit, in a plain-torchrun run, while its peer was tearing down).
+    It is bounded by the group's timeout and skipped if a peer is already gone.
+    """
+    if not dist.is_initialized():
+        return
+    if dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except (RuntimeError, dist.DistError):
+            pass  # a peer already left or died: nothing left to wait for
+    dist.destroy_process_group()
