@@ -169,10 +169,12 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
-    def load(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Load a checkpoint into ``model`` and ``optimizer`` (any world size); return its manifest."""
+    def load(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             manifest: dict | None = None) -> dict:
+        """Load a checkpoint into ``model`` and ``optimizer`` (any world size); return its manifest
+        (``manifest``: one already read with ``read_manifest``)."""
         path = Path(path)
-        manifest = read_manifest(path)
+        manifest = manifest if manifest is not None else read_manifest(path)
         tensors, extras = self._state(model, optimizer)
         metadata = SafeReader(path).read_metadata()
         available = metadata.state_dict_metadata
@@ -186,7 +188,7 @@ class Checkpointer:
         model_sd = {k[6 : len(k) - cut]: v for k, v in tensors.items() if k.startswith("model.")}
         optim_sd = {k[6 : len(k) - cut]: v for k, v in tensors.items() if k.startswith("optim.")}
         optim_sd.update({k[: len(k) - cut]: _from_json(v) for k, v in manifest["optimizer_extras"].items()
-                         if k.endswith(self.tag) and k[: len(k) - cut] in _optimizer_keys(model, optimizer)})
+                         if k in extras})  # this rank's entries (its stage, its tp slice)
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_OPTIONS)
         mine = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng.rank{self.rank}.")}
         if mine:  # ranks beyond the saved world keep the RNG they were seeded with
@@ -226,10 +228,6 @@ def read_manifest(path: Path) -> dict:
             what = "is missing" if actual is None else f"has {actual} bytes, expected {size} (truncated?)"
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} {what}")
     return manifest
-
-
-def _optimizer_keys(model: nn.Module, optimizer) -> set[str]:
-    return set(get_state_dict(model, optimizer, options=_OPTIONS)[1])
 
 
 def _check_matches(path: Path, tensors: dict, available: dict, whole_model: bool, tag: str = "") -> None:

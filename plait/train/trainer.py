@@ -111,16 +111,16 @@ class Trainer:
             if restarted:
                 return False  # the worker group died before its first checkpoint: start over
             raise PlaitError(f"checkpoint.resume: no complete checkpoint in {self.ckpt.root}")
-        made = read_manifest(path)
-        if (made.get("pp", 1), made.get("tp", 1)) != (self.pp, self.tp):
-            raise PlaitError(f"checkpoint {path} was made with pp={made.get('pp', 1)}, tp={made.get('tp', 1)}; this run "
-                             f"has pp={self.pp}, tp={self.tp}: only the data-parallel degree may change on resume")
-        self.optimizer.zero_grad(set_to_none=True)  # lets torch create the optimizer state to load into
-        manifest = self.ckpt.load(path, self.engine.module, self.optimizer)
-        for key in ("batch_size", "partition"):
-            if manifest.get(key) != self._position_keys()[key]:
+        manifest = read_manifest(path)
+        if (manifest.get("pp", 1), manifest.get("tp", 1)) != (self.pp, self.tp):
+            raise PlaitError(f"checkpoint {path} was made with pp={manifest.get('pp', 1)}, tp={manifest.get('tp', 1)}; "
+                             f"this run has pp={self.pp}, tp={self.tp}: only the data-parallel degree may change on resume")
+        for key, value in self._position_keys().items():
+            if manifest.get(key) != value:
                 raise PlaitError(f"checkpoint {path} was made with {key}={manifest.get(key)!r}, this run has "
-                                 f"{self._position_keys()[key]!r}: its position in the data would not carry over")
+                                 f"{value!r}: its position in the data would not carry over")
+        self.optimizer.zero_grad(set_to_none=True)  # lets torch create the optimizer state to load into
+        self.ckpt.load(path, self.engine.module, self.optimizer, manifest)
         self.step, self.epoch, self.batch_in_epoch = manifest["step"], manifest["epoch"], manifest["batch_in_epoch"]
         if self.info.is_main:
             print(f"plait: resumed from {path} (step {self.step})", flush=True)

@@ -94,12 +94,12 @@ class StageModule(nn.Module):
 
     def __init__(self, blocks: list[tuple[str, nn.Module]]):
         super().__init__()
-        self.order = [name for name, _ in blocks]
-        for name, block in blocks:
-            self.add_module(name.replace(".", "_") if "." in name else name, block)
+        self.order = [name.replace(".", "_") for name, _ in blocks]  # module names cannot hold dots
+        for name, (_, block) in zip(self.order, blocks):
+            self.add_module(name, block)
 
     def forward(self, *xs):
         for name in self.order:
-            out = getattr(self, name.replace(".", "_") if "." in name else name)(*xs)
+            out = getattr(self, name)(*xs)
             xs = out if isinstance(out, tuple) else (out,)
         return xs[0] if len(xs) == 1 else xs
