@@ -49,19 +49,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check(config_path: str, overrides: list[str], world_size: int) -> None:
+def _check(config_path: str, overrides: list[str], world_size: int):
     """Everything that can be checked before starting workers: config, mesh, dataset file."""
     from plait.dist.mesh import resolve_degrees
     from plait.train.config import load_config
 
     cfg = load_config(config_path, overrides)
-    resolve_degrees(world_size, cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
+    if cfg.parallel.strategy == "ps":
+        from plait.train.ps import check_world
+
+        check_world(cfg, world_size)
+    else:
+        resolve_degrees(world_size, cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
     if cfg.data.path and not Path(cfg.data.path).is_file():
         raise PlaitError(f"data.path: dataset file not found: {cfg.data.path}")
     if cfg.checkpoint.resume not in ("", "latest"):
         from plait.train.checkpoint import read_manifest
 
         read_manifest(Path(cfg.checkpoint.resume))  # a missing or damaged checkpoint stops us here
+    return cfg
 
 
 def train(args: argparse.Namespace) -> None:
@@ -73,7 +79,11 @@ def train(args: argparse.Namespace) -> None:
     spec = LaunchSpec(nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
                       rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts,
                       run_id=Path(args.config).stem, module_args=module_args)
-    _check(args.config, args.overrides, spec.world_size)
+    cfg = _check(args.config, args.overrides, spec.world_size)
+    if cfg.parallel.strategy == "ps" and cfg.ps.mode != "sync":
+        # Async and ssp go on without a lost worker; torchrun alone would stop every rank.
+        spec.module_args = [str(cfg.ps.servers), spec.module, *spec.module_args]
+        spec.module = "plait.train.guard"
     launch(spec)
 
 

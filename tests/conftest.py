@@ -39,6 +39,12 @@ def world2():
 
 
 @pytest.fixture(scope="session")
+def world3():
+    with World(3) as world:
+        yield world
+
+
+@pytest.fixture(scope="session")
 def world4():
     with World(4) as world:
         yield world
@@ -76,3 +82,23 @@ def assert_close(actual: dict, expected: dict, rtol: float = 1e-5, atol: float =
             continue
         tol = max(atol, rtol * expected[name].abs().max().item()) if scaled else atol
         torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=tol, msg=lambda m: f"{what}{name}: {m}")
+
+
+def worker_pid(marker: str, rank: int) -> int | None:
+    """The pid of the training process (``python -m plait.train.worker``, not a guard around
+    it) of ``rank`` whose command line holds ``marker``."""
+    import os
+
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        module = args[args.index(b"-m") + 1] if b"-m" in args[:-1] else b""  # torchrun adds -u before -m
+        if module == b"plait.train.worker" and any(marker.encode() in a for a in args) \
+                and f"RANK={rank}".encode() in environ:
+            return int(entry)
+    return None

@@ -15,7 +15,7 @@ import torch
 
 from plait.testing import free_port
 
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, ROOT, worker_pid
 
 PLAIT = [sys.executable, "-m", "plait.cli"]
 
@@ -117,21 +117,6 @@ def test_worker_side_error_names_the_rank(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def _worker_pid(marker: str, rank: int) -> int | None:
-    """The pid of the worker process of ``rank`` whose command line holds ``marker``."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"plait.train.worker" in cmdline and marker.encode() in cmdline and f"RANK={rank}".encode() in environ:
-            return int(entry)
-    return None
-
-
 def test_killed_worker_is_restarted_and_resumes(world2, tmp_path):
     """SIGKILL rank 1 mid-run: the elastic agent restarts the group, which resumes by itself."""
     import signal
@@ -149,7 +134,7 @@ def test_killed_worker_is_restarted_and_resumes(world2, tmp_path):
     while not (checkpoints / "step_00000020").is_dir():
         assert run.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
-    pid = _worker_pid(name, rank=1)
+    pid = worker_pid(name, rank=1)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     stdout, stderr = run.communicate(timeout=240)

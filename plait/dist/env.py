@@ -111,16 +111,17 @@ def init(backend: str = "auto", device: str = "auto", timeout_s: float = 300.0) 
     return DistInfo(rank, world, local_rank, dev, backend)
 
 
-def shutdown() -> None:
-    """Leave the process group, all ranks together.
+def shutdown(barrier: bool = True) -> None:
+    """Leave the process group, all ranks together (or, ``barrier=False``, each on its own).
 
     The barrier first lets every rank finish with its peers before any closes its connections
     (one rank aborted once at exit, in a plain-torchrun run, while its peer was tearing down).
-    It is bounded by the group's timeout and skipped if a peer is already gone.
+    It is bounded by the group's timeout and skipped if a peer is already gone. Ranks that
+    may outlive lost peers (parameter servers) leave without it.
     """
     if not dist.is_initialized():
         return
-    if dist.get_world_size() > 1:
+    if barrier and dist.get_world_size() > 1:
         try:
             dist.barrier()
         except (RuntimeError, dist.DistError):

@@ -17,7 +17,9 @@ from plait.data.partition import POLICIES, SCHEMES
 from plait.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-STRATEGIES = ("allreduce",)
+STRATEGIES = ("allreduce", "ps")
+PS_MODES = ("sync", "async", "ssp")  # plait.parallel.ps.MODES, without importing torch here
+PS_SCHEMES = ("range", "hash")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -112,7 +114,7 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     strategy: str = "allreduce"
-    """How data-parallel gradients are combined: 'allreduce'."""
+    """How data-parallel gradients are combined: 'allreduce' among the ranks, or 'ps' (parameter servers)."""
     dp: int = 0
     """Data-parallel degree (0: inferred from the world size)."""
     pp: int = 1
@@ -186,6 +188,32 @@ class DistConfig:
 
 
 @dataclass
+class PSConfig:
+    servers: int = 1
+    """Parameter servers: ranks 0..servers-1; the other ranks are workers."""
+    mode: str = "sync"
+    """sync (every step waits for every worker), async (no waiting) or ssp (bounded staleness)."""
+    staleness: int = 2
+    """ssp: how many steps a worker may run ahead of the slowest live worker (0 waits like sync)."""
+    partition: str = "range"
+    """How parameters are split over servers: 'range' (equal slices) or 'hash' (whole tensors by name)."""
+    timeout: float = 60.0
+    """Seconds a server waits for a worker's gradient before dropping it (async, ssp) or failing (sync)."""
+    straggler: int = -1
+    """Rank of a worker slowed down on purpose, for experiments (-1: none)."""
+    straggler_delay: float = 0.0
+    """Seconds that worker sleeps before each push."""
+
+    def __post_init__(self):
+        _require(self.servers >= 1, "ps.servers", f"must be >= 1, got {self.servers}")
+        _one_of(self.mode, PS_MODES, "ps.mode")
+        _require(self.staleness >= 0, "ps.staleness", f"must be >= 0, got {self.staleness}")
+        _one_of(self.partition, PS_SCHEMES, "ps.partition")
+        _require(self.timeout > 0, "ps.timeout", f"must be positive, got {self.timeout}")
+        _require(self.straggler_delay >= 0, "ps.straggler_delay", f"must be >= 0, got {self.straggler_delay}")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -195,6 +223,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    ps: PSConfig = field(default_factory=PSConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -214,6 +243,17 @@ def _check_combinations(cfg: Config) -> None:
              "with pipeline parallelism, use pipeline.microbatches instead")
     _require(not (t > 1 and cfg.train.grad_clip), "train.grad_clip",
              "clipping with tensor parallelism is not available in this version")
+    if cfg.parallel.strategy != "ps":
+        _require(cfg.ps == PSConfig(), "ps", f"ps.* options are set but parallel.strategy is "
+                 f"{cfg.parallel.strategy!r}; add --set parallel.strategy=ps")
+        return
+    unsupported = {"parallel.pp": p > 1, "parallel.tp": t > 1, "parallel.zero": z,
+                   "checkpoint": cfg.checkpoint.every or cfg.checkpoint.resume, "train.grad_clip": cfg.train.grad_clip,
+                   "train.skip_nonfinite": cfg.train.skip_nonfinite, "train.eval_every": cfg.train.eval_every}
+    for key, used in unsupported.items():
+        _require(not used, key, "not available with parallel.strategy = 'ps' in this version")
+    _require(cfg.ps.timeout < cfg.dist.timeout, "ps.timeout", f"{cfg.ps.timeout:g} s must be shorter than "
+             f"dist.timeout ({cfg.dist.timeout:g} s), which bounds how long a worker waits for its server")
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:

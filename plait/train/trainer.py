@@ -297,5 +297,12 @@ def format_summary(s: dict, out_dir: str) -> str:
     if "weights_rel_error" in s:
         figures.append(f"weights vs closed-form least squares: relative error {s['weights_rel_error']:.2e}")
     lines.append("  " + ", ".join(figures))
+    if "ps_mode" in s:
+        gaps = f"largest clock gap {s['ps_max_clock_gap']}"
+        if s["ps_mode"] == "ssp":
+            gaps += f" (bound {s['ps_staleness']})"
+        lost = "; ".join(f"rank {r} ({why})" for r, why in s["lost_workers"].items()) or "none"
+        lines.append(f"  parameter server, {s['ps_mode']}: {sum(s['ps_updates'])} shard updates, {gaps}, "
+                     f"largest staleness {s['ps_max_staleness']}; lost workers: {lost}")
     lines.append(f"  outputs: {out_dir}/{s['name']}/ (metrics.jsonl, summary.json, loss.png)")
     return "\n".join(lines)

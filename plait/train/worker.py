@@ -24,10 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     rank = os.environ.get("RANK", "0")
+    together = True  # leave the group with a barrier; parameter-server ranks leave on their own
     try:
         cfg = load_config(args.config, args.overrides)
+        together = cfg.parallel.strategy != "ps"
         info = init(cfg.dist.backend, cfg.train.device, cfg.dist.timeout)
-        summary = Trainer(cfg, info).fit()
+        if together:
+            summary = Trainer(cfg, info).fit()
+        else:
+            from plait.train.ps import PSTrainer
+
+            summary = PSTrainer(cfg, info).fit()
         if info.is_main:
             print(format_summary(summary, cfg.run.out_dir), flush=True)
     except (PlaitError, dist.DistError) as exc:  # DistError: a collective inside torch (DCP, barrier) failed
@@ -38,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         os.write(2, f"plait: error: {message}\n".encode())
         return 1
     finally:
-        shutdown()
+        shutdown(barrier=together)
     return 0
 
 

@@ -1,0 +1,167 @@
+"""Parameter server on real gloo worlds: sync equals all-reduce and one process; async and ssp
+converge within their staleness bound; a lost worker is dropped (async) or named (sync)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import torch
+
+from conftest import EXAMPLES, ROOT, STEPS, assert_close, train_example, worker_pid
+
+
+def train_ps(example: str, overrides: list[str], out_dir: str, steps: int = STEPS):
+    """One parameter-server run on every rank of a World: (parameters or None, summary or None,
+    rank 0's logged losses). Rank 0 holds the whole model at the end, workers their last pull."""
+    import plait
+    from plait.train.config import load_config
+    from plait.train.ps import PSTrainer
+
+    info = plait.init()
+    cfg = load_config(EXAMPLES / f"{example}.toml", [
+        "parallel.strategy=ps", f"train.steps={steps}", "run.log_every=1", "run.progress=false",
+        f"run.out_dir={out_dir}", *overrides])
+    trainer = PSTrainer(cfg, info)
+    summary = trainer.fit()
+    holds_model = info.rank == 0 or info.rank in trainer.layout.workers
+    params = {k: v.detach().clone() for k, v in trainer.model.named_parameters()} if holds_model else None
+    return params, summary, [r["loss"] for r in trainer.log.records] if trainer.log else None
+
+
+@functools.cache
+def reference(example: str, options: tuple[str, ...] = ()):
+    return train_example(example, list(options), tempfile.mkdtemp())
+
+
+SYNC_CASES = {
+    "1server-cnn-sgd": ("world3", "digits_cnn", (), ()),
+    "2servers-range-linreg-momentum": ("world4", "linreg", ("train.momentum=0.9",), ("ps.servers=2",)),
+    "2servers-hash-cnn-adam": ("world4", "digits_cnn", ("train.optimizer=adam", "train.lr=0.001"),
+                               ("ps.servers=2", "ps.partition=hash")),
+}
+
+
+@pytest.mark.parametrize("case", SYNC_CASES)
+def test_sync_equals_allreduce_and_one_process(case, request, world2, solo, tmp_path):
+    world_name, example, options, ps_options = SYNC_CASES[case]
+    expected, expected_losses = reference(example, options)
+    allreduce, _ = world2.run(train_example, example, list(options), str(tmp_path / "allreduce"))[0]
+    results = request.getfixturevalue(world_name).run(
+        train_ps, example, ["ps.mode=sync", *options, *ps_options], str(tmp_path / "ps"))
+    server_params, summary, losses = results[0]
+    assert_close(server_params, expected, what="server vs one process: ")
+    assert_close(server_params, allreduce, what="server vs all-reduce: ")
+    workers = [r for r in results if r[1] is None and r[0] is not None]
+    assert len(workers) == 2
+    for params, _, _ in workers:  # every worker pulled exactly the server's parameters
+        assert all(torch.equal(params[k], server_params[k]) for k in params)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-5, atol=1e-7)
+    assert summary["ps_updates"] == [STEPS] * len(summary["ps_updates"]) and summary["ps_max_clock_gap"] == 0
+
+
+def test_ssp_with_zero_staleness_trains_like_sync(world3, solo, tmp_path):
+    """s = 0: no worker starts step t+1 before every step-t gradient is applied; with plain SGD
+    the applied updates add up to sync's mean, even with one worker slowed down."""
+    expected, _ = reference("linreg")
+    options = ["ps.mode=ssp", "ps.staleness=0", "ps.straggler=2", "ps.straggler_delay=0.003"]
+    params, summary, _ = world3.run(train_ps, "linreg", options, str(tmp_path))[0]
+    assert_close(params, expected, scaled=True)
+    assert summary["ps_max_clock_gap"] == 0 and summary["ps_updates"] == [2 * STEPS]
+
+
+def weights_error(summary: dict) -> float:
+    learned, exact = (torch.tensor(summary[k]) for k in ("learned_weights", "closed_form_weights"))
+    return (learned - exact).abs().max().item()
+
+
+@pytest.mark.parametrize("mode, staleness", [("async", 0), ("ssp", 1), ("ssp", 3)])
+def test_async_and_ssp_reach_least_squares_within_their_bound(world3, mode, staleness, tmp_path):
+    """Rank 2 is three times slower: async lets rank 1 run far ahead; ssp holds it to the bound."""
+    options = [f"ps.mode={mode}", f"ps.staleness={staleness}", "ps.straggler=2", "ps.straggler_delay=0.003"]
+    _, summary, losses = world3.run(train_ps, "linreg", options, str(tmp_path), steps=200)[0]
+    assert weights_error(summary) < 1e-2, summary
+    assert summary["ps_updates"] == [400] and not summary["lost_workers"]
+    if mode == "ssp":
+        assert 0 < summary["ps_max_clock_gap"] <= staleness
+    else:
+        assert summary["ps_max_clock_gap"] > 3  # nothing held the fast worker back
+    assert losses[-1] < losses[0] / 10
+
+
+def stall_one_worker(timeout_s: float):
+    """Library use: rank 2 goes silent longer than the server's timeout, then tries to go on."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from plait.parallel.ps import ParameterServer, PSLayout, PSWorker, WorkerDropped
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    layout = PSLayout.build(model, servers=1)
+    if dist.get_rank() == 0:
+        stats = ParameterServer(model, lambda p: torch.optim.SGD(p, lr=0.1), layout, mode="async",
+                                timeout_s=timeout_s).serve()
+        return stats.lost, stats.clocks
+    worker = PSWorker(model, layout)
+    for step in range(1, 21):
+        if dist.get_rank() == 2 and step == 4:
+            time.sleep(2.5 * timeout_s)
+        worker.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        try:
+            worker.push()
+        except WorkerDropped as exc:
+            return str(exc)
+    worker.close()
+    return "finished"
+
+
+def test_a_silent_worker_is_dropped_and_told_so(world3):
+    (lost, clocks), first, second = world3.run(stall_one_worker, 0.6)
+    assert first == "finished" and clocks[1] == 20
+    assert list(lost) == [2] and lost[2] == "no message for 0.6 s (ps.timeout)" and clocks[2] == 3
+    assert second.startswith("rank 2: dropped by parameter server rank 0")
+
+
+def _train_and_kill(tmp_path, mode: str) -> tuple[subprocess.CompletedProcess, str]:
+    name = f"ps-kill-{mode}-{os.getpid()}"
+    cmd = [sys.executable, "-m", "plait.cli", "train", str(EXAMPLES / "linreg.toml"), "--nproc", "3",
+           "--set", "parallel.strategy=ps", "--set", f"ps.mode={mode}", "--set", "train.steps=3000",
+           "--set", "train.batch_size=128", "--set", "run.log_every=50", "--set", "run.progress=false",
+           "--set", f"run.name={name}", "--set", f"run.out_dir={tmp_path}"]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = tmp_path / name / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text()):
+        assert run.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.02)
+    pid = worker_pid(name, rank=2)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    stdout, stderr = run.communicate(timeout=240)
+    return subprocess.CompletedProcess(cmd, run.returncode, stdout, stderr), name
+
+
+def test_killed_worker_in_async_mode_is_dropped_and_the_run_completes(tmp_path):
+    done, name = _train_and_kill(tmp_path, "async")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / name / "summary.json").read_text())
+    assert list(summary["lost_workers"]) == ["2"]
+    assert summary["ps_pushes"] < 2 * 3000  # rank 2 stopped early; rank 1 finished alone
+    assert weights_error(summary) < 1e-2
+    assert "plait: rank 2 (parameter-server worker) was lost (killed by SIGKILL)" in done.stderr
+    assert "dropped worker rank 2" in done.stdout and "lost workers: rank 2" in done.stdout
+
+
+def test_killed_worker_in_sync_mode_ends_the_run_naming_it(tmp_path):
+    done, _ = _train_and_kill(tmp_path, "sync")
+    assert done.returncode == 1
+    assert "worker rank 2 failed (signal SIGKILL)" in done.stderr
+    assert "Traceback" not in done.stderr
