@@ -95,7 +95,8 @@ def test_plain_torchrun_runs_a_script_that_imports_plait(tmp_path):
     (["--set", "data.path=missing.npz"], "plait: error: data.path: dataset file not found: missing.npz"),
     (["--nproc", "0"], "plait: error: argument --nproc/--nproc-per-node: must be at least 1, got 0"),
     (["--nnodes", "2"], "plait: error: --rdzv-endpoint HOST:PORT is required when --nnodes > 1"),
-], ids=["unknown-key", "mesh", "missing-dataset", "nproc-0", "nnodes-no-endpoint"])
+    (["--set", "parallel.strategy=ps"], "plait: error: ps.servers: 1 server(s) in a world of 1 leaves no worker"),
+], ids=["unknown-key", "mesh", "missing-dataset", "nproc-0", "nnodes-no-endpoint", "ps-no-worker"])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     done = plait_train(str(EXAMPLES / "linreg.toml"), *args, out_dir=tmp_path, timeout=60)
     assert done.returncode != 0

@@ -71,3 +71,39 @@ def test_mesh_degrees():
 def test_unsupported_combinations_are_refused_before_launch(overrides, key):
     with pytest.raises(ConfigError, match=key):
         load_config(EXAMPLES / "digits_cnn.toml", overrides)
+
+
+PS = "parallel.strategy=ps"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["ps.mode=async"], "ps: ps.\\* options are set but parallel.strategy is 'allreduce'"),
+    ([PS, "ps.mode=gossip"], "ps.mode: 'gossip' is not one of sync, async, ssp"),
+    ([PS, "ps.servers=0"], "ps.servers: must be >= 1"),
+    ([PS, "ps.partition=random"], "ps.partition"),
+    ([PS, "ps.staleness=-1"], "ps.staleness: must be >= 0"),
+    ([PS, "parallel.pp=2"], "parallel.pp: not available with parallel.strategy = 'ps'"),
+    ([PS, "checkpoint.every=5"], "checkpoint: not available with parallel.strategy = 'ps'"),
+    ([PS, "ps.timeout=400"], "ps.timeout: 400 s must be shorter than dist.timeout \\(300 s\\)"),
+])
+def test_parameter_server_options_are_checked(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(EXAMPLES / "linreg.toml", overrides)
+
+
+@pytest.mark.parametrize("overrides, world, key", [
+    ([], 1, "ps.servers: 1 server\\(s\\) in a world of 1 leaves no worker; start at least 2 processes"),
+    (["ps.servers=2"], 3, None),
+    (["parallel.dp=3"], 3, "parallel.dp: 3, but 3 processes with 1 server\\(s\\) make 2 data-parallel workers"),
+    (["train.batch_size=769"], 3, "train.batch_size: 769 is not divisible by 2 workers"),
+    (["ps.straggler=0"], 3, "ps.straggler: rank 0 is not a worker \\(workers are ranks 1..2\\)"),
+])
+def test_parameter_server_world_is_checked(overrides, world, key):
+    from plait.train.ps import check_world
+
+    cfg = load_config(EXAMPLES / "linreg.toml", [PS, *overrides])
+    if key is None:
+        assert check_world(cfg, world) == world - cfg.ps.servers
+    else:
+        with pytest.raises(ConfigError, match=key):
+            check_world(cfg, world)

@@ -165,3 +165,26 @@ def test_killed_worker_in_sync_mode_ends_the_run_naming_it(tmp_path):
     assert done.returncode == 1
     assert "worker rank 2 failed (signal SIGKILL)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_range_and_hash_partitions():
+    from plait.parallel.ps.layout import hash_segments, range_segments
+
+    assert range_segments(10, 3) == [((0, 3),), ((3, 6),), ((6, 10),)]
+    named = [("a.weight", 6), ("a.bias", 2), ("b.weight", 4), ("b.bias", 1)]
+    owned = hash_segments(named, 2)
+    assert owned == hash_segments(named, 2)  # crc32: the same in every process, unlike hash()
+    covered = sorted(i for segs in owned for lo, hi in segs for i in range(lo, hi))
+    assert covered == list(range(13))
+    boundaries = {0, 6, 8, 12, 13}  # whole tensors only: segments start and end between parameters
+    assert all(lo in boundaries and hi in boundaries for segs in owned for lo, hi in segs)
+
+
+def test_layout_needs_a_worker(solo):
+    from torch import nn
+
+    from plait.errors import ConfigError
+    from plait.parallel.ps import PSLayout
+
+    with pytest.raises(ConfigError, match="ps.servers: 1 server\\(s\\) in a world of 1 leaves no worker"):
+        PSLayout.build(nn.Linear(2, 1), servers=1)

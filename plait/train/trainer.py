@@ -287,7 +287,8 @@ class Trainer:
 
 
 def format_summary(s: dict, out_dir: str) -> str:
-    lines = [f"plait: {s['name']}: {s['steps']} steps on {s['world_size']} worker(s) ({s['layout']}) "
+    n = s["world_size"]
+    lines = [f"plait: {s['name']}: {s['steps']} steps on {n} process{'es' if n > 1 else ''} ({s['layout']}) "
              f"in {s['wall_time_s']:.1f} s, {s['samples_per_s']:.0f} samples/s"]
     figures = [f"final loss {s['final_loss']:.4g}", f"test loss {s['test_loss']:.4g}"]
     if "test_accuracy" in s:
