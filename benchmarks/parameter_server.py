@@ -123,11 +123,11 @@ def measure(mode: str, args, slow: float, pair: World, trio: World) -> tuple[flo
         curves = pair.run(run_allreduce, args.batch, args.seconds, slow)
         steps = min(len(c) for c in curves)
         merged = [(max(c[i][0] for c in curves), statistics.fmean(c[i][1] for c in curves)) for i in range(steps)]
-        return 2 * steps * args.batch / merged[-1][0], smoothed(merged, 10)
+        return (2 * steps * args.batch / merged[-1][0] if merged else 0.0), smoothed(merged, 10)
     kind = mode.removeprefix("ps-")
     curve, pushes, _ = trio.run(run_ps, kind, args.staleness if kind == "ssp" else 0, args.batch, args.seconds,
                                 slow)[0]
-    return pushes * args.batch / curve[-1][0], smoothed(curve, 20)
+    return (pushes * args.batch / curve[-1][0] if curve else 0.0), smoothed(curve, 20)
 
 
 def plot(curves: dict, path: Path, args) -> None:
@@ -169,7 +169,7 @@ def main() -> None:
     reach = {(c, m): [] for c in conditions for m in MODES}
     curves: dict = {c: {} for c in conditions}
     with World(2, timeout_s=300) as pair, World(3, timeout_s=300) as trio:
-        warm = argparse.Namespace(**{**vars(args), "seconds": 1.0})
+        warm = argparse.Namespace(**{**vars(args), "seconds": 3.0})
         for mode in MODES:  # first runs pay for lazy set-up (threads, allocator, code paths)
             measure(mode, warm, 1.0, pair, trio)
         for _ in range(args.rounds):

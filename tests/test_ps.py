@@ -111,9 +111,11 @@ def stall_one_worker(timeout_s: float):
                                 timeout_s=timeout_s).serve()
         return stats.lost, stats.clocks
     worker = PSWorker(model, layout)
-    for step in range(1, 21):
+    for step in range(1, 41):
         if dist.get_rank() == 2 and step == 4:
             time.sleep(2.5 * timeout_s)
+        if dist.get_rank() == 1:
+            time.sleep(0.05)  # rank 1 keeps pushing all through rank 2's silence
         worker.zero_grad()
         model(torch.randn(8, 4)).pow(2).mean().backward()
         try:
@@ -126,7 +128,7 @@ def stall_one_worker(timeout_s: float):
 
 def test_a_silent_worker_is_dropped_and_told_so(world3):
     (lost, clocks), first, second = world3.run(stall_one_worker, 0.6)
-    assert first == "finished" and clocks[1] == 20
+    assert first == "finished" and clocks[1] == 40
     assert list(lost) == [2] and lost[2] == "no message for 0.6 s (ps.timeout)" and clocks[2] == 3
     assert second.startswith("rank 2: dropped by parameter server rank 0")
 

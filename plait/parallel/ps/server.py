@@ -107,15 +107,18 @@ class ParameterServer:
         return [w for w in self.workers if w in self.live and w not in self.done]
 
     def _next(self) -> tuple[int, torch.Tensor | BaseException] | None:
-        """The next message, or None when a worker the server waits on passed its deadline."""
+        """The next message, or None after dropping the workers that passed their deadline.
+
+        Deadlines are checked before every message: a steady stream from fast workers must
+        not hide a silent one.
+        """
         now = time.monotonic()
+        for w in [w for w, since in self._awaiting.items() if now - since >= self.timeout_s]:
+            self._lose(w, f"no message for {self.timeout_s:g} s (ps.timeout)")
         deadline = min((since + self.timeout_s for since in self._awaiting.values()), default=now + 1.0)
         try:
             return self._inbox.get(timeout=max(0.0, deadline - now))
         except queue.Empty:
-            late = [w for w, since in self._awaiting.items() if time.monotonic() - since >= self.timeout_s]
-            for w in late:
-                self._lose(w, f"no message for {self.timeout_s:g} s (ps.timeout)")
             return None
 
     # -- answering ------------------------------------------------------------------------
