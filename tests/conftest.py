@@ -102,3 +102,20 @@ def worker_pid(marker: str, rank: int) -> int | None:
                 and f"RANK={rank}".encode() in environ:
             return int(entry)
     return None
+
+
+def kill_worker_when(run, ready, name: str, rank: int, what: str) -> tuple[str, str]:
+    """Wait until ``ready()``, SIGKILL the training process of ``rank`` in the run ``name``, let
+    the run (a ``subprocess.Popen`` of ``plait train``) finish; its (stdout, stderr)."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert run.poll() is None and time.monotonic() < deadline, what
+        time.sleep(0.02)
+    pid = worker_pid(name, rank)
+    assert pid is not None, f"no training process of rank {rank}"
+    os.kill(pid, signal.SIGKILL)
+    return run.communicate(timeout=240)

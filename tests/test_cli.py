@@ -15,7 +15,7 @@ import torch
 
 from plait.testing import free_port
 
-from conftest import EXAMPLES, ROOT, worker_pid
+from conftest import EXAMPLES, ROOT, kill_worker_when
 
 PLAIT = [sys.executable, "-m", "plait.cli"]
 
@@ -120,9 +120,6 @@ def test_worker_side_error_names_the_rank(tmp_path):
 
 def test_killed_worker_is_restarted_and_resumes(world2, tmp_path):
     """SIGKILL rank 1 mid-run: the elastic agent restarts the group, which resumes by itself."""
-    import signal
-    import time
-
     from conftest import train_example
 
     steps, name = 150, f"elastic-{os.getpid()}"
@@ -130,15 +127,8 @@ def test_killed_worker_is_restarted_and_resumes(world2, tmp_path):
            "--set", f"train.steps={steps}", "--set", "checkpoint.every=10", "--set", f"run.name={name}",
            "--set", f"run.out_dir={tmp_path}", "--set", "run.log_every=1", "--set", "run.progress=false"]
     run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoints = tmp_path / name / "checkpoints"
-    deadline = time.monotonic() + 120
-    while not (checkpoints / "step_00000020").is_dir():
-        assert run.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    pid = worker_pid(name, rank=1)
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    stdout, stderr = run.communicate(timeout=240)
+    step20 = tmp_path / name / "checkpoints" / "step_00000020"
+    stdout, stderr = kill_worker_when(run, step20.is_dir, name, rank=1, what="no checkpoint appeared")
     assert run.returncode == 0, stderr
     assert "plait: resumed from" in stdout
     metrics, summary = read_run(tmp_path, name)

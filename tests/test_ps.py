@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -15,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import EXAMPLES, ROOT, STEPS, assert_close, train_example, worker_pid
+from conftest import EXAMPLES, ROOT, STEPS, assert_close, kill_worker_when, train_example
 
 
 def train_ps(example: str, overrides: list[str], out_dir: str, steps: int = STEPS):
@@ -140,14 +139,9 @@ def _train_and_kill(tmp_path, mode: str) -> tuple[subprocess.CompletedProcess, s
            "--set", "train.batch_size=128", "--set", "run.log_every=50", "--set", "run.progress=false",
            "--set", f"run.name={name}", "--set", f"run.out_dir={tmp_path}"]
     run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics, deadline = tmp_path / name / "metrics.jsonl", time.monotonic() + 120
-    while not (metrics.is_file() and metrics.read_text()):
-        assert run.poll() is None and time.monotonic() < deadline, "training did not start"
-        time.sleep(0.02)
-    pid = worker_pid(name, rank=2)
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    stdout, stderr = run.communicate(timeout=240)
+    metrics = tmp_path / name / "metrics.jsonl"
+    stdout, stderr = kill_worker_when(run, lambda: metrics.is_file() and metrics.read_text() != "", name, rank=2,
+                                      what="training did not start")
     return subprocess.CompletedProcess(cmd, run.returncode, stdout, stderr), name
 
 

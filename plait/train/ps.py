@@ -25,9 +25,11 @@ from plait.dist.env import DistInfo
 from plait.errors import ConfigError, PlaitError
 from plait.models import build_model
 from plait.parallel.ps import ParameterServer, PSLayout, PSWorker, ServerStats
+from plait.parallel.ps.layout import scatter, trainable
 from plait.train.config import Config
 from plait.train.metrics import RunLog
 from plait.train.tasks import build_task
+from plait.train.trainer import build_optimizer
 
 
 def check_world(cfg: Config, world_size: int) -> int:
@@ -128,15 +130,13 @@ class PSTrainer:
 
     # -- servers ----------------------------------------------------------------------------
     def _serve(self) -> dict | None:
-        from plait.train.trainer import build_optimizer
-
         cfg, t, ps = self.cfg, self.cfg.train, self.cfg.ps
         progress = _Progress(self, t.steps) if self.log else None
         server = ParameterServer(self.model, lambda params: build_optimizer(t, params), self.layout, mode=ps.mode,
                                  staleness=ps.staleness if ps.mode == "ssp" else 0, timeout_s=ps.timeout,
                                  on_push=progress.update if progress else None)
         start = time.perf_counter()
-        stats = server.serve()
+        server.serve()
         train_time = time.perf_counter() - start
         if progress:
             progress.close(server)
@@ -216,8 +216,6 @@ class _Progress:
 
 def _gather_to_rank0(server: ParameterServer, model, layout: PSLayout) -> list[ServerStats] | None:
     """Servers send their shard and stats to rank 0, which writes the whole model's parameters."""
-    from plait.parallel.ps.layout import scatter, trainable
-
     if server.index > 0:
         dist.send_object_list([server.stats, server.shard.detach()], dst=0, group=layout.group)
         return None
