@@ -184,3 +184,26 @@ def test_layout_needs_a_worker(solo):
 
     with pytest.raises(ConfigError, match="ps.servers: 1 server\\(s\\) in a world of 1 leaves no worker"):
         PSLayout.build(nn.Linear(2, 1), servers=1)
+
+
+def _worker_error(model_dtype):
+    import torch.distributed as dist
+    from torch import nn
+
+    from plait.errors import PlaitError
+    from plait.parallel.ps import PSLayout, PSWorker
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1).to(model_dtype))
+    layout = PSLayout.build(model, servers=1)  # collective: every rank builds the layout
+    if dist.get_rank() == 0:
+        return None
+    try:
+        PSWorker(model, layout)  # refuses before it communicates
+    except PlaitError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_worker_refuses_parameters_that_are_not_float32(world2):
+    message = world2.run(_worker_error, torch.float64)[1]
+    assert message.startswith("the parameter server trains float32 parameters; 1.weight is torch.float64")

@@ -130,7 +130,7 @@ class PSTrainer:
 
     # -- servers ----------------------------------------------------------------------------
     def _serve(self) -> dict | None:
-        cfg, t, ps = self.cfg, self.cfg.train, self.cfg.ps
+        t, ps = self.cfg.train, self.cfg.ps
         progress = _Progress(self, t.steps) if self.log else None
         server = ParameterServer(self.model, lambda params: build_optimizer(t, params), self.layout, mode=ps.mode,
                                  staleness=ps.staleness if ps.mode == "ssp" else 0, timeout_s=ps.timeout,

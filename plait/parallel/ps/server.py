@@ -215,7 +215,10 @@ class ParameterServer:
         elif kind == DONE:
             self.done.add(worker)
             self._awaiting.pop(worker, None)
-            self._complete_step() if self.mode == "sync" else self._release()
+            if self.mode == "sync":
+                self._complete_step()
+            else:
+                self._release()
         else:
             raise PlaitError(f"rank {self.rank} (parameter server): unexpected message kind {kind} "
                              f"from rank {worker}")

@@ -36,9 +36,9 @@ class PSWorker:
             raise PlaitError(f"rank {self.rank} is a server in this layout ({layout.describe()}), not a worker")
         self.layout = layout
         self.params = [p for _, p in trainable(model)]
-        bad = [n for n, p in trainable(model) if p.dtype != torch.float32]
+        bad = [(n, p.dtype) for n, p in trainable(model) if p.dtype != torch.float32]
         if bad:
-            raise PlaitError(f"the parameter server trains float32 parameters; {bad[0]} is {self.params[0].dtype} "
+            raise PlaitError(f"the parameter server trains float32 parameters; {bad[0][0]} is {bad[0][1]} "
                              "(use train.bf16 for mixed precision: parameters stay float32)")
         device = self.params[0].device
         self.flat = torch.cat([p.detach().reshape(-1) for p in self.params])  # [numel]
