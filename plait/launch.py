@@ -79,6 +79,7 @@ def launch(spec: LaunchSpec) -> None:
             run(args)
         except ChildFailedError as exc:
             rank, failure = exc.get_first_failure()
-            how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-            raise PlaitError(f"worker rank {rank} failed ({how}); its message is above") from None
+            if failure.exitcode < 0:  # killed: it had no chance to say why
+                raise PlaitError(f"worker rank {rank} failed (signal {failure.signal_name()})") from None
+            raise PlaitError(f"worker rank {rank} failed (exit code {failure.exitcode}); its message is above") from None
     sys.stdout.flush()

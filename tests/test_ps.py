@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -160,7 +161,22 @@ def test_killed_worker_in_sync_mode_ends_the_run_naming_it(tmp_path):
     done, _ = _train_and_kill(tmp_path, "sync")
     assert done.returncode == 1
     assert "worker rank 2 failed (signal SIGKILL)" in done.stderr
-    assert "Traceback" not in done.stderr
+    assert "Traceback" not in done.stderr and "SIGABRT" not in done.stderr
+
+
+def test_a_diverging_loss_in_async_mode_ends_the_run(tmp_path):
+    """Divergence is not a lost worker: the guard must not tolerate it, nor the others go on."""
+    cmd = [sys.executable, "-m", "plait.cli", "train", str(EXAMPLES / "linreg.toml"), "--nproc", "3",
+           "--set", "parallel.strategy=ps", "--set", "ps.mode=async", "--set", "train.lr=10",
+           "--set", "run.progress=false", "--set", f"run.out_dir={tmp_path}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert re.search(r"rank 0 \(parameter server\): worker rank [12] reported loss (inf|nan) at its step \d+; "
+                     r"the run stops; lower the learning rate, or the momentum", done.stderr), done.stderr
+    assert re.search(r"rank [12]: loss is (inf|nan) at step \d+", done.stderr)
+    assert "was lost" not in done.stderr  # exit code STOP_RUN went through the guard
+    assert "SIGABRT" not in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "linreg" / "summary.json").exists()
 
 
 def test_range_and_hash_partitions():

@@ -5,7 +5,8 @@ all the others. That is right for all-reduce, where every rank is needed, and wr
 and ssp parameter servers, which go on without a lost worker. ``plait train`` therefore starts
 those workers through this guard: it runs the real worker as its child, and if the child dies
 (a crash, SIGKILL, the server dropping it), it says so and exits 0, so the agent lets the
-servers and the other workers finish. Servers run without a guard: their failure ends the run.
+servers and the other workers finish. A worker that exits with ``STOP_RUN`` (its loss diverged)
+(its loss diverged, or a server told it the run stops) is not lost: that code is passed on. Servers run without a guard: their failure ends the run.
 
     python -m plait.train.guard SERVERS plait.train.worker CONFIG [--set K=V ...]
 
@@ -19,6 +20,11 @@ import os
 import signal
 import subprocess
 import sys
+
+
+STOP_RUN = 3
+"""A worker's exit code for "the whole run must stop" (its loss diverged, or a server failed and
+told it so): passed on, not tolerated."""
 
 
 def _die_with_parent() -> None:
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     code = child.wait()
-    if code == 0 or stopping:
+    if code in (0, STOP_RUN) or stopping:
         return code if code >= 0 else 128 - code
     try:
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"

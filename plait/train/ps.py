@@ -22,7 +22,7 @@ from tqdm import tqdm
 from plait.data.datasets import stacked
 from plait.data.partition import PartitionSampler
 from plait.dist.env import DistInfo
-from plait.errors import ConfigError, PlaitError
+from plait.errors import ConfigError
 from plait.models import build_model
 from plait.parallel.ps import ParameterServer, PSLayout, PSWorker, ServerStats
 from plait.parallel.ps.layout import scatter, trainable
@@ -111,7 +111,7 @@ class PSTrainer:
         worker = PSWorker(model, self.layout)
         batches = self._batches()
         delay = self.cfg.ps.straggler_delay if self.info.rank == self.cfg.ps.straggler else 0.0
-        for step in range(1, t.steps + 1):
+        for _ in range(t.steps):
             x, y = (v.to(device) for v in next(batches))
             worker.zero_grad()
             loss = torch.zeros((), device=device)
@@ -120,12 +120,9 @@ class PSTrainer:
                     part = self.task.loss(model(xm), ym) / t.accum_steps
                 part.backward()
                 loss += part.detach()
-            value = loss.item()
-            if not math.isfinite(value):
-                raise PlaitError(f"rank {self.info.rank}: loss is {value} at step {step}; stopping")
             if delay:
                 time.sleep(delay)
-            worker.push(value)
+            worker.push(loss)  # a NaN or infinite loss stops the run (LossNotFinite)
         worker.close()
 
     # -- servers ----------------------------------------------------------------------------

@@ -14,7 +14,9 @@ import torch.distributed as dist
 
 from plait.dist.env import init, shutdown
 from plait.errors import PlaitError
+from plait.parallel.ps.worker import StopRun
 from plait.train.config import load_config
+from plait.train.guard import STOP_RUN
 from plait.train.trainer import Trainer, format_summary
 
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         # One write call: ranks share the stream, and a pipe keeps a single small write whole.
         sys.stderr.flush()
         os.write(2, f"plait: error: {message}\n".encode())
-        return 1
+        return STOP_RUN if isinstance(exc, StopRun) else 1  # the guard passes STOP_RUN on
     finally:
         shutdown(barrier=together)
     return 0

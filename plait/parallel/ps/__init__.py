@@ -12,6 +12,7 @@
 
 from plait.parallel.ps.layout import MODES, SCHEMES, PSLayout
 from plait.parallel.ps.server import ParameterServer, ServerStats
-from plait.parallel.ps.worker import PSWorker, WorkerDropped
+from plait.parallel.ps.worker import LossNotFinite, PSWorker, ServerStopped, StopRun, WorkerDropped
 
-__all__ = ["MODES", "SCHEMES", "PSLayout", "PSWorker", "ParameterServer", "ServerStats", "WorkerDropped"]
+__all__ = ["MODES", "SCHEMES", "LossNotFinite", "PSLayout", "PSWorker", "ParameterServer", "ServerStats",
+           "ServerStopped", "StopRun", "WorkerDropped"]

@@ -30,7 +30,8 @@ SCHEMES = ("range", "hash")
 MODES = ("sync", "async", "ssp")
 
 # Message kinds (header slot 0).
-PUSH, DONE, PARAMS, DROPPED = 1, 2, 3, 4
+PUSH, DONE, DIVERGED = 1, 2, 5  # worker -> server: gradients, goodbye, "my loss is not finite"
+PARAMS, DROPPED, STOP = 3, 4, 6  # server -> worker: parameters, "you were dropped", "the run stops"
 HEADER = 4
 
 Segments = tuple[tuple[int, int], ...]  # (lo, hi) ranges of the flat parameter vector

@@ -11,10 +11,15 @@ loop takes messages in the order they arrived and, by mode:
 
 A worker's clock counts its gradients; the shard's version counts optimizer steps. A worker
 that dies (its connection closes) or stays silent for ``timeout_s`` while the server waits on
-it is dropped in async and ssp, and ends the run with an error naming it in sync.
+it is dropped in async and ssp, and ends the run with an error naming it in sync. A worker
+whose loss is NaN or infinite ends the run in every mode: divergence is not a lost worker.
 
 Why the server times workers out itself: a gloo receive that times out closes every
 connection of its process group, so the receiving threads never use gloo's timeout.
+
+When the server fails (a lost worker in sync, a diverged loss, a bug), it tells every worker
+still training to stop, and waits (briefly) until their connections close and its receiving
+threads end: a receiving thread woken while the interpreter exits would abort the process.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.errors import CommError, PlaitError
-from plait.parallel.ps.layout import DONE, DROPPED, HEADER, MODES, PARAMS, PUSH, PSLayout, gather, message, reason, \
-    trainable, unpack
+from plait.parallel.ps.layout import DIVERGED, DONE, DROPPED, HEADER, MODES, PARAMS, PUSH, STOP, PSLayout, gather, \
+    message, reason, trainable, unpack
 
 _FOREVER = timedelta(days=7)  # receiving threads wait on the server's own clock, not gloo's
 
@@ -88,6 +93,7 @@ class ParameterServer:
         self._sends: dict[int, tuple[dist.Work, torch.Tensor]] = {}
         self._inbox: queue.Queue = queue.Queue()
         self._orphans: list = []
+        self._threads: list[threading.Thread] = []
 
     # -- receiving ------------------------------------------------------------------------
     def _receive(self, worker: int) -> None:
@@ -219,14 +225,41 @@ class ParameterServer:
                 self._complete_step()
             else:
                 self._release()
+        elif kind == DIVERGED:
+            self.done.add(worker)  # it says goodbye next, and is not told to stop
+            advice = "the learning rate" + ("" if self.mode == "sync" else ", or the momentum: staleness adds to it")
+            raise PlaitError(f"rank {self.rank} (parameter server): worker rank {worker} reported loss {loss} at "
+                             f"its step {clock}; the run stops; lower {advice}")
         else:
             raise PlaitError(f"rank {self.rank} (parameter server): unexpected message kind {kind} "
                              f"from rank {worker}")
 
     def serve(self) -> ServerStats:
         """Run until every worker is done or lost; returns what happened."""
+        try:
+            return self._serve()
+        except BaseException:
+            self._stop_workers()
+            raise
+
+    def _stop_workers(self, wait_s: float = 10.0) -> None:
+        """Tell the workers still training that the run stops; wait until they have left."""
+        for w in self._active():
+            self._orphans.append(self._sends.pop(w, None))
+            msg = message(STOP, self.clock[w], self.version, float("nan"), self.size)
+            try:
+                self._orphans.append((dist.isend(msg, dst=w, group=self.layout.group), msg))
+            except Exception:  # noqa: BLE001 -- already gone: nothing to tell
+                pass
+        deadline = time.monotonic() + wait_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _serve(self) -> ServerStats:
         for w in self.workers:
-            threading.Thread(target=self._receive, args=(w,), daemon=True, name=f"plait-ps-recv{w}").start()
+            thread = threading.Thread(target=self._receive, args=(w,), daemon=True, name=f"plait-ps-recv{w}")
+            thread.start()
+            self._threads.append(thread)
             self._answer(w)  # version 0: every worker starts from this server's parameters
         while self._active():
             event = self._next()

@@ -21,12 +21,24 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.errors import CommError, PlaitError
-from plait.parallel.ps.layout import DONE, DROPPED, HEADER, PARAMS, PUSH, PSLayout, gather, message, reason, scatter, \
-    trainable, unpack
+from plait.parallel.ps.layout import DIVERGED, DONE, DROPPED, HEADER, PARAMS, PUSH, STOP, PSLayout, gather, message, \
+    reason, scatter, trainable, unpack
 
 
 class WorkerDropped(CommError):
     """The server dropped this worker (it was silent longer than ``ps.timeout``)."""
+
+
+class StopRun(PlaitError):
+    """The whole run must end (not just this worker): a launcher must not go on without it."""
+
+
+class LossNotFinite(StopRun):
+    """This worker's loss was NaN or infinite: the servers were told, and they stop the run."""
+
+
+class ServerStopped(StopRun):
+    """A parameter server failed and told this worker to stop; its own message says why."""
 
 
 class PSWorker:
@@ -93,10 +105,13 @@ class PSWorker:
                 works.append(dist.irecv(self._replies[s], src=server, group=group))
             except Exception as exc:  # noqa: BLE001
                 raise self._fail(exc, server, "receiving parameters from") from None
-        for s, work in enumerate(works):
+        for s, work in enumerate(works):  # each reply checked as it comes: one STOP is enough
             self._wait(work, servers[s], "receiving parameters from")
-        for s, reply in enumerate(self._replies):
+            reply = self._replies[s]
             kind, _, version, _ = unpack(reply)
+            if kind == STOP:
+                self.close(quiet=True)  # ends the servers' receiving threads for this worker
+                raise ServerStopped(f"rank {self.rank}: parameter server rank {servers[s]} stopped the run")
             if kind == DROPPED:
                 self.close(quiet=True)  # ends the server's receiving thread for this worker
                 raise WorkerDropped(f"rank {self.rank}: dropped by parameter server rank {servers[s]} "
@@ -107,18 +122,27 @@ class PSWorker:
             scatter(reply[HEADER:].to(self.device, non_blocking=True), self.layout.segments[s], self.flat)
 
     def push(self, loss: torch.Tensor | float | None = None) -> None:
-        """Send this step's gradients (and its loss, for the server's log); receive new parameters."""
+        """Send this step's gradients (and its loss, for the server's log); receive new parameters.
+
+        A NaN or infinite ``loss`` is not sent as a gradient: the servers are told, they stop the
+        run (in every mode: a diverging worker is not a lost one), and this raises LossNotFinite.
+        """
         self._collect_grads()
         self.clock += 1
-        value = float(loss) if loss is not None else math.nan
+        value = math.nan if loss is None else float(loss.detach() if torch.is_tensor(loss) else loss)
+        diverged = loss is not None and not math.isfinite(value)
+        kind = DIVERGED if diverged else PUSH
         sends = []
         for s, server in enumerate(self.layout.servers):
-            segments = self.layout.segments[s]
-            msg = message(PUSH, self.clock, self.versions[s], value, self.layout.shard_size(s))
-            gather(self.grad, segments, msg[HEADER:])
+            msg = message(kind, self.clock, self.versions[s], value, self.layout.shard_size(s))  # fixed size
+            gather(self.grad, self.layout.segments[s], msg[HEADER:])
             sends.append((self._send(msg, server, "sending gradients to"), msg))
         for s, (work, _) in enumerate(sends):
             self._wait(work, self.layout.servers[s], "sending gradients to")
+        if diverged:
+            self.close(quiet=True)
+            raise LossNotFinite(f"rank {self.rank}: loss is {value} at step {self.clock}; the parameter "
+                                "servers stop the run")
         self._receive_all()
 
     def close(self, quiet: bool = False) -> None:
