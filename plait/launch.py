@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ def _torchrun_args(spec: LaunchSpec, rdzv_dir: str) -> list[str]:
 
 def launch(spec: LaunchSpec) -> None:
     """Run the workers to completion; a failed worker becomes one PlaitError naming its rank."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -82,4 +84,8 @@ def launch(spec: LaunchSpec) -> None:
             if failure.exitcode < 0:  # killed: it had no chance to say why
                 raise PlaitError(f"worker rank {rank} failed (signal {failure.signal_name()})") from None
             raise PlaitError(f"worker rank {rank} failed (exit code {failure.exitcode}); its message is above") from None
+        except SignalException as exc:  # the agent stopped its workers before this reaches us
+            if exc.sigval == signal.SIGINT:
+                raise KeyboardInterrupt from None
+            raise PlaitError(f"stopped by {signal.Signals(exc.sigval).name}; the workers were stopped") from None
     sys.stdout.flush()

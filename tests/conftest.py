@@ -104,17 +104,23 @@ def worker_pid(marker: str, rank: int) -> int | None:
     return None
 
 
+def wait_until(run, ready, what: str, timeout: float = 120) -> None:
+    """Wait until ``ready()`` while ``run`` (a ``subprocess.Popen``) is still going."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert run.poll() is None and time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
 def kill_worker_when(run, ready, name: str, rank: int, what: str) -> tuple[str, str]:
     """Wait until ``ready()``, SIGKILL the training process of ``rank`` in the run ``name``, let
     the run (a ``subprocess.Popen`` of ``plait train``) finish; its (stdout, stderr)."""
     import os
     import signal
-    import time
 
-    deadline = time.monotonic() + 120
-    while not ready():
-        assert run.poll() is None and time.monotonic() < deadline, what
-        time.sleep(0.02)
+    wait_until(run, ready, what)
     pid = worker_pid(name, rank)
     assert pid is not None, f"no training process of rank {rank}"
     os.kill(pid, signal.SIGKILL)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ import torch
 
 from plait.testing import free_port
 
-from conftest import EXAMPLES, ROOT, kill_worker_when
+from conftest import EXAMPLES, ROOT, kill_worker_when, wait_until
 
 PLAIT = [sys.executable, "-m", "plait.cli"]
 
@@ -116,6 +117,23 @@ def test_worker_side_error_names_the_rank(tmp_path):
                for line in lines), done.stderr
     assert re.fullmatch(r"plait: error: worker rank [01] failed \(exit code 1\); its message is above", lines[-1])
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("strategy", [[], ["--nproc", "3", "--set", "parallel.strategy=ps", "--set", "ps.mode=async"]],
+                         ids=["allreduce", "ps-async"])
+def test_ctrl_c_stops_every_process_with_one_line(tmp_path, strategy):
+    """Ctrl-C reaches the whole process group (launcher, guards, workers): one line, exit 130."""
+    cmd = [sys.executable, "-m", "plait.cli", "train", str(EXAMPLES / "linreg.toml"), "--nproc", "2", *strategy,
+           "--set", "train.steps=100000", "--set", "train.batch_size=128", "--set", "run.log_every=10",
+           "--set", "run.progress=false", "--set", f"run.out_dir={tmp_path}"]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # its own process group, as a terminal gives it
+    metrics = tmp_path / "linreg" / "metrics.jsonl"
+    wait_until(run, lambda: metrics.is_file() and metrics.read_text() != "", "training did not start")
+    os.killpg(run.pid, signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stderr
+    assert stderr.rstrip().endswith("plait: interrupted") and "Traceback" not in stderr, stderr
 
 
 def test_killed_worker_is_restarted_and_resumes(world2, tmp_path):

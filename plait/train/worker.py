@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os.write(2, f"plait: error: {message}\n".encode())
         return STOP_RUN if isinstance(exc, StopRun) else 1  # the guard passes STOP_RUN on
+    except KeyboardInterrupt:  # Ctrl-C reaches every process: the launcher says it, once
+        together = False
+        return 130
     finally:
         shutdown(barrier=together)
     return 0
