@@ -7,18 +7,33 @@ Inside a script started by ``torchrun --nproc-per-node 2 script.py``::
     mesh = plait.Mesh(dp=0)                               # dp inferred from the world size
     model = plait.DataParallel(model, mesh.group("dp"))
     sampler = plait.PartitionSampler(dataset, mesh.size("dp"), mesh.coord("dp"), global_batch=64)
+
+The names load on first use: ``import plait`` itself costs no torch start-up, so the command
+line and the parameter-server guard start at once and answer Ctrl-C at any moment.
 """
 
-from plait.data.partition import PartitionSampler
-from plait.dist.env import DistInfo, init, shutdown
-from plait.dist.mesh import Mesh
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from plait._lazy import lazy
 from plait.errors import CommError, ConfigError, PlaitError
-from plait.parallel.consistency import check_consistency
-from plait.parallel.data import DataParallel
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CommError", "ConfigError", "DataParallel", "DistInfo", "Mesh", "PartitionSampler", "PlaitError",
-    "check_consistency", "init", "shutdown",
-]
+_LAZY = {
+    "PartitionSampler": "plait.data.partition",
+    "DistInfo": "plait.dist.env", "init": "plait.dist.env", "shutdown": "plait.dist.env",
+    "Mesh": "plait.dist.mesh",
+    "check_consistency": "plait.parallel.consistency",
+    "DataParallel": "plait.parallel.data",
+}
+__all__ = ["CommError", "ConfigError", "PlaitError", *_LAZY]
+__getattr__, __dir__ = lazy(__name__, _LAZY)
+
+if TYPE_CHECKING:
+    from plait.data.partition import PartitionSampler
+    from plait.dist.env import DistInfo, init, shutdown
+    from plait.dist.mesh import Mesh
+    from plait.parallel.consistency import check_consistency
+    from plait.parallel.data import DataParallel

@@ -16,7 +16,7 @@ import torch
 
 from plait.testing import free_port
 
-from conftest import EXAMPLES, ROOT, kill_worker_when, wait_until
+from conftest import EXAMPLES, ROOT, kill_worker_when, wait_until, worker_pid
 
 PLAIT = [sys.executable, "-m", "plait.cli"]
 
@@ -119,17 +119,31 @@ def test_worker_side_error_names_the_rank(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("strategy", [[], ["--nproc", "3", "--set", "parallel.strategy=ps", "--set", "ps.mode=async"]],
-                         ids=["allreduce", "ps-async"])
-def test_ctrl_c_stops_every_process_with_one_line(tmp_path, strategy):
-    """Ctrl-C reaches the whole process group (launcher, guards, workers): one line, exit 130."""
+def _loading_torch(pid: int | None) -> bool:
+    try:
+        return pid is not None and "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+PS_ASYNC = ["--nproc", "3", "--set", "parallel.strategy=ps", "--set", "ps.mode=async"]
+
+
+@pytest.mark.parametrize("strategy, when", [([], "training"), (PS_ASYNC, "training"), (PS_ASYNC, "start-up")],
+                         ids=["allreduce-training", "ps-async-training", "ps-async-start-up"])
+def test_ctrl_c_stops_every_process_with_one_line(tmp_path, strategy, when):
+    """Ctrl-C reaches the whole process group (launcher, guards, workers), at any moment (here
+    while training, or while the workers still load torch): one line, exit 130."""
     cmd = [sys.executable, "-m", "plait.cli", "train", str(EXAMPLES / "linreg.toml"), "--nproc", "2", *strategy,
            "--set", "train.steps=100000", "--set", "train.batch_size=128", "--set", "run.log_every=10",
            "--set", "run.progress=false", "--set", f"run.out_dir={tmp_path}"]
     run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)  # its own process group, as a terminal gives it
     metrics = tmp_path / "linreg" / "metrics.jsonl"
-    wait_until(run, lambda: metrics.is_file() and metrics.read_text() != "", "training did not start")
+    if when == "training":
+        wait_until(run, lambda: metrics.is_file() and metrics.read_text() != "", "training did not start")
+    else:  # Python's own start-up cannot be interrupted quietly; torch's import (seconds) can
+        wait_until(run, lambda: _loading_torch(worker_pid(str(tmp_path), rank=2)), "no worker loads torch")
     os.killpg(run.pid, signal.SIGINT)
     _, stderr = run.communicate(timeout=60)
     assert run.returncode == 130, stderr

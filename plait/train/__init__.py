@@ -1,6 +1,15 @@
-"""Config, the trainer loop and its outputs."""
+"""Config, the trainer loop and its outputs (loaded on first use: see ``plait._lazy``)."""
 
-from plait.train.config import Config, load_config
-from plait.train.trainer import Trainer
+from __future__ import annotations
 
-__all__ = ["Config", "Trainer", "load_config"]
+from typing import TYPE_CHECKING
+
+from plait._lazy import lazy
+
+_LAZY = {"Config": "plait.train.config", "load_config": "plait.train.config", "Trainer": "plait.train.trainer"}
+__all__ = list(_LAZY)
+__getattr__, __dir__ = lazy(__name__, _LAZY)
+
+if TYPE_CHECKING:
+    from plait.train.config import Config, load_config
+    from plait.train.trainer import Trainer

@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def forward(signum, _frame):  # the agent stops the group: pass it on, and do not tolerate it
         stopping.append(signum)
-        child.send_signal(signum)
+        # A Ctrl-C reached the child already (one process group): a second SIGINT would hit it
+        # while it exits and print a traceback. SIGTERM ends it quietly at any point.
+        child.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)

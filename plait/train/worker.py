@@ -10,14 +10,7 @@ import argparse
 import os
 import sys
 
-import torch.distributed as dist
-
-from plait.dist.env import init, shutdown
-from plait.errors import PlaitError
-from plait.parallel.ps.worker import StopRun
-from plait.train.config import load_config
 from plait.train.guard import STOP_RUN
-from plait.train.trainer import Trainer, format_summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,10 +18,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    rank = os.environ.get("RANK", "0")
+    try:
+        return _train(args.config, args.overrides, os.environ.get("RANK", "0"))
+    except KeyboardInterrupt:  # Ctrl-C reaches every process, even while torch loads: the launcher says it, once
+        return 130
+
+
+def _train(config: str, overrides: list[str], rank: str) -> int:
+    import torch.distributed as dist
+
+    from plait.dist.env import init, shutdown
+    from plait.errors import PlaitError
+    from plait.parallel.ps.worker import StopRun
+    from plait.train.config import load_config
+    from plait.train.trainer import Trainer, format_summary
+
     together = True  # leave the group with a barrier; parameter-server ranks leave on their own
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config, overrides)
         together = cfg.parallel.strategy != "ps"
         info = init(cfg.dist.backend, cfg.train.device, cfg.dist.timeout)
         if together:
@@ -46,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os.write(2, f"plait: error: {message}\n".encode())
         return STOP_RUN if isinstance(exc, StopRun) else 1  # the guard passes STOP_RUN on
-    except KeyboardInterrupt:  # Ctrl-C reaches every process: the launcher says it, once
-        together = False
-        return 130
+    except KeyboardInterrupt:
+        together = False  # the peers are stopping too: no barrier
+        raise
     finally:
         shutdown(barrier=together)
     return 0
