@@ -73,8 +73,11 @@ def launch(spec: LaunchSpec) -> None:
         # Workers make their own store on 127.0.0.1 instead of sharing the agent's.
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     # The agent's own log repeats what the failing worker already said; PLAIT_VERBOSE=1 shows it.
-    for name in ("torch.distributed.elastic", "torch.distributed.run"):
-        logging.getLogger(name).setLevel(logging.INFO if os.environ.get("PLAIT_VERBOSE") else logging.CRITICAL)
+    # torch gives each of its elastic modules' loggers a level of its own: set every one of them.
+    level = logging.INFO if os.environ.get("PLAIT_VERBOSE") else logging.CRITICAL
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run")):
+            logging.getLogger(name).setLevel(level)
     with tempfile.TemporaryDirectory(prefix="plait-rdzv-") as rdzv_dir:
         args = get_args_parser().parse_args(_torchrun_args(spec, rdzv_dir))
         try:
