@@ -5,8 +5,9 @@ all the others. That is right for all-reduce, where every rank is needed, and wr
 and ssp parameter servers, which go on without a lost worker. ``plait train`` therefore starts
 those workers through this guard: it runs the real worker as its child, and if the child dies
 (a crash, SIGKILL, the server dropping it), it says so and exits 0, so the agent lets the
-servers and the other workers finish. A worker that exits with ``STOP_RUN`` (its loss diverged)
-(its loss diverged, or a server told it the run stops) is not lost: that code is passed on. Servers run without a guard: their failure ends the run.
+servers and the other workers finish. A worker that exits with ``STOP_RUN`` (its loss
+diverged, or a server told it the run stops) is not lost: that code is passed on. Servers run
+without a guard: their failure ends the run.
 
     python -m plait.train.guard SERVERS plait.train.worker CONFIG [--set K=V ...]
 
