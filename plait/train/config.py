@@ -15,11 +15,10 @@ from typing import Any
 
 from plait.data.partition import POLICIES, SCHEMES
 from plait.errors import ConfigError
+from plait.parallel.ps.layout import MODES as PS_MODES, SCHEMES as PS_SCHEMES
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 STRATEGIES = ("allreduce", "ps")
-PS_MODES = ("sync", "async", "ssp")  # plait.parallel.ps.MODES, without importing torch here
-PS_SCHEMES = ("range", "hash")
 
 
 def _require(ok: bool, key: str, message: str) -> None:

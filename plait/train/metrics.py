@@ -56,5 +56,12 @@ class RunLog:
         plt.close(fig)
         return path
 
+    def finish(self, summary: dict, config: dict, title: str) -> None:
+        """The end of a run: summary.json, config.json, loss.png; the metrics file closed."""
+        self.write_json("summary.json", summary)
+        self.write_json("config.json", config)
+        self.plot_loss(title)
+        self.close()
+
     def close(self) -> None:
         self._file.close()

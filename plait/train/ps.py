@@ -16,11 +16,8 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from plait.data.datasets import stacked
-from plait.data.partition import PartitionSampler
 from plait.dist.env import DistInfo
 from plait.errors import ConfigError
 from plait.models import build_model
@@ -29,7 +26,7 @@ from plait.parallel.ps.layout import scatter, trainable
 from plait.train.config import Config
 from plait.train.metrics import RunLog
 from plait.train.tasks import build_task
-from plait.train.trainer import build_optimizer
+from plait.train.trainer import build_loader, build_optimizer
 
 
 def check_world(cfg: Config, world_size: int) -> int:
@@ -92,13 +89,7 @@ class PSTrainer:
     # -- workers ----------------------------------------------------------------------------
     def _batches(self):
         index = self.layout.workers.index(self.info.rank)
-        t = self.cfg.train
-        sampler = PartitionSampler(self.task.train, self.workers, index, scheme=self.cfg.data.partition,
-                                   global_batch=t.batch_size, seed=t.seed, policy=self.cfg.data.policy)
-        loader = DataLoader(self.task.train, batch_size=self.local_batch, sampler=sampler, drop_last=True,
-                            collate_fn=stacked)
-        if len(loader) == 0:
-            raise ConfigError(f"train.batch_size: {t.batch_size} leaves no full batch in {len(self.task.train)} samples")
+        sampler, loader = build_loader(self.cfg, self.task.train, self.workers, index)
         epoch = 0
         while True:
             sampler.set_epoch(epoch)
@@ -164,10 +155,7 @@ class PSTrainer:
             "lost_workers": {str(rank): why for rank, why in sorted(lost.items())},
             **self.task.report(self.model),
         }
-        self.log.write_json("summary.json", summary)
-        self.log.write_json("config.json", cfg.to_dict())
-        self.log.plot_loss(f"{cfg.run.name}: {summary['layout']}, global batch {t.batch_size}")
-        self.log.close()
+        self.log.finish(summary, cfg.to_dict(), f"{cfg.run.name}: {summary['layout']}, global batch {t.batch_size}")
         return summary
 
 

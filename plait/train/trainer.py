@@ -75,14 +75,7 @@ class Trainer:
         self.params = self.engine.parameters()
         self.optimizer = build_optimizer(t, self.params)
         self.engine.attach(self.optimizer)
-        self.sampler = PartitionSampler(
-            self.task.train, self.dp, self.dp_rank, scheme=cfg.data.partition, global_batch=t.batch_size,
-            seed=t.seed, policy=cfg.data.policy,
-        )
-        self.loader = DataLoader(self.task.train, batch_size=self.local_batch, sampler=self.sampler, drop_last=True,
-                                 collate_fn=stacked)
-        if len(self.loader) == 0:
-            raise ConfigError(f"train.batch_size: {t.batch_size} leaves no full batch in {len(self.task.train)} samples")
+        self.sampler, self.loader = build_loader(cfg, self.task.train, self.dp, self.dp_rank)
         # Position: the next step to run, and where its batch lies (in global batches of the epoch).
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         tp_tag = f"@tp{self.mesh.coord('tp')}of{self.tp}" if self.tp > 1 else ""
@@ -279,11 +272,19 @@ class Trainer:
             **report, **({"zero_memory_bytes": self.ddp.memory(self.optimizer)} if cfg.parallel.zero else {}),
         }
         if self.log:
-            self.log.write_json("summary.json", summary)
-            self.log.write_json("config.json", cfg.to_dict())
-            self.log.plot_loss(f"{cfg.run.name}: {summary['layout']}, global batch {t.batch_size}")
-            self.log.close()
+            self.log.finish(summary, cfg.to_dict(), f"{cfg.run.name}: {summary['layout']}, global batch {t.batch_size}")
         return summary
+
+
+def build_loader(cfg: Config, dataset, parts: int, index: int) -> tuple[PartitionSampler, DataLoader]:
+    """Part ``index`` of ``parts`` of every global batch (``data.partition``), as a loader of local batches."""
+    t = cfg.train
+    sampler = PartitionSampler(dataset, parts, index, scheme=cfg.data.partition, global_batch=t.batch_size,
+                               seed=t.seed, policy=cfg.data.policy)
+    loader = DataLoader(dataset, batch_size=t.batch_size // parts, sampler=sampler, drop_last=True, collate_fn=stacked)
+    if len(loader) == 0:
+        raise ConfigError(f"train.batch_size: {t.batch_size} leaves no full batch in {len(dataset)} samples")
+    return sampler, loader
 
 
 def format_summary(s: dict, out_dir: str) -> str:

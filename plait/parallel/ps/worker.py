@@ -47,8 +47,9 @@ class PSWorker:
         if self.rank not in layout.workers:
             raise PlaitError(f"rank {self.rank} is a server in this layout ({layout.describe()}), not a worker")
         self.layout = layout
-        self.params = [p for _, p in trainable(model)]
-        bad = [(n, p.dtype) for n, p in trainable(model) if p.dtype != torch.float32]
+        named = trainable(model)
+        self.params = [p for _, p in named]
+        bad = [(n, p.dtype) for n, p in named if p.dtype != torch.float32]
         if bad:
             raise PlaitError(f"the parameter server trains float32 parameters; {bad[0][0]} is {bad[0][1]} "
                              "(use train.bf16 for mixed precision: parameters stay float32)")
