@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/parameter_server.py --rounds 1 --seconds 4 --slow 3
 
 The seed CNN on the digits, 2 workers with a per-worker batch of 32, plain SGD + momentum.
-Parameter-server modes use a world of 3 (rank 0 serves); all-reduce a world of 2. Each run
+Parameter-server modes use a world of 3 (rank 0 serves); all-reduce (Plait's DataParallel, and
+torch's DistributedDataParallel, the ratios' base) a world of 2. Each run
 lasts a fixed wall time; every mode runs twice: with equal workers, then with the last worker
 slowed to 1/--slow of its speed (after each step it sleeps (slow - 1) x that step's compute
 time). Reported: samples/s (all workers), and the seconds until the smoothed training loss
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import plait
 from plait.data.datasets import digits
@@ -29,7 +31,7 @@ from plait.models import DigitsCNN
 from plait.parallel.ps import ParameterServer, PSLayout, PSWorker
 from plait.testing import World
 
-MODES = ("allreduce", "ps-sync", "ps-async", "ps-ssp")
+MODES = ("torch-ddp", "allreduce", "ps-sync", "ps-async", "ps-ssp")  # ratios against the first
 
 
 def _setup(rank: int):
@@ -82,11 +84,11 @@ def run_ps(mode: str, staleness: int, batch: int, seconds: float, slow: float):
     return None
 
 
-def run_allreduce(batch: int, seconds: float, slow: float):
-    """Plait's DataParallel on 2 ranks; a 4-byte all-reduce per step agrees on when to stop."""
+def run_allreduce(batch: int, seconds: float, slow: float, torch_ddp: bool):
+    """Plait's DataParallel (or torch's DDP) on 2 ranks; a 4-byte all-reduce per step agrees on when to stop."""
     rank = dist.get_rank()
     model, x, y, gen = _setup(rank)
-    ddp = plait.DataParallel(model)
+    ddp = DistributedDataParallel(model) if torch_ddp else plait.DataParallel(model)
     opt = _optimizer(ddp.parameters())
     stop = torch.zeros(1)
     dist.barrier()
@@ -119,8 +121,8 @@ def time_to(points: list[tuple[float, float]], target: float) -> float:
 
 def measure(mode: str, args, slow: float, pair: World, trio: World) -> tuple[float, list]:
     """(samples/s, smoothed loss curve) of one run."""
-    if mode == "allreduce":
-        curves = pair.run(run_allreduce, args.batch, args.seconds, slow)
+    if mode in ("allreduce", "torch-ddp"):
+        curves = pair.run(run_allreduce, args.batch, args.seconds, slow, mode == "torch-ddp")
         steps = min(len(c) for c in curves)
         merged = [(max(c[i][0] for c in curves), statistics.fmean(c[i][1] for c in curves)) for i in range(steps)]
         return (2 * steps * args.batch / merged[-1][0] if merged else 0.0), smoothed(merged, 10)
@@ -147,7 +149,7 @@ def plot(curves: dict, path: Path, args) -> None:
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("training loss (smoothed)")
     axes[1].legend()
-    fig.suptitle(f"digits CNN, 2 workers x batch {args.batch}: parameter server vs all-reduce")
+    fig.suptitle(f"digits CNN, 2 workers x batch {args.batch}: parameter server vs all-reduce (Plait, torch DDP)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -181,9 +183,9 @@ def main() -> None:
                     curves[condition][mode] = curve
     print(f"\ndigits CNN, 2 workers x batch {args.batch}, {args.seconds:g} s per run, ssp bound {args.staleness}, "
           f"median of {args.rounds} rounds (1 thread per process)")
-    print(f"{'condition':28} {'mode':10} | {'samples/s':>9} | {'vs allreduce':>12} | {'s to loss ' + str(args.target):>14}")
+    print(f"{'condition':28} {'mode':10} | {'samples/s':>9} | {'vs ' + MODES[0]:>12} | {'s to loss ' + str(args.target):>14}")
     for condition in conditions:
-        base = statistics.median(rate[condition, "allreduce"])
+        base = statistics.median(rate[condition, MODES[0]])
         for mode in MODES:
             r = statistics.median(rate[condition, mode])
             times = [t for t in reach[condition, mode] if t == t]
