@@ -15,3 +15,11 @@ class ConfigError(PlaitError):
 
 class CommError(PlaitError):
     """A collective or point-to-point operation failed or timed out: names rank, op and peer."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (torch's may go on with C++ frames), or its type."""
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) and text.startswith("'"):
+        text = f"key {text}"
+    return (text.splitlines()[0][:400] if text else "") or type(exc).__name__

@@ -5,12 +5,13 @@
 
 Every rank writes its share in parallel (DCP gives each replicated tensor to one rank; no rank
 gathers the model). When all ranks are done, rank 0 writes ``manifest.json`` (step, position in
-the data, layout, world size, the sizes of all files) and renames the folder: one rename makes
-the checkpoint visible, so a crash mid-save leaves the previous one whole.
+the data, layout, world size, the size and CRC-32 of every file, a CRC-32 of itself) and renames
+the folder: one rename makes the checkpoint visible, so a crash mid-save leaves the previous one
+whole, and a truncated or altered file is refused on load.
 
 Loading runs no code from the checkpoint: tensors are read with ``weights_only`` loading, DCP's
-pickled metadata through an unpickler that admits only DCP's own metadata classes, and
-everything else is JSON.
+pickled metadata through an unpickler that admits an explicit list of DCP's metadata classes
+(``_allowed_globals``), and everything else is JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import os
 import pickle
 import random
 import shutil
-from pathlib import Path
+import zlib
+from pathlib import Path, PosixPath, PurePosixPath
 
 import numpy as np
 import torch
@@ -31,9 +33,9 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from plait.dist.comm import barrier
-from plait.errors import PlaitError
+from plait.errors import PlaitError, first_line
 
-FORMAT = 1
+FORMAT = 2  # 1: sizes only; 2: sizes, CRC-32s and a CRC-32 of the manifest (1 still loads)
 MANIFEST = "manifest.json"
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -43,20 +45,36 @@ class CheckpointError(PlaitError):
 
 
 # -- safe loading of DCP's metadata --------------------------------------------------------
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    """Every global that DCP's pickled metadata names, and nothing else: its dataclasses, torch
+    sizes, dtypes and layouts, and the folder path it records. Names are matched whole (no
+    dotted lookups inside a module), and the objects come from this table, not from importing."""
+    from torch.distributed.checkpoint import metadata as md
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    classes = (md.Metadata, md.MetadataIndex, md.TensorStorageMetadata, md.BytesStorageMetadata,
+               md.ChunkStorageMetadata, md.TensorProperties, md.StorageMeta, md._MEM_FORMAT_ENCODING)
+    allowed = {("torch.distributed.checkpoint.metadata", c.__name__): c for c in classes}
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = _StorageInfo
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # a name -> layout table
+    allowed.update({("pathlib", c.__name__): c for c in (PosixPath, PurePosixPath)})  # builds a path, opens nothing
+    allowed.update({("torch", name): v for name, v in vars(torch).items() if isinstance(v, torch.dtype)})
+    return allowed
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """Admits DCP's metadata classes, torch sizes, dtypes and layouts; refuses anything else."""
+    """Unpickles DCP's metadata; any global outside ``_allowed_globals()`` is refused."""
+
+    allowed: dict[tuple[str, str], object] = {}
 
     def find_class(self, module: str, name: str):
-        allowed = (
-            module == "torch.distributed.checkpoint.metadata"
-            or (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-                                  ("torch", "Size"), ("torch.serialization", "_get_layout"),
-                                  ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
-            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
-        )
-        if not allowed:
+        if not self.allowed:
+            type(self).allowed = _allowed_globals()
+        found = self.allowed.get((module, name))
+        if found is None:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
-        return super().find_class(module, name)
+        return found
 
 
 class SafeReader(dcp.FileSystemReader):
@@ -68,9 +86,13 @@ class SafeReader(dcp.FileSystemReader):
             try:
                 metadata = _MetadataUnpickler(stream).load()
             except Exception as exc:  # a refused class, or bytes that are no pickle at all
-                raise CheckpointError(f"checkpoint {self.path}: unreadable or unsafe metadata: {exc}") from None
-        if not isinstance(metadata, Metadata):
+                raise CheckpointError(f"checkpoint {self.path}: unreadable or unsafe metadata: {first_line(exc)}") from None
+        if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
             raise CheckpointError(f"checkpoint {self.path}: metadata is not DCP metadata")
+        for info in (metadata.storage_data or {}).values():  # DCP opens these names inside the folder
+            name = getattr(info, "relative_path", None)
+            if not isinstance(name, str) or name != Path(name).name or name in ("", ".", ".."):
+                raise CheckpointError(f"checkpoint {self.path}: metadata names a file outside the checkpoint: {name!r}")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -136,17 +158,24 @@ class Checkpointer:
         return partial
 
     def commit(self, partial: Path, step: int, model, optimizer, info: dict) -> Path:
-        """Rank 0 writes the manifest and renames the folder once every rank has written."""
+        """Rank 0 writes the manifest and renames the folder once every rank has written.
+
+        The manifest records each file's size and CRC-32 (the ranks share the hashing), and a
+        CRC-32 of itself, so a truncated or bit-flipped file is refused on load."""
         barrier(f"checkpoint commit of step {step}", self.group)
         final = partial.with_name(f"step_{step:08d}")
         _, mine = self._state(model, optimizer)
-        everyone = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(everyone, mine, group=self.group)  # stages hold different param groups
+        world = dist.get_world_size(self.group)
+        names = sorted(f.name for f in partial.iterdir() if f.name != MANIFEST)
+        files = {name: _file_record(partial / name) for name in names[self.rank :: world]}
+        everyone = [None] * world
+        dist.all_gather_object(everyone, (mine, files), group=self.group)  # stages hold different param groups
         if self.rank == 0:
-            extras = {k: v for part in everyone for k, v in part.items()}
-            files = {f.name: f.stat().st_size for f in sorted(partial.iterdir())}
-            manifest = {"format": FORMAT, "step": step, "world_size": dist.get_world_size(self.group),
+            extras = {k: v for part, _ in everyone for k, v in part.items()}
+            files = dict(sorted((k, v) for _, part in everyone for k, v in part.items()))
+            manifest = {"format": FORMAT, "step": step, "world_size": world,
                         "optimizer_extras": extras, "files": files, **info}
+            manifest["crc32"] = _manifest_crc(manifest)
             _write_synced(partial / MANIFEST, json.dumps(manifest, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             os.rename(partial, final)
@@ -159,11 +188,7 @@ class Checkpointer:
     # -- finding and loading --------------------------------------------------------------
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")
-                 and (p / MANIFEST).is_file()]
-        return sorted(found, key=lambda p: p.name)
+        return complete_checkpoints(self.root)
 
     def latest(self) -> Path | None:
         done = self.complete()
@@ -183,7 +208,7 @@ class Checkpointer:
         try:
             dcp.load(tensors, storage_reader=SafeReader(path), process_group=self.group)
         except Exception as exc:  # DCP reports a short or damaged file in many ways
-            raise CheckpointError(f"checkpoint {path} could not be read: {str(exc).splitlines()[0][:300]}") from None
+            raise CheckpointError(f"checkpoint {path} could not be read: {first_line(exc)}") from None
         cut = len(self.tag)
         model_sd = {k[6 : len(k) - cut]: v for k, v in tensors.items() if k.startswith("model.")}
         optim_sd = {k[6 : len(k) - cut]: v for k, v in tensors.items() if k.startswith("optim.")}
@@ -209,25 +234,92 @@ class Checkpointer:
         return tensors, extras
 
 
-def read_manifest(path: Path) -> dict:
-    """The manifest of a complete checkpoint, after checking that no file is missing or cut short."""
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """The complete checkpoints under ``root`` (folders with a manifest), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")
+             and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+# What a manifest must hold, and of which JSON type (bool is no int here).
+_MANIFEST_KEYS = {"format": int, "step": int, "world_size": int, "files": dict, "optimizer_extras": dict,
+                  "epoch": int, "batch_in_epoch": int, "batch_size": int, "partition": str, "pp": int, "tp": int}
+
+
+def read_manifest(path: Path, verify: tuple[int, int] = (0, 1)) -> dict:
+    """The manifest of a complete checkpoint, after checking that it is whole and that no file is
+    missing, cut short or altered. ``verify = (part, parts)``: hash only every ``parts``-th file,
+    from ``part`` on, so that the ranks of a run can share the reading (sizes are always checked)."""
+    path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}" if not path.exists() else f"checkpoint {path} is not a folder")
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = json.loads((path / MANIFEST).read_bytes())
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is incomplete") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt: {exc}") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: format {manifest.get('format')!r}, expected {FORMAT}")
-    for name, size in manifest["files"].items():
+    except (OSError, ValueError) as exc:  # ValueError: JSON and UTF-8 errors
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable: {first_line(exc)}") from None
+    _check_manifest(path, manifest)
+    part, parts = verify
+    for i, (name, record) in enumerate(sorted(manifest["files"].items())):
         file = path / name
         actual = file.stat().st_size if file.is_file() else None
+        size = record if manifest["format"] == 1 else record["bytes"]
         if actual != size:
             what = "is missing" if actual is None else f"has {actual} bytes, expected {size} (truncated?)"
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} {what}")
+        if manifest["format"] > 1 and i % parts == part and _file_record(file)["crc32"] != record["crc32"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its CRC-32 in {MANIFEST}")
     return manifest
+
+
+def _check_manifest(path: Path, manifest) -> None:
+    """The manifest's shape, types and own checksum; one line naming the first thing wrong."""
+    def bad(what: str):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt: {what}")
+
+    if not isinstance(manifest, dict):
+        bad(f"expected a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") not in (1, FORMAT):
+        raise CheckpointError(f"checkpoint {path}: format {manifest.get('format')!r}, expected {FORMAT}")
+    if manifest["format"] > 1 and manifest.get("crc32") != _manifest_crc(manifest):
+        bad("its contents do not match its CRC-32 (damaged or edited)")
+    for key, kind in _MANIFEST_KEYS.items():
+        if key in manifest and (not isinstance(manifest[key], kind) or isinstance(manifest[key], bool)):
+            bad(f"{key!r} should be {kind.__name__}, got {manifest[key]!r:.60}")
+    for key in ("step", "world_size", "files", "optimizer_extras"):
+        if key not in manifest:
+            bad(f"no {key!r}")
+    if manifest["step"] < 0 or manifest["world_size"] < 1:
+        bad(f"step {manifest['step']}, world_size {manifest['world_size']}")
+    if path.name.startswith("step_") and path.name != f"step_{manifest['step']:08d}":
+        bad(f"it is the manifest of step {manifest['step']}, in folder {path.name}")
+    scalar = (int, float, str, bool, type(None))
+    for key, value in manifest["optimizer_extras"].items():  # hyperparameters: numbers, flags, betas
+        if not (isinstance(value, scalar) or isinstance(value, list) and all(isinstance(v, scalar) for v in value)):
+            bad(f"optimizer_extras {key!r}: {value!r:.60}")
+    for name, record in manifest["files"].items():
+        ok = (isinstance(record, int) if manifest["format"] == 1 else
+              isinstance(record, dict) and all(isinstance(record.get(k), int) for k in ("bytes", "crc32")))
+        if not ok or name != Path(name).name or name in (".", "..", MANIFEST):
+            bad(f"file entry {name!r}: {record!r:.60}")
+
+
+def _file_record(file: Path) -> dict:
+    """Size and CRC-32 of a file, read in 8 MiB pieces."""
+    crc, size = 0, 0
+    with open(file, "rb") as f:
+        while piece := f.read(8 << 20):
+            crc, size = zlib.crc32(piece, crc), size + len(piece)
+    return {"bytes": size, "crc32": crc}
+
+
+def _manifest_crc(manifest: dict) -> int:
+    body = {k: v for k, v in manifest.items() if k != "crc32"}
+    return zlib.crc32(json.dumps(body, sort_keys=True).encode())
 
 
 def _check_matches(path: Path, tensors: dict, available: dict, whole_model: bool, tag: str = "") -> None:
