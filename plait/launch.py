@@ -74,7 +74,10 @@ def launch(spec: LaunchSpec) -> None:
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     # The agent's own log repeats what the failing worker already said; PLAIT_VERBOSE=1 shows it.
     # torch gives each of its elastic modules' loggers a level of its own: set every one of them.
-    level = logging.INFO if os.environ.get("PLAIT_VERBOSE") else logging.CRITICAL
+    verbose = bool(os.environ.get("PLAIT_VERBOSE"))
+    level = logging.INFO if verbose else logging.CRITICAL
+    if not verbose:  # torch's C++ warnings (a peer's store gone after a failure) come with C++ frames
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     for name in list(logging.root.manager.loggerDict):
         if name.startswith(("torch.distributed.elastic", "torch.distributed.run")):
             logging.getLogger(name).setLevel(level)

@@ -7,7 +7,8 @@ those workers through this guard: it runs the real worker as its child, and if t
 (a crash, SIGKILL, the server dropping it), it says so and exits 0, so the agent lets the
 servers and the other workers finish. A worker that exits with ``STOP_RUN`` (its loss
 diverged, or a server told it the run stops) is not lost: that code is passed on. Servers run
-without a guard: their failure ends the run.
+under a guard too (for Ctrl-C, see ``main``), which passes their exit on: their failure ends the
+run.
 
     python -m plait.train.guard SERVERS plait.train.worker CONFIG [--set K=V ...]
 
@@ -28,8 +29,10 @@ STOP_RUN = 3
 told it so): passed on, not tolerated."""
 
 
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGKILL if the guard itself is killed (no orphaned workers)."""
+def _start_child() -> None:
+    """In the child before exec: SIGINT ignored (see ``main``), and, on Linux, SIGKILL if the guard
+    itself is killed (no orphaned workers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
@@ -42,23 +45,25 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m plait.train.guard SERVERS MODULE [ARGS...]", file=sys.stderr)
         return 2
     servers, module, rest = int(argv[0]), argv[1], argv[2:]
-    command = [sys.executable, "-m", module, *rest]
     rank = int(os.environ.get("RANK", "0"))
-    if rank < servers:
-        os.execv(sys.executable, command)  # a server: nothing to guard, become the worker process
-    child = subprocess.Popen(command, preexec_fn=_die_with_parent)
+    # Every rank's process runs as this guard's child, with SIGINT ignored (Python keeps an ignored
+    # SIGINT ignored): the terminal's Ctrl-C, reaching a child still in Python's start-up, would
+    # print a traceback there. The guard gets Ctrl-C (from the terminal, and forwarded by the
+    # launcher's agent) and passes it on as SIGTERM, which ends the child quietly at any point.
+    child = subprocess.Popen([sys.executable, "-m", module, *rest], preexec_fn=_start_child)
     stopping = []
 
     def forward(signum, _frame):  # the agent stops the group: pass it on, and do not tolerate it
         stopping.append(signum)
-        # A Ctrl-C reached the child already (one process group): a second SIGINT would hit it
-        # while it exits and print a traceback. SIGTERM ends it quietly at any point.
         child.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     code = child.wait()
-    if code in (0, STOP_RUN) or stopping:
+    if rank < servers and code < 0:  # a server's death ends the run: die of the same signal
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    if rank < servers or code in (0, STOP_RUN) or stopping:
         return code if code >= 0 else 128 - code
     try:
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"

@@ -2,6 +2,11 @@
 
 ``plait train`` starts it through torch's elastic launcher; it reads RANK, WORLD_SIZE, ... from
 the environment like any torchrun script.
+
+A failure on this rank, whatever raised it, is said in one line (rank, where, cause) and the
+process exits at once, without waiting for its peers: the launcher's agent sees the exit and
+stops the other ranks within its monitor interval, so a failure on one rank ends the whole run
+in seconds instead of leaving its peers blocked in a collective until ``dist.timeout``.
 """
 
 from __future__ import annotations
@@ -9,8 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from plait.train.guard import STOP_RUN
+
+FOLLOW_ON_GRACE_S = 3.0
+"""How long a rank that failed in communication, or on an error that is not Plait's own, waits
+before saying so. When a peer failed first, the launcher's agent stops this rank within that
+time and only the peer's own cause is printed; when nobody stopped it (a peer stalled, or no
+agent watches), the rank reports after it."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,37 +40,78 @@ def _train(config: str, overrides: list[str], rank: str) -> int:
     import torch.distributed as dist
 
     from plait.dist.env import init, shutdown
-    from plait.errors import PlaitError
-    from plait.parallel.ps.worker import StopRun
     from plait.train.config import load_config
     from plait.train.trainer import Trainer, format_summary
 
     together = True  # leave the group with a barrier; parameter-server ranks leave on their own
+    trainer, cfg = None, None
     try:
         cfg = load_config(config, overrides)
         together = cfg.parallel.strategy != "ps"
         info = init(cfg.dist.backend, cfg.train.device, cfg.dist.timeout)
         if together:
-            summary = Trainer(cfg, info).fit()
+            trainer = Trainer(cfg, info)
+            summary = trainer.fit()
         else:
             from plait.train.ps import PSTrainer
 
             summary = PSTrainer(cfg, info).fit()
         if info.is_main:
             print(format_summary(summary, cfg.run.out_dir), flush=True)
-    except (PlaitError, dist.DistError) as exc:  # DistError: a collective inside torch (DCP, barrier) failed
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        message = text if text.startswith("rank ") else f"rank {rank}: {text}"
-        # One write call: ranks share the stream, and a pipe keeps a single small write whole.
-        sys.stderr.flush()
-        os.write(2, f"plait: error: {message}\n".encode())
-        return STOP_RUN if isinstance(exc, StopRun) else 1  # the guard passes STOP_RUN on
     except KeyboardInterrupt:
         together = False  # the peers are stopping too: no barrier
         raise
+    except Exception as exc:  # noqa: BLE001 - any failure: one line, and leave without the peers
+        together = False
+        return _report(exc, rank, trainer.where if trainer is not None else "start-up", cfg)
     finally:
         shutdown(barrier=together)
     return 0
+
+
+def _report(exc: Exception, rank: str, where: str, cfg) -> int:
+    """Say one line for ``exc``; return the exit code. Unexpected errors keep their traceback in
+    the run folder (``PLAIT_VERBOSE=1`` prints it as well)."""
+    import traceback
+
+    import torch.distributed as dist
+
+    from plait.errors import CommError, PlaitError, first_line
+    from plait.parallel.ps.worker import StopRun
+
+    if isinstance(exc, CommError) or not isinstance(exc, PlaitError):
+        # A peer's failure may be the cause (gloo says "Connection closed by peer" from inside
+        # torch, DCP, ...): let the agent stop this rank first, so only the cause is printed.
+        time.sleep(FOLLOW_ON_GRACE_S)
+    text = first_line(exc)
+    if isinstance(exc, (PlaitError, dist.DistError)):
+        message = text if text.startswith("rank ") else f"rank {rank}: {text}"
+    else:  # a bug, or an error in user code or data: name the place and keep the traceback
+        message = f"rank {rank}: {where}: {type(exc).__name__}: {text}"
+        detail = "".join(traceback.format_exception(exc))
+        saved = _save_traceback(detail, rank, cfg)
+        if saved:
+            message += f" (traceback: {saved})"
+        if os.environ.get("PLAIT_VERBOSE"):
+            sys.stderr.write(detail)
+    # One write call: ranks share the stream, and a pipe keeps a single small write whole.
+    sys.stderr.flush()
+    os.write(2, f"plait: error: {message}\n".encode())
+    return STOP_RUN if isinstance(exc, StopRun) else 1  # the guard passes STOP_RUN on
+
+
+def _save_traceback(detail: str, rank: str, cfg) -> str | None:
+    if cfg is None:
+        return None
+    from pathlib import Path
+
+    path = Path(cfg.run.out_dir) / cfg.run.name / f"error_rank{rank}.txt"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(detail)
+    except OSError:
+        return None
+    return str(path)
 
 
 if __name__ == "__main__":
