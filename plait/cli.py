@@ -50,24 +50,58 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(config_path: str, overrides: list[str], world_size: int):
-    """Everything that can be checked before starting workers: config, mesh, dataset file."""
+    """Everything that can be checked before starting workers: config, model and data arguments,
+    mesh and batch, dataset file, checkpoint to resume, output folders."""
     from plait.dist.mesh import resolve_degrees
+    from plait.models import check_model_args
     from plait.train.config import load_config
+    from plait.train.tasks import check_data_args
+    from plait.train.trainer import check_batch, check_resumable
 
     cfg = load_config(config_path, overrides)
+    check_model_args(cfg.model.name, cfg.model.args)
+    check_data_args(cfg.data.name, cfg.data.args)
+    degrees = {}
     if cfg.parallel.strategy == "ps":
         from plait.train.ps import check_world
 
         check_world(cfg, world_size)
     else:
-        resolve_degrees(world_size, cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
-    if cfg.data.path and not Path(cfg.data.path).is_file():
-        raise PlaitError(f"data.path: dataset file not found: {cfg.data.path}")
-    if cfg.checkpoint.resume not in ("", "latest"):
-        from plait.train.checkpoint import read_manifest
+        degrees = resolve_degrees(world_size, cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
+        check_batch(cfg, degrees["dp"], degrees["pp"])
+    if cfg.data.path:
+        from plait.data.datasets import check_data_path
 
-        read_manifest(Path(cfg.checkpoint.resume))  # a missing or damaged checkpoint stops us here
+        check_data_path(cfg.data.name, cfg.data.path)
+    if cfg.checkpoint.resume:
+        from plait.train.checkpoint import SafeReader, complete_checkpoints, read_manifest
+
+        path = Path(cfg.checkpoint.resume)
+        if cfg.checkpoint.resume == "latest":
+            done = complete_checkpoints(cfg.checkpoint.dir)
+            if not done:
+                raise PlaitError(f"checkpoint.resume: no complete checkpoint in {cfg.checkpoint.dir}")
+            path = done[-1]
+        manifest = read_manifest(path)  # a missing, damaged or altered checkpoint stops us here
+        SafeReader(path).read_metadata()  # and one whose metadata names anything but DCP's classes
+        check_resumable(cfg, manifest, path, degrees["pp"], degrees["tp"])
+    _check_writable(Path(cfg.run.out_dir) / cfg.run.name, "run.out_dir")
+    if cfg.checkpoint.every:
+        _check_writable(Path(cfg.checkpoint.dir), "checkpoint.dir")
     return cfg
+
+
+def _check_writable(folder: Path, key: str) -> None:
+    """Create ``folder`` (as the run would) and a file in it, so that a folder the run could not
+    write is found now, not by rank 0 after every worker has started."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise PlaitError(f"{key}: cannot write to {folder}: {exc.strerror or exc}") from None
 
 
 def train(args: argparse.Namespace) -> None:

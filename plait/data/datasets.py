@@ -7,6 +7,7 @@ factory (``in_features``, ``num_classes``, ...). A ``path`` loads the same array
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from plait.errors import PlaitError
+from plait.errors import PlaitError, first_line
 
 
 class ArrayDataset(TensorDataset):
@@ -34,18 +35,34 @@ def stacked(batch):
     return batch
 
 
-def _load_npz(path: str, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+def check_data_path(name: str, path: str) -> None:
+    """The file ``data.path`` names exists and is of the dataset's kind: an ``.npz`` archive
+    (numpy's ``savez``, a zip file) for the array datasets, any readable file for ``text``."""
     file = Path(path)
     if not file.is_file():
-        raise PlaitError(f"data.path: dataset file not found: {path}")
+        raise PlaitError(f"data.path: dataset file not found: {path}" if not file.exists()
+                         else f"data.path: {path} is not a file")
+    try:
+        with open(file, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise PlaitError(f"data.path: cannot read {path}: {exc.strerror or exc}") from None
+    if name in ARRAY_FILES and head != b"PK\x03\x04":
+        raise PlaitError(f"data.path: {path} is not an .npz file (numpy.savez) holding the arrays "
+                         f"{' and '.join(ARRAY_FILES[name])}")
+
+
+def _load_npz(path: str, dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    check_data_path(dataset, path)
+    names, file = ARRAY_FILES[dataset], Path(path)
     try:
         with np.load(file, allow_pickle=False) as arrays:
             missing = [n for n in names if n not in arrays]
             if missing:
                 raise PlaitError(f"data.path: {path} has no array named {missing[0]!r} (needs {names})")
             return arrays[names[0]], arrays[names[1]]
-    except (OSError, ValueError) as exc:
-        raise PlaitError(f"data.path: cannot read {path} as .npz: {exc}") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:  # ValueError: e.g. an array of objects
+        raise PlaitError(f"data.path: cannot read {path} as .npz: {first_line(exc)}") from None
 
 
 def _split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +85,7 @@ def digits(path: str | None = None, size: int = 28, test_fraction: float = 0.2, 
         bunch = load_digits()
         images, labels = bunch.images / 16.0, bunch.target
     else:
-        images, labels = _load_npz(path, ("images", "labels"))
+        images, labels = _load_npz(path, "digits")
     x = torch.as_tensor(np.asarray(images, dtype=np.float32)).unsqueeze(1)  # [N, 1, h, w]
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # [N, 1, size, size]
@@ -101,7 +118,7 @@ def regression(
         b = torch.randn((), generator=gen, dtype=torch.float64)
         y = x @ w + b + noise * torch.randn(samples, generator=gen, dtype=torch.float64)
     else:
-        xa, ya = _load_npz(path, ("x", "y"))
+        xa, ya = _load_npz(path, "regression")
         x, y = torch.as_tensor(xa, dtype=torch.float64), torch.as_tensor(ya, dtype=torch.float64)
         if x.ndim != 2 or y.shape != (len(x),):
             raise PlaitError(f"data.path: {path}: x must be (N, F) and y (N,), got {tuple(x.shape)}, {tuple(y.shape)}")
@@ -130,8 +147,7 @@ def text(path: str | None = None, block_size: int = 64, max_chars: int = 0, test
         stdlib = Path(sysconfig.get_paths()["stdlib"])
         corpus = "".join((stdlib / name).read_text(encoding="utf-8") for name in STDLIB_FILES)
     else:
-        if not Path(path).is_file():
-            raise PlaitError(f"data.path: dataset file not found: {path}")
+        check_data_path("text", path)
         corpus = Path(path).read_text(encoding="utf-8", errors="replace")
     if max_chars:
         corpus = corpus[:max_chars]
@@ -151,3 +167,5 @@ def text(path: str | None = None, block_size: int = 64, max_chars: int = 0, test
 
 
 DATASETS = {"digits": digits, "regression": regression, "text": text}
+ARRAY_FILES = {"digits": ("images", "labels"), "regression": ("x", "y")}
+"""The arrays an ``.npz`` given as ``data.path`` must hold, per dataset."""

@@ -318,10 +318,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     data: dict = {}
     if path is not None:
         file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        if file.is_dir():
+            raise ConfigError(f"config {path} is a folder; expected a TOML file such as examples/digits_cnn.toml")
         try:
-            data = tomllib.loads(file.read_text())
+            data = tomllib.loads(file.read_bytes().decode("utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except OSError as exc:
+            raise ConfigError(f"config {path} cannot be read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config {path} is not a text file (not UTF-8 at byte {exc.start})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     for assignment in overrides:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.data.datasets import DATASETS, ArrayDataset
+from plait.callargs import check_call_args
 from plait.errors import ConfigError
 
 
@@ -65,15 +65,16 @@ class Task:
         }
 
 
-def build_task(name: str, path: str, args: dict) -> Task:
+def check_data_args(name: str, args: dict) -> None:
+    """``data.name`` and ``data.args`` (names and types), without loading anything."""
     if name not in DATASETS:
         raise ConfigError(f"data.name: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    check_call_args(DATASETS[name], args, "data.args", f"dataset {name!r}", hidden=("path",))
+
+
+def build_task(name: str, path: str, args: dict) -> Task:
+    check_data_args(name, args)
     builder = DATASETS[name]
-    accepted = inspect.signature(builder).parameters
-    for key in args:
-        if key not in accepted or key == "path":
-            raise ConfigError(f"data.args.{key}: dataset {name!r} takes no such argument "
-                              f"(it takes: {', '.join(k for k in accepted if k != 'path')})")
     try:
         train, test, info = builder(path=path or None, **args)
     except TypeError as exc:

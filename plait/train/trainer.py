@@ -42,22 +42,62 @@ def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def check_batch(cfg: Config, dp: int, pp: int) -> None:
+    """The global batch splits into dp ranks x accumulation steps, and each rank's share into
+    micro-batches: checked by the launcher before any worker starts, and by the trainer."""
+    t = cfg.train
+    if t.batch_size % (dp * t.accum_steps):
+        raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by dp ({dp}) x "
+                          f"train.accum_steps ({t.accum_steps})")
+    local = t.batch_size // dp
+    if pp > 1 and local % cfg.pipeline.microbatches:
+        raise ConfigError(f"pipeline.microbatches: {cfg.pipeline.microbatches} does not divide each data-parallel "
+                          f"rank's {local} samples (train.batch_size {t.batch_size} / dp {dp})")
+
+
+def position_keys(cfg: Config) -> dict:
+    """What a checkpoint's position in the data depends on: it must not change on resume."""
+    return {"batch_size": cfg.train.batch_size, "partition": cfg.data.partition}
+
+
+def check_resumable(cfg: Config, manifest: dict, path: Path, pp: int, tp: int) -> None:
+    """This run can continue from the checkpoint ``manifest`` (at ``path``): one line saying why
+    not otherwise. The launcher calls it before any worker starts; the trainer again."""
+    for key in ("epoch", "batch_in_epoch"):
+        if not isinstance(manifest.get(key), int):
+            raise PlaitError(f"checkpoint {path} holds no training position ({key}): it was not saved by plait train")
+    if (manifest.get("pp", 1), manifest.get("tp", 1)) != (pp, tp):
+        raise PlaitError(f"checkpoint {path} was made with pp={manifest.get('pp', 1)}, tp={manifest.get('tp', 1)}; "
+                         f"this run has pp={pp}, tp={tp}: only the data-parallel degree may change on resume")
+    for key, value in position_keys(cfg).items():
+        if manifest.get(key) != value:
+            raise PlaitError(f"checkpoint {path} was made with {key}={manifest.get(key)!r}, this run has "
+                             f"{value!r}: its position in the data would not carry over")
+    made_with = manifest.get("optimizer", cfg.train.optimizer)
+    if made_with != cfg.train.optimizer:
+        raise PlaitError(f"checkpoint {path} was made with train.optimizer={made_with!r}, this run has "
+                         f"{cfg.train.optimizer!r}: its optimizer state would not carry over")
+    saved_momentum = [v for k, v in manifest["optimizer_extras"].items() if k.split("@")[0].endswith(".momentum")]
+    if cfg.train.momentum and saved_momentum and not any(saved_momentum):
+        raise PlaitError(f"checkpoint {path} was made with train.momentum=0 and holds no momentum buffers; "
+                         f"this run has train.momentum={cfg.train.momentum:g}: resume with momentum 0, or start a new run")
+
+
+HYPERPARAMETERS = ("lr", "momentum", "weight_decay")
+"""Param-group keys (named as in ``[train]``) that on resume come from the config, not the checkpoint."""
+
+
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo):
         self.cfg, self.info, self.device = cfg, info, info.device
+        self.where = "start-up"
+        """What this rank is doing, for error messages: 'start-up', 'step 7', ..."""
         self.mesh = Mesh(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, device_type=info.device.type)
         self.dp, self.dp_rank, self.dp_group = self.mesh.size("dp"), self.mesh.coord("dp"), self.mesh.group("dp")
         self.pp = self.mesh.size("pp")
         t = cfg.train
-        if t.batch_size % (self.dp * t.accum_steps):
-            raise ConfigError(
-                f"train.batch_size: {t.batch_size} is not divisible by dp ({self.dp}) x "
-                f"train.accum_steps ({t.accum_steps})"
-            )
+        check_batch(cfg, self.dp, self.pp)
         self.local_batch = t.batch_size // self.dp
-        if self.pp > 1 and self.local_batch % cfg.pipeline.microbatches:
-            raise ConfigError(f"pipeline.microbatches: {cfg.pipeline.microbatches} does not divide each data-parallel "
-                              f"rank's {self.local_batch} samples (train.batch_size {t.batch_size} / dp {self.dp})")
         self.tp = self.mesh.size("tp")
         torch.manual_seed(t.seed)
         self.task = build_task(cfg.data.name, cfg.data.path, cfg.data.args)
@@ -104,28 +144,35 @@ class Trainer:
             if restarted:
                 return False  # the worker group died before its first checkpoint: start over
             raise PlaitError(f"checkpoint.resume: no complete checkpoint in {self.ckpt.root}")
-        manifest = read_manifest(path)
-        if (manifest.get("pp", 1), manifest.get("tp", 1)) != (self.pp, self.tp):
-            raise PlaitError(f"checkpoint {path} was made with pp={manifest.get('pp', 1)}, tp={manifest.get('tp', 1)}; "
-                             f"this run has pp={self.pp}, tp={self.tp}: only the data-parallel degree may change on resume")
-        for key, value in self._position_keys().items():
-            if manifest.get(key) != value:
-                raise PlaitError(f"checkpoint {path} was made with {key}={manifest.get(key)!r}, this run has "
-                                 f"{value!r}: its position in the data would not carry over")
+        manifest = read_manifest(path, verify=(self.info.rank, self.info.world_size))  # the ranks share the hashing
+        check_resumable(self.cfg, manifest, path, self.pp, self.tp)
         self.optimizer.zero_grad(set_to_none=True)  # lets torch create the optimizer state to load into
         self.ckpt.load(path, self.engine.module, self.optimizer, manifest)
+        changed = self._apply_hyperparameters()
         self.step, self.epoch, self.batch_in_epoch = manifest["step"], manifest["epoch"], manifest["batch_in_epoch"]
         if self.info.is_main:
-            print(f"plait: resumed from {path} (step {self.step})", flush=True)
+            print(f"plait: resumed from {path} (step {self.step})"
+                  + "".join(f"; {key} {old!r} -> {new!r}" for key, (old, new) in changed.items()), flush=True)
         return True
 
-    def _position_keys(self) -> dict:
-        return {"batch_size": self.cfg.train.batch_size, "partition": self.cfg.data.partition}
+    def _apply_hyperparameters(self) -> dict:
+        """The resume rule: state (momentum buffers, Adam's moments, step counts) comes from the
+        checkpoint, hyperparameters from this run's config. Returns {key: (saved, now)} for the
+        ones that differ."""
+        changed = {}
+        for group in self.optimizer.param_groups:
+            for name in HYPERPARAMETERS:
+                now = getattr(self.cfg.train, name)
+                if name in group and group[name] != now:  # Adam's groups have no momentum
+                    changed[f"train.{name}"] = (group[name], now)
+                    group[name] = now
+        return changed
 
     def _save(self) -> None:
         info = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "layout": self.mesh.describe(),
-                "pp": self.pp, "tp": self.tp,
-                "model": self.cfg.model.name, "run": self.cfg.run.name, **self._position_keys()}
+                "pp": self.pp, "tp": self.tp, "optimizer": self.cfg.train.optimizer,
+                "model": self.cfg.model.name, "run": self.cfg.run.name, **position_keys(self.cfg)}
+        self.where = f"checkpoint save of step {self.step}"
         self.ckpt.save(self.step, self.engine.module, self.optimizer, info)
 
     # -- data -------------------------------------------------------------------------------
@@ -211,6 +258,7 @@ class Trainer:
         start = interval_start = time.perf_counter()
         loss, first = float("nan"), self.step
         for step in range(self.step + 1, t.steps + 1):
+            self.where = f"step {step}"
             x, y = next(batches)
             tracing = self.pp > 1 and cfg.pipeline.trace and step == t.steps
             if tracing:
@@ -226,7 +274,7 @@ class Trainer:
                 loss = self._global_mean(local_loss)
                 now = time.perf_counter()
                 done = cfg.run.log_every if step % cfg.run.log_every == 0 else step % cfg.run.log_every
-                record = {"step": step, "epoch": self.epoch, "loss": loss, "lr": t.lr,
+                record = {"step": step, "epoch": self.epoch, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                           "samples_per_s": done * t.batch_size / (now - interval_start)}
                 if t.skip_nonfinite:
                     record["skipped_steps"] = self.skipped
@@ -256,6 +304,7 @@ class Trainer:
 
     def _finish(self, loss: float, train_time: float, steps_run: int) -> dict:
         cfg, t = self.cfg, self.cfg.train
+        self.where = "the final evaluation and summary"
         metrics = self._evaluate()
         with self.engine.whole_model() as whole:
             if cfg.parallel.check_consistency and self.dp > 1:
