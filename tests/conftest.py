@@ -125,3 +125,28 @@ def kill_worker_when(run, ready, name: str, rank: int, what: str) -> tuple[str, 
     assert pid is not None, f"no training process of rank {rank}"
     os.kill(pid, signal.SIGKILL)
     return run.communicate(timeout=240)
+
+
+# /proc/net/tcp{,6} spellings of 127.0.0.1, ::1 and ::ffff:127.0.0.1
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def listening_addresses(pid: int | str = "self") -> list[str]:
+    """Local addresses of the listening TCP sockets of process ``pid``, from /proc."""
+    import os
+
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.append(fields[1].split(":")[0])
+    return found

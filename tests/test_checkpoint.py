@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import time
@@ -20,7 +22,7 @@ import plait
 from plait.testing import World, WorkerError
 from plait.train.checkpoint import Checkpointer
 
-from conftest import assert_close, train_example
+from conftest import EXAMPLES, assert_close, train_example
 
 EVERY = ["checkpoint.every=4"]
 
@@ -93,7 +95,8 @@ def test_crash_between_write_and_commit_keeps_last_checkpoint(solo, tmp_path):
     params, losses = train_example("linreg", [f"checkpoint.dir={root}", "checkpoint.resume=latest"], str(tmp_path), 6)
     steps = [json.loads(line)["step"] for line in (tmp_path / "linreg" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 5, 6], "continues after step 4, the last committed checkpoint"
-    assert all(torch.isfinite(v).all() for v in params.values())
+    expected, _ = train_example("linreg", [], str(tmp_path / "uninterrupted"), 6)
+    assert_close(params, expected)  # saved on 2 ranks at step 4, resumed on 1: as if never stopped
 
 
 def stall_and_wait(sleep_rank: int, seconds: float):
@@ -152,19 +155,68 @@ class _Exploit:
         return (os.system, (f"touch {_Exploit.marker}",))
 
 
-def test_loading_never_runs_code_from_the_checkpoint(linreg_checkpoint, tmp_path):
-    _Exploit.marker = tmp_path / "pwned"
+def _global(module: str, name: str) -> bytes:
+    """Pickle opcodes that push ``module.name`` (protocol 4's STACK_GLOBAL resolves dotted names)."""
+    text = lambda s: pickle.SHORT_BINUNICODE + bytes([len(s)]) + s.encode()  # noqa: E731
+    return text(module) + text(name) + pickle.STACK_GLOBAL
+
+
+def dotted_name_payload(command: str, metadata: bytes) -> bytes:
+    """Calls ``os.system(command)`` through a dotted name under DCP's own metadata module (which
+    imports os), throws the result away, then unpickles ``metadata``: valid DCP metadata after
+    the side effect, so nothing looks wrong to a loader that only checks the result's type."""
+    call = (_global("torch.distributed.checkpoint.metadata", "os.system") + pickle.SHORT_BINUNICODE
+            + bytes([len(command)]) + command.encode() + pickle.TUPLE1 + pickle.REDUCE + pickle.POP)
+    assert metadata[:2] == pickle.PROTO + b"\x04"
+    return pickle.PROTO + b"\x04" + call + metadata[2:]
+
+
+def plant(checkpoint: Path, payload: bytes) -> None:
+    """Replace the metadata as an attacker would, who also rewrites the manifest's checksums."""
+    from plait.train.checkpoint import MANIFEST, _file_record, _manifest_crc
+
+    (checkpoint / ".metadata").write_bytes(payload)
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    manifest["files"][".metadata"] = _file_record(checkpoint / ".metadata")
+    manifest["crc32"] = _manifest_crc(manifest)
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("attack", ["plain-global", "dotted-name"])
+def test_loading_never_runs_code_from_the_checkpoint(attack, linreg_checkpoint, tmp_path):
+    marker = tmp_path / "pwned"
     meta, manifest_file = linreg_checkpoint / ".metadata", linreg_checkpoint / "manifest.json"
     original, original_manifest = meta.read_bytes(), manifest_file.read_text()
-    meta.write_bytes(pickle.dumps(_Exploit()))
-    manifest = json.loads((linreg_checkpoint / "manifest.json").read_text())
-    manifest["files"][".metadata"] = meta.stat().st_size  # an attacker controls the manifest too
-    (linreg_checkpoint / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(plait.PlaitError, match=r"unsafe metadata: refusing to load (posix|os)\.system"):
+    if attack == "plain-global":
+        _Exploit.marker = marker
+        payload, refused = pickle.dumps(_Exploit()), r"refusing to load (posix|os)\.system"
+    else:
+        payload = dotted_name_payload(f"touch {marker}", original)
+        refused = r"refusing to load torch\.distributed\.checkpoint\.metadata\.os\.system"
+        # The payload is real: plain pickle runs the command and returns valid metadata.
+        from torch.distributed.checkpoint.metadata import Metadata
+
+        assert isinstance(pickle.loads(payload), Metadata) and marker.exists()
+        marker.unlink()
+    plant(linreg_checkpoint, payload)
+    with pytest.raises(plait.PlaitError, match=f"unsafe metadata: {refused}"):
         resume(linreg_checkpoint, tmp_path)
-    assert not _Exploit.marker.exists()
+    assert not marker.exists()
     meta.write_bytes(original)
     manifest_file.write_text(original_manifest)
+
+
+def test_metadata_admits_exactly_the_classes_dcp_writes(linreg_checkpoint):
+    """The allowlist is neither short (every class DCP writes loads) nor wide (a neighbour of an
+    allowed name, a dotted name, or a module's other names are refused)."""
+    from plait.train.checkpoint import SafeReader, _MetadataUnpickler
+
+    assert SafeReader(linreg_checkpoint).read_metadata().state_dict_metadata
+    for module, name in [("torch.distributed.checkpoint.metadata", "os"), ("torch", "load"),
+                         ("torch.distributed.checkpoint.filesystem", "pickle"), ("pathlib", "Path.unlink"),
+                         ("torch.serialization", "load"), ("builtins", "eval"), ("torch", "float32.__class__")]:
+        with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+            _MetadataUnpickler(io.BytesIO(b"")).find_class(module, name)
 
 
 def test_missing_checkpoint_is_refused(solo, tmp_path):
@@ -200,7 +252,10 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(solo, poisoned,
     latest = Checkpointer(tmp_path / "ck").latest()
     assert latest.name == f"step_{bad_step - 1:08d}"
     params, _ = train_example("linreg", [*options, "checkpoint.resume=latest"], str(tmp_path), bad_step - 1)
-    assert all(torch.isfinite(v).all() for v in params.values())
+    before_nan, _ = train_example("linreg", [f"data.path={poisoned}", "train.batch_size=64"], str(tmp_path / "b"),
+                                  bad_step - 1)
+    for name, value in before_nan.items():  # the kept checkpoint is the last good step, exactly
+        assert torch.equal(params[name], value), name
 
 
 def test_nonfinite_steps_can_be_skipped(solo, poisoned, tmp_path):
@@ -240,3 +295,33 @@ def test_resume_on_another_split_layout_is_refused(world2, tmp_path):
 
     for message in world2.run(train_until_error, example, [*ck, "checkpoint.resume=latest"], str(tmp_path)):
         assert "was made with pp=2, tp=1; this run has pp=1, tp=1: only the data-parallel degree may change" in message
+
+
+# -- the resume rule: state from the checkpoint, hyperparameters from the config ---------------
+def test_resume_takes_the_configs_learning_rate(solo, tmp_path, capsys):
+    """Plain SGD: the first step after resume moves the parameters by -lr * gradient, with the
+    lr of the resumed run's config; the same step at the saved lr moves them exactly twice as far."""
+    ck = ["checkpoint.every=2", f"checkpoint.dir={tmp_path}/ck", "checkpoint.keep=5"]
+    at_2, _ = train_example("linreg", ck, str(tmp_path / "first"), 2)
+    same, _ = train_example("linreg", [*ck, "checkpoint.resume=latest"], str(tmp_path / "same"), 3)
+    assert "train.lr" not in capsys.readouterr().out
+    half, losses = train_example("linreg", [*ck, f"checkpoint.resume={tmp_path}/ck/step_00000002", "train.lr=0.05"],
+                                 str(tmp_path / "half"), 3)
+    assert "(step 2); train.lr 0.1 -> 0.05" in capsys.readouterr().out
+    for name in at_2:
+        torch.testing.assert_close(half[name] - at_2[name], 0.5 * (same[name] - at_2[name]), rtol=1e-5, atol=1e-7)
+    logged = [json.loads(line) for line in (tmp_path / "half" / "linreg" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == 3 and logged[-1]["lr"] == 0.05  # the lr the optimizer used
+
+
+@pytest.mark.parametrize("change, message", [
+    ("train.optimizer=adam", "was made with train.optimizer='sgd', this run has 'adam': its optimizer state"),
+    ("train.momentum=0.9", "was made with train.momentum=0 and holds no momentum buffers"),
+    ("train.batch_size=32", "was made with batch_size=768, this run has 32: its position in the data"),
+])
+def test_resume_refuses_what_cannot_carry_over_before_any_worker(linreg_checkpoint, tmp_path, change, message):
+    from plait.cli import _check
+
+    with pytest.raises(plait.PlaitError, match=re.escape(message)):
+        _check(str(EXAMPLES / "linreg.toml"), [f"checkpoint.resume={linreg_checkpoint}",
+                                               f"run.out_dir={tmp_path}", change], 1)

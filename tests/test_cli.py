@@ -142,8 +142,9 @@ def test_ctrl_c_stops_every_process_with_one_line(tmp_path, strategy, when):
     metrics = tmp_path / "linreg" / "metrics.jsonl"
     if when == "training":
         wait_until(run, lambda: metrics.is_file() and metrics.read_text() != "", "training did not start")
-    else:  # Python's own start-up cannot be interrupted quietly; torch's import (seconds) can
-        wait_until(run, lambda: _loading_torch(worker_pid(str(tmp_path), rank=2)), "no worker loads torch")
+    else:  # every rank past Python's own start-up (which no program can make quiet), loading torch
+        wait_until(run, lambda: all(_loading_torch(worker_pid(str(tmp_path), rank=r)) for r in range(3)),
+                   "not every rank loads torch")
     os.killpg(run.pid, signal.SIGINT)
     _, stderr = run.communicate(timeout=60)
     assert run.returncode == 130, stderr
@@ -199,3 +200,27 @@ def test_gpt_tensor_parallel_from_the_command_line(tmp_path):
     _, summary = read_run(tmp_path, "gpt_tp")
     assert summary["layout"] == "dp=1 x pp=1 x tp=2" and summary["tokens_per_s"] > 0
     assert "tokens/s" in done.stdout and "unigram entropy" in done.stdout
+
+
+def test_single_node_run_listens_on_loopback_only(tmp_path):
+    """Through the launcher: the agent (file rendezvous), and every worker's store and gloo
+    sockets, listen on loopback addresses only."""
+    from conftest import LOOPBACK, listening_addresses
+
+    name = f"loopback-{os.getpid()}"
+    cmd = [*PLAIT, "train", str(EXAMPLES / "linreg.toml"), "--nproc", "2", "--set", "train.steps=1000000",
+           "--set", "run.log_every=10", "--set", "run.progress=false", "--set", f"run.name={name}",
+           "--set", f"run.out_dir={tmp_path}"]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        metrics = tmp_path / name / "metrics.jsonl"
+        wait_until(run, lambda: metrics.is_file() and metrics.read_text() != "", "training did not start")
+        pids = {"launcher": run.pid, **{f"rank {r}": worker_pid(name, r) for r in (0, 1)}}
+        found = {who: listening_addresses(pid) for who, pid in pids.items()}
+    finally:
+        os.killpg(run.pid, signal.SIGINT)
+        run.communicate(timeout=60)
+    assert found["rank 0"], "rank 0 hosts the workers' store: it must listen somewhere"
+    for who, addresses in found.items():
+        assert set(addresses) <= LOOPBACK, f"{who} listens beyond loopback: {addresses}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import tempfile
 
 import pytest
@@ -184,27 +183,10 @@ def test_mesh_groups_follow_the_grid(world4):
     ]
 
 
-def listening_addresses() -> list[str]:
-    """Local addresses of this process's listening TCP sockets, from /proc."""
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in open(table).read().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                found.append(fields[1].split(":")[0])
-    return found
+def test_plait_init_listens_on_loopback_only(world2):
+    """A script under plain torchrun with MASTER_ADDR=127.0.0.1: plait.init's store and gloo."""
+    from conftest import LOOPBACK, listening_addresses
 
-
-def test_single_node_listens_on_loopback_only(world2):
     addresses = world2.run(listening_addresses)[0]
     assert addresses, "rank 0 hosts the store, so it must listen somewhere"
-    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
-    assert set(addresses) <= loopback, f"rank 0 listens beyond 127.0.0.1: {addresses}"
+    assert set(addresses) <= LOOPBACK, f"rank 0 listens beyond 127.0.0.1: {addresses}"

@@ -152,26 +152,19 @@ def test_trainer_pipeline_equals_one_process(layout, schedule, request, solo, tm
     torch.testing.assert_close(torch.tensor(results[0][1]), torch.tensor(expected_losses), rtol=1e-5, atol=1e-7)
 
 
-def test_shipped_pipeline_config_trains(world2, tmp_path):
-    from conftest import EXAMPLES
+def test_shipped_pipeline_config_equals_one_process(world2, solo, tmp_path):
+    """examples/mlp_pipeline.toml as shipped (pp=2, 1F1B, 4 micro-batches, momentum, a trace)
+    trains exactly like the same config in one process."""
+    from conftest import EXAMPLES, train_example
     from plait.train.config import load_config
 
     assert load_config(EXAMPLES / "mlp_pipeline.toml").parallel.pp == 2
-    results = world2.run(_train_shipped_mlp, str(tmp_path))
-    losses = results[0]
-    assert losses[-1] < losses[0]
-
-
-def _train_shipped_mlp(out_dir: str):
-    from conftest import EXAMPLES
-    from plait.train.config import load_config
-    from plait.train.trainer import Trainer
-
-    cfg = load_config(EXAMPLES / "mlp_pipeline.toml", ["train.steps=20", "run.log_every=1", "run.progress=false",
-                                                       f"run.out_dir={out_dir}"])
-    trainer = Trainer(cfg, plait.init())
-    trainer.fit()
-    return [r["loss"] for r in trainer.log.records] if trainer.log else None
+    expected, expected_losses = train_example("mlp_pipeline", ["parallel.pp=1", "pipeline.trace=false"],
+                                              str(tmp_path / "one"), 4)
+    results = world2.run(train_example, "mlp_pipeline", [], str(tmp_path / "pp2"), 4)
+    merged = {name: value for params, _ in results for name, value in params.items()}
+    assert_close(merged, expected)
+    torch.testing.assert_close(torch.tensor(results[0][1]), torch.tensor(expected_losses), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("example, overrides, message", [

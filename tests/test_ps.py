@@ -57,8 +57,15 @@ def test_sync_equals_allreduce_and_one_process(case, request, world2, solo, tmp_
     results = request.getfixturevalue(world_name).run(
         train_ps, example, ["ps.mode=sync", *options, *ps_options], str(tmp_path / "ps"))
     server_params, summary, losses = results[0]
-    assert_close(server_params, expected, what="server vs one process: ")
+    # Against all-reduce: the same two local gradients, averaged alike, then the same optimizer
+    # arithmetic on a flat shard instead of per tensor: float32 rounding only, elementwise.
     assert_close(server_params, allreduce, what="server vs all-reduce: ")
+    # Against one process: its gradient sums 64 samples at once, the workers' 32 and 32, so each
+    # element differs by rounding. SGD passes that on unchanged. Adam divides by sqrt(v): an element
+    # whose gradient cancels to rounding level can move by up to lr per step either way, so for
+    # Adam the check is each tensor's relative error (<= 1e-5), which a real fault exceeds by three
+    # orders: dropping one worker's gradient gave 1e-2 to 6e-2 on every tensor here.
+    assert_close(server_params, expected, what="server vs one process: ", by_norm="adam" in case)
     workers = [r for r in results if r[1] is None and r[0] is not None]
     assert len(workers) == 2
     for params, _, _ in workers:  # every worker pulled exactly the server's parameters
@@ -96,19 +103,24 @@ def test_async_and_ssp_reach_least_squares_within_their_bound(world3, mode, stal
     assert losses[-1] < losses[0] / 10
 
 
-def stall_one_worker(timeout_s: float):
+def stall_one_worker(timeout_s: float, mode: str = "async"):
     """Library use: rank 2 goes silent longer than the server's timeout, then tries to go on."""
     import torch.distributed as dist
     from torch import nn
 
+    from plait.errors import PlaitError
     from plait.parallel.ps import ParameterServer, PSLayout, PSWorker, WorkerDropped
+    from plait.parallel.ps.worker import StopRun
 
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     layout = PSLayout.build(model, servers=1)
     if dist.get_rank() == 0:
-        stats = ParameterServer(model, lambda p: torch.optim.SGD(p, lr=0.1), layout, mode="async",
-                                timeout_s=timeout_s).serve()
+        try:
+            stats = ParameterServer(model, lambda p: torch.optim.SGD(p, lr=0.1), layout, mode=mode,
+                                    timeout_s=timeout_s).serve()
+        except PlaitError as exc:
+            return str(exc)
         return stats.lost, stats.clocks
     worker = PSWorker(model, layout)
     for step in range(1, 41):
@@ -120,7 +132,7 @@ def stall_one_worker(timeout_s: float):
         model(torch.randn(8, 4)).pow(2).mean().backward()
         try:
             worker.push()
-        except WorkerDropped as exc:
+        except (WorkerDropped, StopRun) as exc:
             return str(exc)
     worker.close()
     return "finished"
@@ -131,6 +143,14 @@ def test_a_silent_worker_is_dropped_and_told_so(world3):
     assert first == "finished" and clocks[1] == 40
     assert list(lost) == [2] and lost[2] == "no message for 0.6 s (ps.timeout)" and clocks[2] == 3
     assert second.startswith("rank 2: dropped by parameter server rank 0")
+
+
+def test_a_silent_worker_in_sync_mode_stops_the_run_naming_it(world3):
+    """Sync cannot go on without a worker: the server fails naming it and stops the others."""
+    server, first, second = world3.run(stall_one_worker, 0.6, "sync")
+    assert re.fullmatch(r"rank 0 \(parameter server\): lost worker rank 2 \(at its step 3\): no message for "
+                        r"0.6 s \(ps.timeout\); a sync step needs every worker, so the run stops", server), server
+    assert first != "finished" and second != "finished", (first, second)
 
 
 def _train_and_kill(tmp_path, mode: str) -> tuple[subprocess.CompletedProcess, str]:
