@@ -8,6 +8,10 @@ class PlaitError(Exception):
     escaping is a bug in Plait and keeps its traceback.
     """
 
+    follow_on = False
+    """True for errors that another rank's failure may have caused (a lost connection, a server
+    that stopped the run): a worker says them only if the launcher has not stopped it first."""
+
 
 class ConfigError(PlaitError):
     """An invalid configuration: the message names the key."""
@@ -15,6 +19,8 @@ class ConfigError(PlaitError):
 
 class CommError(PlaitError):
     """A collective or point-to-point operation failed or timed out: names rank, op and peer."""
+
+    follow_on = True
 
 
 def first_line(exc: BaseException) -> str:

@@ -19,10 +19,10 @@ import time
 from plait.train.guard import STOP_RUN
 
 FOLLOW_ON_GRACE_S = 3.0
-"""How long a rank that failed in communication, or on an error that is not Plait's own, waits
-before saying so. When a peer failed first, the launcher's agent stops this rank within that
-time and only the peer's own cause is printed; when nobody stopped it (a peer stalled, or no
-agent watches), the rank reports after it."""
+"""How long a rank whose error may follow from a peer's (``PlaitError.follow_on``, or an error
+that is not Plait's own) waits before saying so. When a peer failed first, the launcher's agent
+stops this rank within that time and only the peer's own cause is printed; when nobody stopped
+it (a peer stalled, or no agent watches), the rank reports after it."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,9 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
-        return _train(args.config, args.overrides, os.environ.get("RANK", "0"))
+        code = _train(args.config, args.overrides, os.environ.get("RANK", "0"))
     except KeyboardInterrupt:  # Ctrl-C reaches every process, even while torch loads: the launcher says it, once
         return 130
+    if code:  # failed, and said so: leave now, closing every connection at once (the peers
+        sys.stdout.flush()  # see it, and the agent stops them); the interpreter's own teardown
+        sys.stderr.flush()  # of torch could take seconds on a loaded machine
+        os._exit(code)
+    return 0
 
 
 def _train(config: str, overrides: list[str], rank: str) -> int:
@@ -44,7 +49,8 @@ def _train(config: str, overrides: list[str], rank: str) -> int:
     from plait.train.trainer import Trainer, format_summary
 
     together = True  # leave the group with a barrier; parameter-server ranks leave on their own
-    trainer, cfg = None, None
+    failed = False  # then leave without touching the group: main() exits the process at once
+    trainer, cfg, where = None, None, "start-up"
     try:
         cfg = load_config(config, overrides)
         together = cfg.parallel.strategy != "ps"
@@ -55,17 +61,20 @@ def _train(config: str, overrides: list[str], rank: str) -> int:
         else:
             from plait.train.ps import PSTrainer
 
-            summary = PSTrainer(cfg, info).fit()
+            ps_trainer = PSTrainer(cfg, info)
+            where = "the parameter-server run"
+            summary = ps_trainer.fit()
         if info.is_main:
             print(format_summary(summary, cfg.run.out_dir), flush=True)
     except KeyboardInterrupt:
         together = False  # the peers are stopping too: no barrier
         raise
     except Exception as exc:  # noqa: BLE001 - any failure: one line, and leave without the peers
-        together = False
-        return _report(exc, rank, trainer.where if trainer is not None else "start-up", cfg)
+        failed = True
+        return _report(exc, rank, trainer.where if trainer is not None else where, cfg)
     finally:
-        shutdown(barrier=together)
+        if not failed:
+            shutdown(barrier=together)
     return 0
 
 
@@ -76,10 +85,11 @@ def _report(exc: Exception, rank: str, where: str, cfg) -> int:
 
     import torch.distributed as dist
 
-    from plait.errors import CommError, PlaitError, first_line
+    from plait.errors import PlaitError, first_line
     from plait.parallel.ps.worker import StopRun
 
-    if isinstance(exc, CommError) or not isinstance(exc, PlaitError):
+    alone = os.environ.get("WORLD_SIZE", "1") == "1"
+    if not alone and (not isinstance(exc, PlaitError) or exc.follow_on):
         # A peer's failure may be the cause (gloo says "Connection closed by peer" from inside
         # torch, DCP, ...): let the agent stop this rank first, so only the cause is printed.
         time.sleep(FOLLOW_ON_GRACE_S)

@@ -40,6 +40,8 @@ class LossNotFinite(StopRun):
 class ServerStopped(StopRun):
     """A parameter server failed and told this worker to stop; its own message says why."""
 
+    follow_on = True
+
 
 class PSWorker:
     def __init__(self, model: nn.Module, layout: PSLayout):
