@@ -251,41 +251,41 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        bar = tqdm(total=t.steps, desc=cfg.run.name, unit="step", disable=not (self.log and cfg.run.progress),
-                   dynamic_ncols=True)
-        bar.update(self.step)
-        batches = self._batches()
-        start = interval_start = time.perf_counter()
-        loss, first = float("nan"), self.step
-        for step in range(self.step + 1, t.steps + 1):
-            self.where = f"step {step}"
-            x, y = next(batches)
-            tracing = self.pp > 1 and cfg.pipeline.trace and step == t.steps
-            if tracing:
-                barrier("pipeline trace start")  # one clock start for every stage's timeline
-            local_loss = self._step(x.to(self.device), y.to(self.device), step)
-            if tracing:
-                self.pipeline_report = self._write_trace()
-            self.step = step
-            if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == t.steps):
-                self._save()
-            bar.update(1)
-            if step % cfg.run.log_every == 0 or step == t.steps:
-                loss = self._global_mean(local_loss)
-                now = time.perf_counter()
-                done = cfg.run.log_every if step % cfg.run.log_every == 0 else step % cfg.run.log_every
-                record = {"step": step, "epoch": self.epoch, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                          "samples_per_s": done * t.batch_size / (now - interval_start)}
-                if t.skip_nonfinite:
-                    record["skipped_steps"] = self.skipped
-                interval_start = now
-                if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-                    record.update(self._evaluate())
-                if self.log:
-                    self.log.log(record)
-                bar.set_postfix(loss=f"{loss:.4g}")
-        train_time = time.perf_counter() - start
-        bar.close()
+        # The bar is closed on the way out, an error included, so that its line ends before any message.
+        with tqdm(total=t.steps, desc=cfg.run.name, unit="step", disable=not (self.log and cfg.run.progress),
+                  dynamic_ncols=True) as bar:
+            bar.update(self.step)
+            batches = self._batches()
+            start = interval_start = time.perf_counter()
+            loss, first = float("nan"), self.step
+            for step in range(self.step + 1, t.steps + 1):
+                self.where = f"step {step}"
+                x, y = next(batches)
+                tracing = self.pp > 1 and cfg.pipeline.trace and step == t.steps
+                if tracing:
+                    barrier("pipeline trace start")  # one clock start for every stage's timeline
+                local_loss = self._step(x.to(self.device), y.to(self.device), step)
+                if tracing:
+                    self.pipeline_report = self._write_trace()
+                self.step = step
+                if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == t.steps):
+                    self._save()
+                bar.update(1)
+                if step % cfg.run.log_every == 0 or step == t.steps:
+                    loss = self._global_mean(local_loss)
+                    now = time.perf_counter()
+                    done = cfg.run.log_every if step % cfg.run.log_every == 0 else step % cfg.run.log_every
+                    record = {"step": step, "epoch": self.epoch, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                              "samples_per_s": done * t.batch_size / (now - interval_start)}
+                    if t.skip_nonfinite:
+                        record["skipped_steps"] = self.skipped
+                    interval_start = now
+                    if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+                        record.update(self._evaluate())
+                    if self.log:
+                        self.log.log(record)
+                    bar.set_postfix(loss=f"{loss:.4g}")
+            train_time = time.perf_counter() - start
         return self._finish(loss, train_time, t.steps - first)
 
     def _write_trace(self) -> dict:

@@ -71,14 +71,17 @@ def _train(config: str, overrides: list[str], rank: str) -> int:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure: one line, and leave without the peers
         failed = True
-        return _report(exc, rank, trainer.where if trainer is not None else where, cfg)
+        # Rank 0's progress bar may hold the terminal's current line: another rank's error starts
+        # on a new one (rank 0 closes its bar on the way out).
+        lead = "\n" if trainer is not None and cfg.run.progress and rank != "0" else ""
+        return _report(exc, rank, trainer.where if trainer is not None else where, cfg, lead)
     finally:
         if not failed:
             shutdown(barrier=together)
     return 0
 
 
-def _report(exc: Exception, rank: str, where: str, cfg) -> int:
+def _report(exc: Exception, rank: str, where: str, cfg, lead: str = "") -> int:
     """Say one line for ``exc``; return the exit code. Unexpected errors keep their traceback in
     the run folder (``PLAIT_VERBOSE=1`` prints it as well)."""
     import traceback
@@ -106,7 +109,7 @@ def _report(exc: Exception, rank: str, where: str, cfg) -> int:
             sys.stderr.write(detail)
     # One write call: ranks share the stream, and a pipe keeps a single small write whole.
     sys.stderr.flush()
-    os.write(2, f"plait: error: {message}\n".encode())
+    os.write(2, f"{lead}plait: error: {message}\n".encode())
     return STOP_RUN if isinstance(exc, StopRun) else 1  # the guard passes STOP_RUN on
 
 
