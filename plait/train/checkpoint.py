@@ -199,7 +199,8 @@ class Checkpointer:
         """Load a checkpoint into ``model`` and ``optimizer`` (any world size); return its manifest
         (``manifest``: one already read with ``read_manifest``)."""
         path = Path(path)
-        manifest = manifest if manifest is not None else read_manifest(path)
+        if manifest is None:  # the ranks share the hashing
+            manifest = read_manifest(path, verify=(self.rank, dist.get_world_size(self.group)))
         tensors, extras = self._state(model, optimizer)
         metadata = SafeReader(path).read_metadata()
         available = metadata.state_dict_metadata
