@@ -42,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(config: str, overrides: list[str], rank: str) -> int:
-    import torch.distributed as dist
-
     from plait.dist.env import init, shutdown
     from plait.train.config import load_config
     from plait.train.trainer import Trainer, format_summary
