@@ -23,8 +23,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "PartitionSampler": "plait.data.partition",
-    "DistInfo": "plait.dist.env", "init": "plait.dist.env", "shutdown": "plait.dist.env",
-    "Mesh": "plait.dist.mesh",
+    "DistInfo": "plait.distributed.env", "init": "plait.distributed.env", "shutdown": "plait.distributed.env",
+    "Mesh": "plait.distributed.mesh",
     "check_consistency": "plait.parallel.consistency",
     "DataParallel": "plait.parallel.data",
 }
@@ -33,7 +33,7 @@ __getattr__, __dir__ = lazy(__name__, _LAZY)
 
 if TYPE_CHECKING:
     from plait.data.partition import PartitionSampler
-    from plait.dist.env import DistInfo, init, shutdown
-    from plait.dist.mesh import Mesh
+    from plait.distributed.env import DistInfo, init, shutdown
+    from plait.distributed.mesh import Mesh
     from plait.parallel.consistency import check_consistency
     from plait.parallel.data import DataParallel

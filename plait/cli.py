@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 def _check(config_path: str, overrides: list[str], world_size: int):
     """Everything that can be checked before starting workers: config, model and data arguments,
     mesh and batch, dataset file, checkpoint to resume, output folders."""
-    from plait.dist.mesh import resolve_degrees
+    from plait.distributed.mesh import resolve_degrees
     from plait.models import check_model_args
     from plait.train.config import load_config
     from plait.train.tasks import check_data_args

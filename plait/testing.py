@@ -40,7 +40,7 @@ def _serve(rank: int, size: int, port: int, inbox, outbox, timeout_s: float) -> 
     import torch
 
     torch.set_num_threads(1)  # several ranks share few cores
-    from plait.dist.env import init, shutdown
+    from plait.distributed.env import init, shutdown
 
     try:
         init(backend="gloo", device="cpu", timeout_s=timeout_s)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from plait.dist.mesh import resolve_degrees
+from plait.distributed.mesh import resolve_degrees
 from plait.errors import ConfigError, PlaitError
 from plait.train.config import load_config
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.dist.comm import all_gather_flat, broadcast_tensors, wait
+from plait.distributed.comm import all_gather_flat, broadcast_tensors, wait
 from plait.errors import PlaitError
 from plait.parallel.consistency import check_consistency
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.dist.comm import all_gather_flat, broadcast_tensors, reduce_scatter_flat, wait
+from plait.distributed.comm import all_gather_flat, broadcast_tensors, reduce_scatter_flat, wait
 from plait.errors import PlaitError
 
 

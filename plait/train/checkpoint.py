@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from plait.dist.comm import barrier
+from plait.distributed.comm import barrier
 from plait.errors import PlaitError, first_line
 
 FORMAT = 2  # 1: sizes only; 2: sizes, CRC-32s and a CRC-32 of the manifest (1 still loads)

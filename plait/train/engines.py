@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from plait.dist.mesh import Mesh
+from plait.distributed.mesh import Mesh
 from plait.errors import ConfigError
 from plait.parallel.data import DataParallel
 from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, cut_points

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from plait.dist.env import DistInfo
+from plait.distributed.env import DistInfo
 from plait.errors import ConfigError
 from plait.models import build_model
 from plait.parallel.ps import ParameterServer, PSLayout, PSWorker, ServerStats

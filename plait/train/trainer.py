@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from plait.data.datasets import stacked
 from plait.data.partition import PartitionSampler
-from plait.dist.comm import all_reduce, barrier
-from plait.dist.env import DistInfo
-from plait.dist.mesh import Mesh
+from plait.distributed.comm import all_reduce, barrier
+from plait.distributed.env import DistInfo
+from plait.distributed.mesh import Mesh
 from plait.errors import ConfigError, PlaitError
 from plait.models import build_model
 from plait.parallel.consistency import check_consistency

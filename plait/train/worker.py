@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(config: str, overrides: list[str], rank: str) -> int:
-    from plait.dist.env import init, shutdown
+    from plait.distributed.env import init, shutdown
     from plait.train.config import load_config
     from plait.train.trainer import Trainer, format_summary
 

@@ -14,7 +14,7 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from plait.dist.comm import wait
+from plait.distributed.comm import wait
 from plait.errors import PlaitError
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,

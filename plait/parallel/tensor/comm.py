@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from plait.dist.comm import all_gather_flat, all_reduce
+from plait.distributed.comm import all_gather_flat, all_reduce
 
 
 class CommCounter:
