@@ -3,6 +3,7 @@
     plait train examples/digits_cnn.toml --nproc 2
     plait train examples/linreg.toml --nproc 4 --set train.lr=0.05
     plait train CONFIG --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29400 --nproc 8   # on each node
+    plait export runs/NAME/checkpoints/step_00000100 --config CONFIG -o model.pt
 """
 
 from __future__ import annotations
@@ -46,33 +47,61 @@ def _parser() -> argparse.ArgumentParser:
                        help="continue from the newest complete checkpoint (or from PATH)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.lr=0.1 (repeatable)")
+    export = sub.add_parser("export", help="write a checkpoint (any layout) as one torch.save state_dict")
+    export.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/NAME/checkpoints/step_00000100")
+    export.add_argument("--config", required=True, help="the run's config (it says which model to build)")
+    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="the run's overrides of model or data arguments (repeatable)")
+    export.add_argument("-o", "--output", required=True, help="the .pt file to write")
     return parser
+
+
+def export(args: argparse.Namespace) -> None:
+    """Load a checkpoint into the unsplit model in this process and ``torch.save`` its state_dict:
+    ``model.load_state_dict(torch.load(OUTPUT, weights_only=True))`` then works anywhere."""
+    import torch
+
+    from plait.models import build_model
+    from plait.train.checkpoint import load_unsplit
+    from plait.train.config import load_config
+    from plait.train.tasks import build_task
+
+    cfg = load_config(args.config, args.overrides)
+    info = build_task(cfg.data.name, cfg.data.path, cfg.data.args).info
+    model = build_model(cfg.model.name, cfg.model.args, info)
+    manifest = load_unsplit(args.checkpoint, model)
+    out = Path(args.output)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), out)
+    except OSError as exc:
+        raise PlaitError(f"--output: cannot write {out}: {exc.strerror or exc}") from None
+    count = sum(p.numel() for p in model.parameters())
+    print(f"plait: {args.checkpoint} (step {manifest['step']}, {manifest.get('layout', 'unknown layout')}) -> "
+          f"{out}: {cfg.model.name}, {count:,} parameters")
 
 
 def _check(config_path: str, overrides: list[str], world_size: int):
     """Everything that can be checked before starting workers: config, model and data arguments,
     mesh and batch, dataset file, checkpoint to resume, output folders."""
-    from plait.distributed.mesh import resolve_degrees
     from plait.models import check_model_args
     from plait.train.config import load_config
     from plait.train.tasks import check_data_args
-    from plait.train.trainer import check_batch, check_resumable
+    from plait.train.trainer import check_resumable
 
     cfg = load_config(config_path, overrides)
     check_model_args(cfg.model.name, cfg.model.args)
     check_data_args(cfg.data.name, cfg.data.args)
-    degrees = {}
+    if cfg.data.path:
+        from plait.data.datasets import check_data_path
+
+        check_data_path(cfg.data.name, cfg.data.path)
     if cfg.parallel.strategy == "ps":
         from plait.train.ps import check_world
 
         check_world(cfg, world_size)
     else:
-        degrees = resolve_degrees(world_size, cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
-        check_batch(cfg, degrees["dp"], degrees["pp"])
-    if cfg.data.path:
-        from plait.data.datasets import check_data_path
-
-        check_data_path(cfg.data.name, cfg.data.path)
+        _check_layout(cfg, world_size)
     if cfg.checkpoint.resume:
         from plait.train.checkpoint import SafeReader, complete_checkpoints, read_manifest
 
@@ -84,11 +113,28 @@ def _check(config_path: str, overrides: list[str], world_size: int):
             path = done[-1]
         manifest = read_manifest(path)  # a missing, damaged or altered checkpoint stops us here
         SafeReader(path).read_metadata()  # and one whose metadata names anything but DCP's classes
-        check_resumable(cfg, manifest, path, degrees["pp"], degrees["tp"])
+        check_resumable(cfg, manifest, path)
     _check_writable(Path(cfg.run.out_dir) / cfg.run.name, "run.out_dir")
     if cfg.checkpoint.every:
         _check_writable(Path(cfg.checkpoint.dir), "checkpoint.dir")
     return cfg
+
+
+def _check_layout(cfg, world_size: int) -> None:
+    """The layout against the world and the batch, and against the model, built on the meta
+    device (no memory, no initialisation): tp must divide what the plan splits, pp must not
+    exceed the blocks, no weight may be tied across stages or ZeRO-3 units."""
+    import torch
+
+    from plait.models import build_model
+    from plait.parallel.compose import Layout
+    from plait.train.tasks import build_task
+
+    layout = Layout.from_config(cfg, world_size)
+    if layout.pp > 1 or layout.tp > 1 or layout.zero == 3:
+        info = build_task(cfg.data.name, cfg.data.path, cfg.data.args).info
+        with torch.device("meta"):
+            layout.check_model(build_model(cfg.model.name, cfg.model.args, info))
 
 
 def _check_writable(folder: Path, key: str) -> None:
@@ -126,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             train(args)
+        elif args.command == "export":
+            export(args)
     except PlaitError as exc:
         print(f"plait: error: {exc}", file=sys.stderr)
         return 1

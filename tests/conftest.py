@@ -26,9 +26,7 @@ def train_example(example: str, overrides: list[str], out_dir: str, steps: int =
         f"train.steps={steps}", "run.log_every=1", "run.progress=false", f"run.out_dir={out_dir}", *overrides])
     trainer = Trainer(cfg, info)
     trainer.fit()
-    mine = {id(p) for p in trainer.engine.module.parameters()}  # a pipeline stage trains only its own
-    with trainer.engine.whole_model():  # ZeRO-3 gathers its parameters for the while
-        params = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if id(v) in mine}
+    params = trainer.parallel.unsplit_parameters()  # the whole model, assembled from every rank's share
     return params, [r["loss"] for r in trainer.log.records] if trainer.log else None
 
 
@@ -47,6 +45,12 @@ def world3():
 @pytest.fixture(scope="session")
 def world4():
     with World(4) as world:
+        yield world
+
+
+@pytest.fixture(scope="session")
+def world8():
+    with World(8) as world:
         yield world
 
 

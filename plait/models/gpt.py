@@ -50,6 +50,28 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class Embed(nn.Module):
+    """Token plus position embeddings: the GPT's first pipeline block."""
+
+    def __init__(self, tok_emb: nn.Module, pos_emb: nn.Module):
+        super().__init__()
+        self.tok_emb, self.pos_emb = tok_emb, pos_emb
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.tok_emb(ids) + self.pos_emb(torch.arange(ids.shape[1], device=ids.device))  # [B, T, dim]
+
+
+class Head(nn.Module):
+    """The final norm and the output head: the GPT's last pipeline block."""
+
+    def __init__(self, ln_f: nn.Module, head: nn.Module):
+        super().__init__()
+        self.ln_f, self.head = ln_f, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln_f(x))  # [B, T, vocab] (a vocabulary slice under tensor parallelism)
+
+
 class GPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int, layers: int = 2, heads: int = 4, dim: int = 64,
                  tied: bool = False):
@@ -66,6 +88,12 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))  # [B, T, vocab] (a vocabulary slice under tensor parallelism)
+
+    def pipeline_blocks(self) -> list[tuple[str, nn.Module]]:
+        """The same computation as consecutive blocks: the pipeline's cut points and ZeRO-3's
+        units. Read at call time, so that it sees the layers tensor parallelism put in."""
+        return [("embed", Embed(self.tok_emb, self.pos_emb)), *((f"blocks.{i}", b) for i, b in enumerate(self.blocks)),
+                ("head", Head(self.ln_f, self.head))]
 
     @staticmethod
     def tp_plan() -> dict[str, str]:

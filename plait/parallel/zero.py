@@ -6,7 +6,8 @@
     stage 3  and parameters: a unit's parameters are all-gathered just before its forward and its
              backward, and freed right after
 
-Each unit (the whole model for stages 1-2; each top-level child for stage 3) keeps its parameters
+Each unit (the whole model for stages 1-2; for stage 3 the modules given, by default each
+top-level child; ``plait.parallel.compose`` gives the blocks that forward calls) keeps its parameters
 as views into one flat buffer, padded to a multiple of the world size; rank r owns elements
 [r*S, (r+1)*S). The optimizer trains those slices (``shard_parameters()``): any elementwise
 torch.optim optimizer (SGD, Adam, AdamW) then computes exactly what it would on the whole model.
@@ -51,6 +52,7 @@ class _Unit:
             self.offsets.append(offset)
             offset += p.numel()
         self.grad_full: torch.Tensor | None = None
+        self.reduced: torch.Tensor | None = None  # this rank's reduce-scattered slice, until added
         self.pending, self.work, self.fresh = len(params), None, True
 
     def make_shard(self, own_storage: bool) -> None:
@@ -143,9 +145,11 @@ class Zero(nn.Module):
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Backward passes inside accumulate full gradients locally (stages 1-2)."""
+        """Backward passes inside accumulate full gradients locally (stages 1-2). Stage 3 keeps
+        no full gradients: it reduces after every backward and adds up its slices instead."""
         if self.stage == 3:
-            raise PlaitError("ZeRO stage 3 keeps no full gradients to accumulate: use micro-batches of equal size instead")
+            yield
+            return
         previous, self._sync = self._sync, False
         try:
             yield
@@ -177,8 +181,8 @@ class Zero(nn.Module):
         if self.stage == 1 or self._all_reduce_is_faster:
             u.work = dist.all_reduce(u.grad_full, group=self.group, async_op=True)
         else:
-            u.shard.grad = torch.empty_like(u.shard)
-            u.work = reduce_scatter_flat(u.shard.grad, u.grad_full, self.group, async_op=True)
+            u.reduced = torch.empty_like(u.shard)
+            u.work = reduce_scatter_flat(u.reduced, u.grad_full, self.group, async_op=True)
         if self.stage == 3:
             u.free_full()
 
@@ -194,9 +198,12 @@ class Zero(nn.Module):
             if self.stage == 1:  # gradients stay replicated; the optimizer sees this rank's slice
                 u.shard.grad = mine
             else:
-                if self._all_reduce_is_faster:
-                    u.shard.grad = mine.clone()
-                u.grad_full = None
+                reduced = mine if self._all_reduce_is_faster else u.reduced
+                if u.shard.grad is None:
+                    u.shard.grad = reduced.clone() if self._all_reduce_is_faster else reduced
+                else:  # stage 3 over several micro-batches: the slices add up
+                    u.shard.grad.add_(reduced)
+                u.grad_full, u.reduced = None, None
             u.work, u.pending, u.fresh = None, len(u.params), True
 
     # -- export and accounting ------------------------------------------------------------

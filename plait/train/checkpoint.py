@@ -3,8 +3,10 @@
     <dir>/step_00000100/       a complete checkpoint: DCP's files + manifest.json
     <dir>/step_00000200.partial/  a save in progress (or one that crashed): never loaded
 
-Every rank writes its share in parallel (DCP gives each replicated tensor to one rank; no rank
-gathers the model). When all ranks are done, rank 0 writes ``manifest.json`` (step, position in
+Tensors are keyed by the unsplit model's names (``model.<name>``, ``optim.state.<name>.<key>``);
+every rank writes the boxes of them that it holds, in parallel (DCP gives each replicated box to
+one rank; no rank gathers the model), so a checkpoint saved under one layout (dp x pp x tp, ZeRO)
+loads under any other, and into the unsplit model in one process (``plait export``). When all ranks are done, rank 0 writes ``manifest.json`` (step, position in
 the data, layout, world size, the size and CRC-32 of every file, a CRC-32 of itself) and renames
 the folder: one rename makes the checkpoint visible, so a crash mid-save leaves the previous one
 whole, and a truncated or altered file is refused on load.
@@ -30,14 +32,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from plait.distributed.comm import barrier
 from plait.errors import PlaitError, first_line
+from plait.parallel.shards import Chunks, checkpoint_tensors, held_whole
 
 FORMAT = 2  # 1: sizes only; 2: sizes, CRC-32s and a CRC-32 of the manifest (1 still loads)
 MANIFEST = "manifest.json"
-_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class CheckpointError(PlaitError):
@@ -128,53 +129,95 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 # -- the checkpointer ----------------------------------------------------------------------
-class Checkpointer:
-    """Save and load (model, optimizer, trainer position, RNG) under ``root``, on ``group``."""
+class _Whole:
+    """A plain model that every rank holds whole, seen as a checkpoint's source."""
 
-    def __init__(self, root: str | Path, group: dist.ProcessGroup | None = None, keep: int = 2,
-                 shard_tag: str = "", whole_model: bool = True):
-        """``shard_tag`` marks keys of tensors that are slices (tensor parallel: ``@tp1of2``), so
-        slices that share a name are not taken for replicas. ``whole_model``: every rank holds the
-        whole model (not one pipeline stage), so a checkpoint tensor this model lacks is an error."""
+    def __init__(self, model: nn.Module):
+        self.held = held_whole(model)
+        self.model_names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+        self.buffers = dict(model.named_buffers())
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for t, _, _ in self.held]
+
+    def checkpoint_state(self, optimizer) -> dict:
+        return checkpoint_tensors(self.held, self.buffers, optimizer)
+
+    def loaded(self) -> None:
+        pass
+
+
+class _SavePlanner(dcp.DefaultSavePlanner):
+    """DCP's planner, finding the boxes of ``Chunks`` (DCP looks up plain tensors only). Our
+    state is flat already: DCP's flattening would take a ``Chunks`` apart."""
+
+    def __init__(self):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def lookup_object(self, index):
+        obj = self.state_dict[index.fqn]
+        return obj.__get_tensor_shard__(index) if isinstance(obj, Chunks) else super().lookup_object(index)
+
+
+class _LoadPlanner(dcp.DefaultLoadPlanner):
+    def __init__(self):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        # DCP's own set-up would also materialise meta tensors, and drops any value it does not
+        # know (a ``Chunks`` becomes None); ours holds real tensors only.
+        self.original_state_dict = self.state_dict = state_dict
+        self.metadata, self.is_coordinator = metadata, is_coordinator
+
+    def lookup_tensor(self, index):
+        obj = self.state_dict[index.fqn]
+        return obj.__get_tensor_shard__(index) if isinstance(obj, Chunks) else super().lookup_tensor(index)
+
+
+class Checkpointer:
+    """Save and load (model, optimizer, trainer position, RNG) under ``root``, on ``group``.
+
+    The model is a ``plait.parallel.compose.Parallelized`` (any layout) or a plain module that
+    every rank holds whole. Tensors are keyed by the unsplit model's names, each rank writing the
+    boxes of them that it holds, so a checkpoint loads under any other layout and world size."""
+
+    def __init__(self, root: str | Path, group: dist.ProcessGroup | None = None, keep: int = 2):
         self.root, self.group, self.keep = Path(root), group, keep
         self.rank = dist.get_rank(group)
-        self.tag, self.whole_model = shard_tag, whole_model
 
     # -- saving ---------------------------------------------------------------------------
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, info: dict) -> Path:
+    def save(self, step: int, model, optimizer: torch.optim.Optimizer, info: dict) -> Path:
         """Write and commit the checkpoint of ``step``; ``info`` goes into the manifest."""
         partial = self.write(step, model, optimizer)
-        return self.commit(partial, step, model, optimizer, info)
+        return self.commit(partial, step, optimizer, info)
 
-    def write(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
+    def write(self, step: int, model, optimizer: torch.optim.Optimizer) -> Path:
         """Every rank writes its share into ``step_N.partial``; nothing is visible yet."""
         partial = self.root / f"step_{step:08d}.partial"
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # left by a crash at this step
             partial.mkdir(parents=True)
         barrier(f"checkpoint save of step {step}", self.group)
-        tensors, _ = self._state(model, optimizer)
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(partial), process_group=self.group)
+        dcp.save(self._state(_source(model), optimizer), storage_writer=dcp.FileSystemWriter(partial),
+                 planner=_SavePlanner(), process_group=self.group)
         return partial
 
-    def commit(self, partial: Path, step: int, model, optimizer, info: dict) -> Path:
+    def commit(self, partial: Path, step: int, optimizer: torch.optim.Optimizer, info: dict) -> Path:
         """Rank 0 writes the manifest and renames the folder once every rank has written.
 
         The manifest records each file's size and CRC-32 (the ranks share the hashing), and a
         CRC-32 of itself, so a truncated or bit-flipped file is refused on load."""
         barrier(f"checkpoint commit of step {step}", self.group)
         final = partial.with_name(f"step_{step:08d}")
-        _, mine = self._state(model, optimizer)
         world = dist.get_world_size(self.group)
         names = sorted(f.name for f in partial.iterdir() if f.name != MANIFEST)
         files = {name: _file_record(partial / name) for name in names[self.rank :: world]}
         everyone = [None] * world
-        dist.all_gather_object(everyone, (mine, files), group=self.group)  # stages hold different param groups
+        dist.all_gather_object(everyone, files, group=self.group)
         if self.rank == 0:
-            extras = {k: v for part, _ in everyone for k, v in part.items()}
-            files = dict(sorted((k, v) for _, part in everyone for k, v in part.items()))
+            files = dict(sorted((k, v) for part in everyone for k, v in part.items()))
             manifest = {"format": FORMAT, "step": step, "world_size": world,
-                        "optimizer_extras": extras, "files": files, **info}
+                        "optimizer_extras": _hyperparameters(optimizer), "files": files, **info}
             manifest["crc32"] = _manifest_crc(manifest)
             _write_synced(partial / MANIFEST, json.dumps(manifest, indent=1))
             shutil.rmtree(final, ignore_errors=True)
@@ -194,45 +237,77 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
-    def load(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             manifest: dict | None = None) -> dict:
-        """Load a checkpoint into ``model`` and ``optimizer`` (any world size); return its manifest
-        (``manifest``: one already read with ``read_manifest``)."""
-        path = Path(path)
+    def load(self, path: str | Path, model, optimizer: torch.optim.Optimizer, manifest: dict | None = None) -> dict:
+        """Load a checkpoint, saved under any layout and world size, into ``model`` and
+        ``optimizer``; return its manifest (``manifest``: one already read with ``read_manifest``)."""
+        path, source = Path(path), _source(model)
         if manifest is None:  # the ranks share the hashing
             manifest = read_manifest(path, verify=(self.rank, dist.get_world_size(self.group)))
-        tensors, extras = self._state(model, optimizer)
+        init_optimizer_state(optimizer)
+        tensors = self._state(source, optimizer)
         metadata = SafeReader(path).read_metadata()
         available = metadata.state_dict_metadata
         tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.") or k in available}
-        _check_matches(path, tensors, available, self.whole_model, self.tag)
+        _check_matches(path, tensors, available, source.model_names)
         try:
-            dcp.load(tensors, storage_reader=SafeReader(path), process_group=self.group)
+            dcp.load(tensors, storage_reader=SafeReader(path), planner=_LoadPlanner(), process_group=self.group)
         except Exception as exc:  # DCP reports a short or damaged file in many ways
             raise CheckpointError(f"checkpoint {path} could not be read: {first_line(exc)}") from None
-        cut = len(self.tag)
-        model_sd = {k[6 : len(k) - cut]: v for k, v in tensors.items() if k.startswith("model.")}
-        optim_sd = {k[6 : len(k) - cut]: v for k, v in tensors.items() if k.startswith("optim.")}
-        optim_sd.update({k[: len(k) - cut]: _from_json(v) for k, v in manifest["optimizer_extras"].items()
-                         if k in extras})  # this rank's entries (its stage, its tp slice)
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_OPTIONS)
+        source.loaded()
         mine = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng.rank{self.rank}.")}
         if mine:  # ranks beyond the saved world keep the RNG they were seeded with
             set_rng_state(mine)
         return manifest
 
-    def _state(self, model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-        """Flat tensor state for DCP, and the optimizer's non-tensor entries for the manifest."""
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
-        tensors = {f"model.{k}{self.tag}": v for k, v in model_sd.items()}
-        extras = {}
-        for key, value in optim_sd.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{key}{self.tag}"] = value
-            else:
-                extras[f"{key}{self.tag}"] = value
+    def _state(self, source, optimizer) -> dict:
+        tensors = source.checkpoint_state(optimizer)
         tensors.update({f"rng.rank{self.rank}.{k}": v for k, v in rng_state().items()})
-        return tensors, extras
+        return tensors
+
+
+def load_unsplit(path: str | Path, model: nn.Module) -> dict:
+    """Load the model state of a checkpoint saved under any layout into ``model``, unsplit, in
+    this one process (no process group needed); return the manifest. ``plait export`` uses it."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}  # views of the model's own tensors
+    metadata = SafeReader(path).read_metadata()
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    _check_matches(path, tensors, metadata.state_dict_metadata, names)
+    try:
+        dcp.load(tensors, storage_reader=SafeReader(path), planner=_LoadPlanner(), no_dist=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} could not be read: {first_line(exc)}") from None
+    return manifest
+
+
+def _source(model):
+    return _Whole(model) if isinstance(model, nn.Module) else model
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state (momentum, moments, step counts) so a checkpoint can be
+    loaded into it: one step with zero gradients at learning rate 0, which moves nothing."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if all(p in optimizer.state and optimizer.state[p] for p in params):
+        return
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> dict:
+    """The first parameter group's hyperparameters (numbers, flags, betas), for the manifest."""
+    group = optimizer.param_groups[0]
+    scalar = (int, float, str, bool, type(None))
+    return {f"param_groups.{k}": list(v) if isinstance(v, tuple) else v for k, v in group.items()
+            if k != "params" and (isinstance(v, scalar) or isinstance(v, tuple) and all(isinstance(x, scalar) for x in v))}
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -323,7 +398,9 @@ def _manifest_crc(manifest: dict) -> int:
     return zlib.crc32(json.dumps(body, sort_keys=True).encode())
 
 
-def _check_matches(path: Path, tensors: dict, available: dict, whole_model: bool, tag: str = "") -> None:
+def _check_matches(path: Path, tensors: dict, available: dict, model_names: list[str]) -> None:
+    """The checkpoint holds what this rank loads, of the same unsplit shapes, and nothing of a
+    model that this one is not."""
     for key, tensor in tensors.items():
         if key.startswith("rng."):
             continue
@@ -332,16 +409,13 @@ def _check_matches(path: Path, tensors: dict, available: dict, whole_model: bool
             raise CheckpointError(f"checkpoint {path} does not match this model/optimizer: it has no {key!r}")
         if isinstance(meta, BytesStorageMetadata):
             raise CheckpointError(f"checkpoint {path}: {key!r} is stored as pickled bytes; refusing to load it")
-        if tuple(meta.size) != tuple(tensor.shape):
+        if tuple(meta.size) != tuple(tensor.size()):
             raise CheckpointError(f"checkpoint {path} does not match this model: {key!r} has shape "
-                                  f"{tuple(meta.size)} there, {tuple(tensor.shape)} here")
-    extra = [k for k in available if k.startswith("model.") and k.endswith(tag) and k not in tensors]
-    if extra and whole_model:
+                                  f"{tuple(meta.size)} there, {tuple(tensor.size())} here")
+    known = {f"model.{n}" for n in model_names}
+    extra = sorted(k for k in available if k.startswith("model.") and k not in known)
+    if extra:
         raise CheckpointError(f"checkpoint {path} does not match this model: it has {extra[0]!r}, which this model lacks")
-
-
-def _from_json(value):
-    return tuple(value) if isinstance(value, list) else value  # JSON turns tuples (betas) into lists
 
 
 def _write_synced(path: Path, text: str) -> None:

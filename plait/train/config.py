@@ -229,19 +229,9 @@ class Config:
 
 
 def _check_combinations(cfg: Config) -> None:
-    """Layouts and options that do not go together in this version, refused before any worker starts."""
+    """Options that do not go together, refused before any worker starts. Every product of
+    dp (or ZeRO 1-3), pp and tp composes; the parameter server is a role split, not a mesh axis."""
     p, t, z = cfg.parallel.pp, cfg.parallel.tp, cfg.parallel.zero
-    _require(not (p > 1 and t > 1), "parallel", "pipeline and tensor parallelism together are not available in this version")
-    _require(not (z and (p > 1 or t > 1)), "parallel.zero",
-             "ZeRO with pipeline or tensor parallelism is not available in this version")
-    _require(not (z and (cfg.checkpoint.every or cfg.checkpoint.resume)), "checkpoint",
-             "checkpoints of ZeRO runs are not available in this version")
-    _require(not (z == 3 and cfg.train.accum_steps > 1), "train.accum_steps",
-             "ZeRO stage 3 keeps no full gradients to accumulate; use a larger batch")
-    _require(not (p > 1 and cfg.train.accum_steps > 1), "train.accum_steps",
-             "with pipeline parallelism, use pipeline.microbatches instead")
-    _require(not (t > 1 and cfg.train.grad_clip), "train.grad_clip",
-             "clipping with tensor parallelism is not available in this version")
     if cfg.parallel.strategy != "ps":
         _require(cfg.ps == PSConfig(), "ps", f"ps.* options are set but parallel.strategy is "
                  f"{cfg.parallel.strategy!r}; add --set parallel.strategy=ps")

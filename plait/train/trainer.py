@@ -24,12 +24,11 @@ from plait.distributed.mesh import Mesh
 from plait.errors import ConfigError, PlaitError
 from plait.models import build_model
 from plait.parallel.consistency import check_consistency
-from plait.parallel.data import DataParallel
+from plait.parallel.compose import Layout, parallelize
 from plait.parallel.pipeline.schedules import bubble_fraction
 from plait.parallel.pipeline.trace import measured_bubble, plot_timeline, write_chrome_trace
 from plait.train.checkpoint import Checkpointer, read_manifest
 from plait.train.config import Config, TrainConfig
-from plait.train.engines import Pipelined, Replicated, Sharded, TensorParallel
 from plait.train.metrics import RunLog
 from plait.train.tasks import build_task
 
@@ -42,33 +41,18 @@ def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def check_batch(cfg: Config, dp: int, pp: int) -> None:
-    """The global batch splits into dp ranks x accumulation steps, and each rank's share into
-    micro-batches: checked by the launcher before any worker starts, and by the trainer."""
-    t = cfg.train
-    if t.batch_size % (dp * t.accum_steps):
-        raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by dp ({dp}) x "
-                          f"train.accum_steps ({t.accum_steps})")
-    local = t.batch_size // dp
-    if pp > 1 and local % cfg.pipeline.microbatches:
-        raise ConfigError(f"pipeline.microbatches: {cfg.pipeline.microbatches} does not divide each data-parallel "
-                          f"rank's {local} samples (train.batch_size {t.batch_size} / dp {dp})")
-
-
 def position_keys(cfg: Config) -> dict:
     """What a checkpoint's position in the data depends on: it must not change on resume."""
     return {"batch_size": cfg.train.batch_size, "partition": cfg.data.partition}
 
 
-def check_resumable(cfg: Config, manifest: dict, path: Path, pp: int, tp: int) -> None:
-    """This run can continue from the checkpoint ``manifest`` (at ``path``): one line saying why
-    not otherwise. The launcher calls it before any worker starts; the trainer again."""
+def check_resumable(cfg: Config, manifest: dict, path: Path) -> None:
+    """This run can continue from the checkpoint ``manifest`` (at ``path``), whatever layout
+    either has: one line saying why not otherwise. The launcher calls it before any worker
+    starts; the trainer again."""
     for key in ("epoch", "batch_in_epoch"):
         if not isinstance(manifest.get(key), int):
             raise PlaitError(f"checkpoint {path} holds no training position ({key}): it was not saved by plait train")
-    if (manifest.get("pp", 1), manifest.get("tp", 1)) != (pp, tp):
-        raise PlaitError(f"checkpoint {path} was made with pp={manifest.get('pp', 1)}, tp={manifest.get('tp', 1)}; "
-                         f"this run has pp={pp}, tp={tp}: only the data-parallel degree may change on resume")
     for key, value in position_keys(cfg).items():
         if manifest.get(key) != value:
             raise PlaitError(f"checkpoint {path} was made with {key}={manifest.get(key)!r}, this run has "
@@ -92,43 +76,29 @@ class Trainer:
         self.cfg, self.info, self.device = cfg, info, info.device
         self.where = "start-up"
         """What this rank is doing, for error messages: 'start-up', 'step 7', ..."""
-        self.mesh = Mesh(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, device_type=info.device.type)
-        self.dp, self.dp_rank, self.dp_group = self.mesh.size("dp"), self.mesh.coord("dp"), self.mesh.group("dp")
-        self.pp = self.mesh.size("pp")
+        self.layout = Layout.from_config(cfg, info.world_size)
+        lay = self.layout
+        self.mesh = Mesh(lay.dp, lay.pp, lay.tp, device_type=info.device.type)
+        self.dp, self.dp_rank, self.dp_group = lay.dp, self.mesh.coord("dp"), self.mesh.group("dp")
+        self.pp, self.tp = lay.pp, lay.tp
         t = cfg.train
-        check_batch(cfg, self.dp, self.pp)
         self.local_batch = t.batch_size // self.dp
-        self.tp = self.mesh.size("tp")
         torch.manual_seed(t.seed)
         self.task = build_task(cfg.data.name, cfg.data.path, cfg.data.args)
         self.model = build_model(cfg.model.name, cfg.model.args, self.task.info).to(self.device)
         sample = self.task.train.tensors[0][: self.local_batch].to(self.device)
-        if cfg.parallel.zero:
-            self.engine = Sharded(self.model, self.mesh, cfg, self.task.loss)
-        elif self.pp > 1:
-            self.engine = Pipelined(self.model, self.mesh, cfg, self.task.loss, sample, self.device)
-        elif self.tp > 1:
-            self.engine = TensorParallel(self.model, self.mesh, cfg, self.device)
-        else:
-            self.engine = Replicated(self.model, self.mesh, cfg, self.task.loss)
-        self.engine.check(sample)  # stages that do not fit together fail here, on every rank
-        self.params = self.engine.parameters()
-        self.optimizer = build_optimizer(t, self.params)
-        self.engine.attach(self.optimizer)
+        self.parallel = parallelize(self.model, self.mesh, lay, self.task.loss, self.device, sample)
+        self.parallel.check(sample)  # stages that do not fit together fail here, on every rank
+        self.optimizer = build_optimizer(t, self.parallel.parameters())
+        self.parallel.attach(self.optimizer)
         self.sampler, self.loader = build_loader(cfg, self.task.train, self.dp, self.dp_rank)
         # Position: the next step to run, and where its batch lies (in global batches of the epoch).
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        tp_tag = f"@tp{self.mesh.coord('tp')}of{self.tp}" if self.tp > 1 else ""
-        self.ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, shard_tag=tp_tag,
-                                 whole_model=self.pp == 1)
+        self.ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
         resumed = self._resume()
         self.log = RunLog(cfg.run.out_dir, cfg.run.name, resume_step=self.step if resumed else None) \
             if info.is_main else None
         self.skipped, self.pipeline_report = 0, {}
-
-    @property
-    def ddp(self) -> DataParallel:
-        return self.engine.ddp
 
     # -- checkpoints ------------------------------------------------------------------------
     def _resume(self) -> bool:
@@ -145,35 +115,34 @@ class Trainer:
                 return False  # the worker group died before its first checkpoint: start over
             raise PlaitError(f"checkpoint.resume: no complete checkpoint in {self.ckpt.root}")
         manifest = read_manifest(path, verify=(self.info.rank, self.info.world_size))  # the ranks share the hashing
-        check_resumable(self.cfg, manifest, path, self.pp, self.tp)
-        self.optimizer.zero_grad(set_to_none=True)  # lets torch create the optimizer state to load into
-        self.ckpt.load(path, self.engine.module, self.optimizer, manifest)
-        changed = self._apply_hyperparameters()
+        check_resumable(self.cfg, manifest, path)
+        self.ckpt.load(path, self.parallel, self.optimizer, manifest)
+        changed = self._hyperparameter_changes(manifest)
         self.step, self.epoch, self.batch_in_epoch = manifest["step"], manifest["epoch"], manifest["batch_in_epoch"]
         if self.info.is_main:
             print(f"plait: resumed from {path} (step {self.step})"
                   + "".join(f"; {key} {old!r} -> {new!r}" for key, (old, new) in changed.items()), flush=True)
         return True
 
-    def _apply_hyperparameters(self) -> dict:
+    def _hyperparameter_changes(self, manifest: dict) -> dict:
         """The resume rule: state (momentum buffers, Adam's moments, step counts) comes from the
-        checkpoint, hyperparameters from this run's config. Returns {key: (saved, now)} for the
-        ones that differ."""
+        checkpoint, hyperparameters from this run's config (the optimizer was built with them).
+        Returns {key: (saved, now)} for the ones that differ."""
         changed = {}
-        for group in self.optimizer.param_groups:
-            for name in HYPERPARAMETERS:
-                now = getattr(self.cfg.train, name)
-                if name in group and group[name] != now:  # Adam's groups have no momentum
-                    changed[f"train.{name}"] = (group[name], now)
-                    group[name] = now
+        for name in HYPERPARAMETERS:
+            saved = next((v for k, v in manifest["optimizer_extras"].items()
+                          if k.startswith("param_groups.") and k.endswith(f".{name}")), None)
+            now = getattr(self.cfg.train, name)
+            if saved is not None and name in self.optimizer.param_groups[0] and saved != now:
+                changed[f"train.{name}"] = (saved, now)
         return changed
 
     def _save(self) -> None:
-        info = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "layout": self.mesh.describe(),
-                "pp": self.pp, "tp": self.tp, "optimizer": self.cfg.train.optimizer,
+        info = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "layout": self.layout.describe(),
+                "pp": self.pp, "tp": self.tp, "zero": self.layout.zero, "optimizer": self.cfg.train.optimizer,
                 "model": self.cfg.model.name, "run": self.cfg.run.name, **position_keys(self.cfg)}
         self.where = f"checkpoint save of step {self.step}"
-        self.ckpt.save(self.step, self.engine.module, self.optimizer, info)
+        self.ckpt.save(self.step, self.parallel, self.optimizer, info)
 
     # -- data -------------------------------------------------------------------------------
     def _batches(self):
@@ -194,55 +163,37 @@ class Trainer:
         t = self.cfg.train
         self.optimizer.zero_grad()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.bf16):
-            local_loss = self.engine.step(x, y)
+            local_loss = self.parallel.step(x, y)
         if t.skip_nonfinite:
-            if not self._all_finite():
+            if not self.parallel.all_finite():  # every rank decides alike
                 self.skipped += 1
                 return local_loss
         elif not math.isfinite(local_loss.item()):
             raise PlaitError(f"rank {self.info.rank}: loss is {local_loss.item()} at step {step}; stopping "
                              "(the last checkpoint is kept; train.skip_nonfinite = true skips such steps)")
         if t.grad_clip > 0:
-            self._clip(t.grad_clip)
+            norm = self.parallel.grad_norm()  # each element counted once, whatever the layout
+            coef = t.grad_clip / (norm + 1e-6)
+            if coef < 1.0:
+                torch._foreach_mul_(self.parallel.grads(), coef)
         self.optimizer.step()
         return local_loss
 
-    def _grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.params if p.grad is not None]
-
-    def _all_finite(self) -> bool:
-        """Gradients are averaged over dp, so one rank's NaN reaches all of its group; stages
-        agree through the pp group: every rank decides alike."""
-        finite = torch.stack([torch.isfinite(g).all() for g in self._grads()]).all().float()
-        if self.engine.norm_group is not None:
-            all_reduce(finite, "finite-gradient check", self.engine.norm_group, op=dist.ReduceOp.MIN)
-        return bool(finite.item())
-
-    def _clip(self, max_norm: float) -> None:
-        """Clip to a global norm: squared norms summed over stages (dp replicas hold the same)."""
-        grads = self._grads()
-        square = torch.stack([g.detach().double().square().sum() for g in grads]).sum()
-        if self.engine.norm_group is not None:  # stages or ZeRO slices each hold a part
-            all_reduce(square, "gradient-norm all-reduce", self.engine.norm_group)
-        coef = max_norm / (square.sqrt().item() + 1e-6)
-        if coef < 1.0:
-            torch._foreach_mul_(grads, coef)
-
     def _global_mean(self, value: torch.Tensor) -> float:
         """Mean loss over the global batch: ranks holding a loss (all, or the last stages) add."""
-        value = value.detach().clone().double() if self.engine.has_loss else torch.zeros((), dtype=torch.float64)
+        value = value.detach().clone().double() if self.parallel.has_loss else torch.zeros((), dtype=torch.float64)
         if self.info.world_size > 1:
             all_reduce(value, f"loss all-reduce at step {self.step}")
-        return value.item() / (self.dp * self.engine.loss_copies)
+        return value.item() / (self.dp * self.parallel.loss_copies)
 
     def _evaluate(self) -> dict:
         """Test metrics: each dp rank scores a contiguous slice, through its pipeline if any."""
         x, y = self.task.test.tensors
         lo, hi = len(x) * self.dp_rank // self.dp, len(x) * (self.dp_rank + 1) // self.dp
-        was_training = self.engine.module.training
-        self.engine.module.eval()
-        out = self.engine.infer(x[lo:hi].to(self.device))
-        self.engine.module.train(was_training)
+        was_training = self.parallel.training
+        self.parallel.train(False)
+        out = self.parallel.infer(x[lo:hi].to(self.device))
+        self.parallel.train(was_training)
         sums = self.task.score(out, y[lo:hi].to(self.device)) if out is not None else torch.zeros(3, dtype=torch.float64)
         if self.info.world_size > 1:
             all_reduce(sums, "evaluation all-reduce")
@@ -291,7 +242,7 @@ class Trainer:
     def _write_trace(self) -> dict:
         """Gather every stage's timeline of this step; rank 0 writes the trace and the plot."""
         traces = [None] * self.pp
-        dist.all_gather_object(traces, self.engine.stage.trace, group=self.mesh.group("pp"))
+        dist.all_gather_object(traces, self.parallel.pipe.trace, group=self.mesh.group("pp"))
         m, p = self.cfg.pipeline.microbatches, self.pp
         report = {"pipeline_schedule": self.cfg.pipeline.schedule, "pipeline_microbatches": m,
                   "bubble_measured": measured_bubble(traces), "bubble_theory": bubble_fraction(m, p)}
@@ -306,19 +257,19 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.where = "the final evaluation and summary"
         metrics = self._evaluate()
-        with self.engine.whole_model() as whole:
+        with self.parallel.whole_model() as whole:
             if cfg.parallel.check_consistency and self.dp > 1:
                 check_consistency(whole, self.dp_group)
-            report = self.task.report(whole) if self.pp == self.tp == 1 else {}
+            report = self.task.report(self.model) if self.pp == self.tp == 1 else {}
         summary = {
             "name": cfg.run.name, "final_loss": loss, **metrics, "steps": t.steps,
             "samples_per_s": steps_run * t.batch_size / max(train_time, 1e-9), "world_size": self.info.world_size,
             "resumed_from_step": t.steps - steps_run, "skipped_steps": self.skipped,
-            "layout": self.mesh.describe(), "wall_time_s": train_time, "global_batch": t.batch_size,
+            "layout": self.layout.describe(), "wall_time_s": train_time, "global_batch": t.batch_size,
             "epochs": self.epoch + 1, **self.pipeline_report,
             **({"tokens_per_s": steps_run * t.batch_size * self.task.info["block_size"] / max(train_time, 1e-9)}
                if self.task.kind == "lm" else {}),
-            **report, **({"zero_memory_bytes": self.ddp.memory(self.optimizer)} if cfg.parallel.zero else {}),
+            **report, **self.parallel.report(self.optimizer),
         }
         if self.log:
             self.log.finish(summary, cfg.to_dict(), f"{cfg.run.name}: {summary['layout']}, global batch {t.batch_size}")

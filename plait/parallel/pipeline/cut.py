@@ -66,8 +66,10 @@ def block_times(blocks: list[nn.Module], sample: tuple[torch.Tensor, ...], repea
 
 
 def cut_points(blocks: list[tuple[str, nn.Module]], stages: int, balance: str = "params",
-               cuts: list[int] | None = None, sample: tuple[torch.Tensor, ...] | None = None) -> list[int]:
-    """Where each stage starts (index of its first block), for ``stages`` stages."""
+               cuts: list[int] | None = None, sample: tuple[torch.Tensor, ...] | None = None,
+               weights: list[float] | None = None) -> list[int]:
+    """Where each stage starts (index of its first block), for ``stages`` stages; ``weights``:
+    the blocks' costs, measured already (every rank must cut alike)."""
     n = len(blocks)
     if stages > n:
         raise PlaitError(f"pipeline: {stages} stages but the model has only {n} block{'s' if n > 1 else ''} to cut "
@@ -77,20 +79,21 @@ def cut_points(blocks: list[tuple[str, nn.Module]], stages: int, balance: str = 
         if len(cuts) != stages - 1 or starts != sorted(set(starts)) or cuts[-1] >= n or cuts[0] <= 0:
             raise PlaitError(f"pipeline.cuts={cuts}: need {stages - 1} increasing block indices in 1..{n - 1}")
         return starts
-    if balance == "params":
+    if weights is None and balance == "params":
         weights = [float(sum(p.numel() for p in b.parameters())) + 1.0 for _, b in blocks]
-    elif balance == "time":
+    elif weights is None and balance == "time":
         if sample is None:
             raise PlaitError("pipeline.balance='time' needs a sample batch to time the blocks")
         weights = block_times([b for _, b in blocks], sample)
-    else:
+    elif weights is None:
         raise PlaitError(f"pipeline.balance={balance!r}: choose 'params' or 'time'")
     return [0, *_balance(weights, stages)]
 
 
 class StageModule(nn.Module):
-    """Consecutive blocks of a model, registered under their names in the whole model, so a
-    stage's ``state_dict`` keys are the model's. A tuple output is unpacked into the next block."""
+    """Consecutive blocks of a model, registered under their names in the whole model (dots made
+    underscores). A tuple output is unpacked into the next block. Checkpoints name parameters as
+    the unsplit model does (``plait.parallel.compose``), not by these names."""
 
     def __init__(self, blocks: list[tuple[str, nn.Module]]):
         super().__init__()

@@ -46,9 +46,12 @@ class PipelineStage:
         self._specs: list[Spec] = []
 
     # -- one step -------------------------------------------------------------------------
-    def step(self, inputs, targets, microbatches: int, schedule: str = "1f1b") -> torch.Tensor | None:
+    def step(self, inputs, targets, microbatches: int, schedule: str = "1f1b", sync: bool = True,
+             scale: float = 1.0) -> torch.Tensor | None:
         """Forward and backward of one batch as ``microbatches`` micro-batches; gradients are
-        accumulated (mean over the batch). Returns the mean loss on the last stage, else None."""
+        accumulated (mean over the batch, times ``scale``). Returns the mean loss (times ``scale``)
+        on the last stage, else None. ``sync=False``: the data-parallel module keeps its
+        gradients local (a step accumulated over several batches syncs on its last one)."""
         if schedule not in SCHEDULES:
             raise PlaitError(f"pipeline.schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
         xs = _split(inputs, microbatches) if self.first else [None] * microbatches
@@ -60,9 +63,9 @@ class PipelineStage:
         self._microbatches = microbatches
         for kind, i in actions:
             if kind == "F":
-                self._forward(i, xs[i], ys[i], header=i == 0, scale=1.0 / microbatches)
+                self._forward(i, xs[i], ys[i], header=i == 0, scale=scale / microbatches)
             else:
-                self._backward(i, sync=i == last_backward)
+                self._backward(i, sync=sync and i == last_backward)
         for link in (self.prev, self.next):
             if link:
                 link.flush()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.errors import PlaitError
+from plait.parallel.shards import TPSplit
 from plait.parallel.tensor.comm import _all_reduce, copy_to, gather_from, reduce_from, scatter_to
 
 
@@ -31,8 +32,13 @@ def _shard_size(size: int, group, what: str, name: str) -> tuple[int, int]:
     return size // world, rank
 
 
-def _param(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t.detach().clone().contiguous())
+def _param(t: torch.Tensor, group=None, dim: int = 0, parts: int = 1) -> nn.Parameter:
+    """A parameter holding ``t``; with ``group``, marked as this rank's slice along ``dim``
+    (``param.plait_tp``), which checkpoints use to place it in the unsplit tensor."""
+    p = nn.Parameter(t.detach().clone().contiguous())
+    if group is not None:
+        p.plait_tp = TPSplit(dim, parts, dist.get_rank(group), dist.get_world_size(group))
+    return p
 
 
 class ColumnParallelLinear(nn.Module):
@@ -51,8 +57,8 @@ class ColumnParallelLinear(nn.Module):
             rank, world = dist.get_rank(group), dist.get_world_size(group)
             return torch.cat([part.chunk(world)[rank] for part in t.chunk(parts)])  # [out/t, ...]
 
-        w = weight if weight is not None else _param(mine(linear.weight))  # [out/t, in]
-        b = _param(mine(linear.bias)) if linear.bias is not None else None
+        w = weight if weight is not None else _param(mine(linear.weight), group, 0, parts)  # [out/t, in]
+        b = _param(mine(linear.bias), group, 0, parts) if linear.bias is not None else None
         return cls(w, b, group, gather_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +74,7 @@ class RowParallelLinear(nn.Module):
     @classmethod
     def from_module(cls, linear: nn.Linear, group, name: str = "", input_is_parallel: bool = True) -> RowParallelLinear:
         n, r = _shard_size(linear.in_features, group, "input features", name)
-        w = _param(linear.weight[:, r * n : (r + 1) * n])  # [out, in/t]
+        w = _param(linear.weight[:, r * n : (r + 1) * n], group, 1)  # [out, in/t]
         b = _param(linear.bias) if linear.bias is not None else None  # added once, after the sum
         return cls(w, b, group, input_is_parallel)
 
@@ -90,7 +96,7 @@ class VocabParallelEmbedding(nn.Module):
     @classmethod
     def from_module(cls, embedding: nn.Embedding, group, name: str = "") -> VocabParallelEmbedding:
         n, r = _shard_size(embedding.num_embeddings, group, "vocabulary", name)
-        return cls(_param(embedding.weight[r * n : (r + 1) * n]), r * n, group)  # [V/t, D]
+        return cls(_param(embedding.weight[r * n : (r + 1) * n], group, 0), r * n, group)  # [V/t, D]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.start

@@ -26,30 +26,53 @@ _KINDS = {"colwise": nn.Linear, "colwise_gather": nn.Linear, "qkv": nn.Linear, "
 
 def parallelize(model: nn.Module, plan: dict[str, str], group) -> nn.Module:
     """Replace the modules ``plan`` names by their tensor-parallel versions on ``group``."""
+    check_plan(model, plan, dist.get_world_size(group))
     shared: dict[int, nn.Parameter] = {}  # id of an unsplit weight -> its slice, for tied weights
+    for pattern, style in plan.items():
+        for name in _matches(model, pattern):
+            _replace(model, name, style, group, shared)
+    return model
+
+
+def _matches(model: nn.Module, pattern: str) -> list[str]:
+    return [n for n, _ in model.named_modules() if n and fnmatch(n, pattern)]
+
+
+def check_plan(model: nn.Module, plan: dict[str, str], tp: int) -> None:
+    """That ``plan`` splits ``model`` (unsplit; on the meta device is enough) over ``tp`` ranks:
+    known styles, patterns that match modules of the right kind, sizes that divide by tp. One
+    line naming the pattern or module and the numbers otherwise."""
     for pattern, style in plan.items():
         if style not in STYLES:
             raise PlaitError(f"tensor parallel plan: {pattern!r}: unknown style {style!r}; choose one of {', '.join(STYLES)}")
-        names = [n for n, _ in model.named_modules() if n and fnmatch(n, pattern)]
+        names = _matches(model, pattern)
         if not names:
             raise PlaitError(f"tensor parallel plan: pattern {pattern!r} matches no module of {type(model).__name__}")
         for name in names:
-            _replace(model, name, style, group, shared)
-    tp = dist.get_world_size(group)
+            module = model.get_submodule(name)
+            if not isinstance(module, _KINDS[style]):
+                raise PlaitError(f"tensor parallel plan: {name} is a {type(module).__name__}, style {style!r} "
+                                 f"needs an {_KINDS[style].__name__}")
+            if style == "vocab":
+                size, what = module.num_embeddings, "vocabulary"
+            elif style == "rowwise":
+                size, what = module.in_features, "input features"
+            elif style == "qkv":
+                size, what = module.out_features // 3, "output features per part (q, k, v)"
+            else:
+                size, what = module.out_features, "output features"
+            if size % tp:
+                raise PlaitError(f"tensor parallel: {name}: {what} {size} is not divisible by tp={tp}")
     for name, module in model.named_modules():
         heads = getattr(module, "heads", None)
-        if heads is not None and heads % tp:
+        if isinstance(heads, int) and heads % tp:
             raise PlaitError(f"tensor parallel: {name}: {heads} attention heads are not divisible by tp={tp}")
-    return model
 
 
 def _replace(model: nn.Module, name: str, style: str, group, shared: dict) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     module = getattr(parent, leaf)
-    if not isinstance(module, _KINDS[style]):
-        raise PlaitError(f"tensor parallel plan: {name} is a {type(module).__name__}, style {style!r} "
-                         f"needs an {_KINDS[style].__name__}")
     if style == "vocab":
         new = VocabParallelEmbedding.from_module(module, group, name)
     elif style == "rowwise":

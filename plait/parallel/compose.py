@@ -1,0 +1,285 @@
+"""One composition for every layout: tensor parallel, then the pipeline cut, then data parallel
+or ZeRO, in that order, on one mesh (as torchtitan and picotron compose them).
+
+    layout = Layout.from_config(cfg, world_size)            # dp, pp, tp, zero, micro-batches, ...
+    par = parallelize(model, mesh, layout, loss_fn)
+    optimizer = torch.optim.AdamW(par.parameters(), lr=1e-3)
+    par.attach(optimizer)
+    loss = par.step(x, y)                                   # forward and backward, gradients synced
+    optimizer.step()
+
+1. Tensor parallel by the model's ``tp_plan()`` on the ``tp`` axis, on the whole model, so the
+   plan's patterns are the unsplit model's names.
+2. The pipeline cut on the ``pp`` axis: this rank keeps the run of blocks (``blocks_of``) that
+   is its stage; one stage holding every block when pp = 1, so every layout runs the same path.
+3. The stage wrapped in ``DataParallel`` or ``Zero`` on the ``dp`` axis; ZeRO-3's units are the
+   stage's blocks, the modules its forward calls.
+
+The trainer asks the result what it runs: the parameters to optimize, the global gradient norm
+(each tp slice, stage and ZeRO slice counted once, replicas once), what a checkpoint holds (keyed
+by the unsplit model's names, so that it loads under any other layout), the loss's copies.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.distributed.comm import all_reduce
+from plait.distributed.mesh import Mesh, resolve_degrees
+from plait.errors import ConfigError, PlaitError
+from plait.parallel.data import DataParallel
+from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, cut_points
+from plait.parallel.pipeline.cut import block_times
+from plait.parallel.shards import Piece, checkpoint_tensors, gather_unsplit, tensor_pieces, unit_pieces
+from plait.parallel.tensor import parallelize as tensor_parallelize
+from plait.parallel.tensor import vocab_parallel_cross_entropy
+from plait.parallel.tensor.comm import gather_from
+from plait.parallel.tensor.plan import check_plan
+from plait.parallel.zero import Zero
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a run is laid out over its processes: the mesh's degrees and how a step is cut up."""
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    zero: int = 0
+    """ZeRO stage on the dp axis (0: plain data parallel)."""
+    microbatches: int = 1
+    """Pipeline micro-batches per data-parallel rank and step (pp > 1)."""
+    schedule: str = "1f1b"
+    accum_steps: int = 1
+    """Batches a step accumulates over, gradients synced on the last one."""
+    balance: str = "params"
+    cuts: tuple[int, ...] = ()
+    bucket_mb: float = 25.0
+    allow_unused: bool = False
+
+    @classmethod
+    def from_config(cls, cfg, world_size: int) -> Layout:
+        """The layout a config asks for on ``world_size`` processes; one line naming the key and
+        the numbers if the degrees do not multiply to the world or the batch does not split."""
+        p = cfg.parallel
+        sizes = resolve_degrees(world_size, p.dp, p.pp, p.tp)
+        layout = cls(dp=sizes["dp"], pp=sizes["pp"], tp=sizes["tp"], zero=p.zero,
+                     microbatches=cfg.pipeline.microbatches if sizes["pp"] > 1 else 1,
+                     schedule=cfg.pipeline.schedule, accum_steps=cfg.train.accum_steps,
+                     balance=cfg.pipeline.balance, cuts=tuple(cfg.pipeline.cuts),
+                     bucket_mb=p.bucket_mb, allow_unused=p.allow_unused)
+        layout.check_batch(cfg.train.batch_size)
+        return layout
+
+    def check_batch(self, batch_size: int) -> None:
+        """The global batch splits into dp ranks x accumulation steps, and each of those shares
+        into pipeline micro-batches."""
+        if batch_size % (self.dp * self.accum_steps):
+            raise ConfigError(f"train.batch_size: {batch_size} is not divisible by dp ({self.dp}) x "
+                              f"train.accum_steps ({self.accum_steps})")
+        share = batch_size // (self.dp * self.accum_steps)
+        if share % self.microbatches:
+            raise ConfigError(f"pipeline.microbatches: {self.microbatches} does not divide each data-parallel "
+                              f"rank's {share} samples per accumulation step (train.batch_size {batch_size} / "
+                              f"dp {self.dp} / train.accum_steps {self.accum_steps})")
+
+    def check_model(self, model: nn.Module) -> None:
+        """What the unsplit model (on the meta device is enough) must allow: a tensor-parallel
+        plan whose sizes divide by tp, at least pp blocks to cut."""
+        if self.tp > 1:
+            if not hasattr(model, "tp_plan"):
+                raise ConfigError(f"parallel.tp: the model ({type(model).__name__}) has no tensor-parallel plan "
+                                  "(a tp_plan() method)")
+            check_plan(model, model.tp_plan(), self.tp)
+        blocks = blocks_of(model)
+        if self.pp > len(blocks):
+            raise ConfigError(f"parallel.pp: {self.pp} stages, but the model ({type(model).__name__}) has only "
+                              f"{len(blocks)} block{'s' if len(blocks) > 1 else ''} to cut")
+        names = {id(p): n for n, p in model.named_parameters()}
+        if self.zero == 3:  # each block is a unit, gathered on its own
+            _check_not_shared(blocks, list(range(len(blocks) + 1)), names, "ZeRO-3: parameter {name} is used by "
+                              "blocks {a} and {b} (tied weights), which it gathers one at a time; untie them "
+                              "(for the GPT: model.args.tied = false) or use parallel.zero = 1 or 2")
+        if self.pp > 1 and (self.cuts or self.balance == "params"):  # a measured balance cuts at run time
+            _check_not_shared(blocks, cut_points(blocks, self.pp, self.balance, list(self.cuts) or None) + [len(blocks)],
+                              names)
+
+    def describe(self) -> str:
+        text = f"dp={self.dp} x pp={self.pp} x tp={self.tp}"
+        return text + (f", ZeRO-{self.zero}" if self.zero else "")
+
+
+def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, loss_fn, device: torch.device | None = None,
+                sample: torch.Tensor | None = None) -> Parallelized:
+    """Apply ``layout`` to ``model`` (built whole, the same on every rank) on ``mesh``: tensor
+    parallel, then this rank's pipeline stage, then data parallel or ZeRO. ``loss_fn(output,
+    target)`` is the mean loss of a micro-batch; under tensor parallelism the output is split by
+    vocabulary and the loss is vocab-parallel cross-entropy. ``sample``: a batch, for
+    ``balance='time'``."""
+    return Parallelized(model, mesh, layout, loss_fn, device or torch.device("cpu"), sample)
+
+
+class Parallelized:
+    """A model laid out on a mesh: what the trainer steps, and asks what it runs."""
+
+    def __init__(self, model: nn.Module, mesh: Mesh, layout: Layout, loss_fn, device: torch.device, sample):
+        self.mesh, self.layout, self.device = mesh, layout, device
+        layout.check_model(model)
+        self.model_names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+        self.tp_group, self.tp_rank = mesh.group("tp"), mesh.coord("tp")
+        # 1. tensor parallel, on the whole model (its names are the plan's)
+        if layout.tp > 1:
+            tensor_parallelize(model, model.tp_plan(), self.tp_group)
+            loss_fn = self._vocab_parallel_loss
+        names = {id(p): n for n, p in model.named_parameters()}
+        buffer_names = {id(b): n for n, b in model.named_buffers()}
+        # 2. this rank's pipeline stage
+        blocks = blocks_of(model)
+        weights = None
+        if layout.balance == "time" and layout.pp > 1 and not layout.cuts:
+            times = torch.tensor(block_times([b for _, b in blocks], (sample,)), dtype=torch.float64)
+            weights = all_reduce(times, "pipeline block timing").tolist()  # every rank cuts alike
+        starts = cut_points(blocks, layout.pp, layout.balance, list(layout.cuts) or None, weights=weights)
+        starts.append(len(blocks))
+        s = mesh.coord("pp")
+        self.blocks = blocks[starts[s] : starts[s + 1]]
+        self.stage_module = StageModule(self.blocks).to(device)
+        _check_not_shared(blocks, starts, names)
+        # 3. data parallel or ZeRO on dp
+        dp_group = mesh.group("dp")
+        if layout.zero:
+            units = [b for _, b in self.blocks] if layout.zero == 3 else None
+            self.module = Zero(self.stage_module, dp_group, stage=layout.zero, units=units)
+        else:
+            self.module = DataParallel(self.stage_module, dp_group, bucket_mb=layout.bucket_mb,
+                                       allow_unused=layout.allow_unused)
+        self.pipe = PipelineStage(self.module, s, layout.pp, mesh.group("pp"), loss_fn=loss_fn, device=device)
+        self.has_loss = self.pipe.last  # ranks that hold a loss
+        self.loss_copies = layout.tp  # each tp rank of a last stage holds the same loss
+        self.held = self._holdings(names)
+        self.buffers = {buffer_names[id(b)]: b for b in self.stage_module.buffers() if id(b) in buffer_names}
+        self.norm_axes = [a for a, on in (("tp", layout.tp > 1), ("pp", layout.pp > 1), ("dp", bool(layout.zero))) if on]
+
+    def _vocab_parallel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits.flatten(0, -2), target.flatten(), self.tp_group)  # [B*T, V/t]
+
+    def _holdings(self, names: dict[int, str]) -> list[tuple[torch.Tensor, list[Piece], list[str]]]:
+        """What the optimizer trains on this rank: (tensor, its pieces of unsplit tensors, the
+        names whose optimizer step count it carries)."""
+        if isinstance(self.module, Zero):
+            held = []
+            for u in self.module.units:
+                unit_names = [names[id(p)] for p in u.params]
+                start = u.rank * u.size
+                held.append((u.shard, unit_pieces(unit_names, u.params, u.offsets, start, start + u.size), unit_names))
+            return held
+        return [(p, tensor_pieces(names[id(p)], p), [names[id(p)]])
+                for p in self.stage_module.parameters() if p.requires_grad]
+
+    # -- what the trainer runs ------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        """What the optimizer trains: this rank's stage (its tp slices), or its ZeRO slices."""
+        return [t for t, _, _ in self.held]
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        if isinstance(self.module, Zero):
+            self.module.attach(optimizer)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of this rank's share of a global batch; gradients synced over dp.
+        Returns this rank's mean loss (zero on stages without one)."""
+        k, m = self.layout.accum_steps, self.layout.microbatches
+        total = torch.zeros((), device=x.device)
+        for i, (xs, ys) in enumerate(zip(x.chunk(k), y.chunk(k))):
+            loss = self.pipe.step(xs, ys, m, self.layout.schedule, sync=i == k - 1, scale=1.0 / k)
+            if loss is not None:
+                total += loss.detach()
+        return total
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole model's output on the last stages (the full vocabulary), None elsewhere."""
+        out = self.pipe.infer(x)
+        return gather_from(out, self.tp_group) if out is not None and self.layout.tp > 1 else out
+
+    def check(self, sample: torch.Tensor) -> None:
+        """Push a micro-batch through every stage: stages that do not fit together fail here."""
+        if self.layout.pp > 1:
+            self.pipe.check(sample[: max(1, len(sample) // (self.layout.microbatches * self.layout.accum_steps))])
+
+    def train(self, mode: bool = True) -> None:
+        self.stage_module.train(mode)
+
+    @property
+    def training(self) -> bool:
+        return self.stage_module.training
+
+    # -- gradients ------------------------------------------------------------------------
+    def grads(self) -> list[torch.Tensor]:
+        return [t.grad for t, _, _ in self.held if t.grad is not None]
+
+    def grad_norm(self) -> float:
+        """The global gradient norm: each unsplit element counted once, whatever the layout."""
+        square = torch.zeros((), dtype=torch.float64, device=self.device)
+        for t, pieces, _ in self.held:
+            if t.grad is None:
+                continue
+            flat = t.grad.detach().reshape(-1)
+            for piece in pieces:
+                if not (piece.tp_replica and self.tp_rank):  # a tp replica counts on tp rank 0 only
+                    square += piece.view(flat).double().square().sum()
+        for axis in self.norm_axes:
+            all_reduce(square, f"gradient-norm all-reduce over {axis}", self.mesh.group(axis))
+        return square.sqrt().item()
+
+    def all_finite(self) -> bool:
+        """Every rank's gradients are finite: all ranks decide alike."""
+        grads = self.grads()
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().float() if grads \
+            else torch.ones((), device=self.device)
+        all_reduce(finite, "finite-gradient check", op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    # -- state ----------------------------------------------------------------------------
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """This rank's share of the model and optimizer state, keyed by the unsplit model's names."""
+        return checkpoint_tensors(self.held, self.buffers, optimizer)
+
+    def loaded(self) -> None:
+        """After a checkpoint was loaded into the trained tensors: ZeRO 1-2 gather their slices."""
+        if isinstance(self.module, Zero) and self.module.stage < 3:
+            self.module.gather_params()
+
+    def unsplit_parameters(self) -> dict[str, torch.Tensor]:
+        """The whole model's parameters, assembled on every rank (sends everything: small models only)."""
+        return gather_unsplit([(t, pieces) for t, pieces, _ in self.held])
+
+    def whole_model(self):
+        """The stage with its parameters whole (ZeRO-3 gathers them for the while)."""
+        return self.module.gathered() if isinstance(self.module, Zero) else nullcontext(self.stage_module)
+
+    def report(self, optimizer: torch.optim.Optimizer) -> dict:
+        return {"zero_memory_bytes": self.module.memory(optimizer)} if isinstance(self.module, Zero) else {}
+
+
+_SHARED_BY_STAGES = ("pipeline: parameter {name} is used by stages {a} and {b} (tied weights), which would give it "
+                     "two gradients; untie them (for the GPT: model.args.tied = false) or do not cut between them")
+
+
+def _check_not_shared(blocks: list[tuple[str, nn.Module]], starts: list[int], names: dict[int, str],
+                      message: str = _SHARED_BY_STAGES) -> None:
+    """No parameter is used by two of the parts that ``starts`` cuts ``blocks`` into."""
+    owner: dict[int, int] = {}
+    for s in range(len(starts) - 1):
+        for _, block in blocks[starts[s] : starts[s + 1]]:
+            for p in block.parameters():
+                if owner.setdefault(id(p), s) != s:
+                    a, b = owner[id(p)], s
+                    if message is not _SHARED_BY_STAGES:
+                        a, b = repr(blocks[a][0]), repr(blocks[b][0])
+                    raise ConfigError(message.format(name=names.get(id(p), "?"), a=a, b=b))

@@ -1,0 +1,165 @@
+"""Hybrid layouts: every product of dp (or ZeRO), pp and tp trains like one process, and a
+checkpoint saved under one layout resumes under any other.
+
+Tolerance: a layout regroups float32 sums (tp all-reduces partial dot products, dp averages
+means, micro-batches accumulate), which moves a result by a few ulp (~1e-7 relative). Plain SGD
+with momentum carries such differences through 10 steps without amplifying them (momentum 0.9
+adds at most ten), so the parameters agree within 1e-5 of each tensor's largest magnitude and
+the losses within 1e-5 relative. AdamW divides by the root of a near-zero second moment, which
+turns rounding noise on a gradient that is zero in theory (the key bias) into an lr-sized step
+on that element: with AdamW, 1e-5 is measured on each tensor as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import EXAMPLES, assert_close, train_example
+
+STEPS = 10
+GPT = ["data.args.max_chars=6000", "data.args.block_size=16", "model.args.dim=32", "model.args.layers=2",
+       "train.batch_size=8", "train.optimizer=sgd", "train.lr=0.1", "train.momentum=0.9", "pipeline.microbatches=2",
+       "pipeline.trace=false"]
+CLIP = "train.grad_clip=0.1"  # below the GPT's gradient norm at every one of these steps: it always clips
+ACCUM = "train.accum_steps=2"
+
+# (world, layout options, options the one-process reference shares)
+CASES = {
+    "dp2xpp2-1f1b": ("world4", ["parallel.pp=2"], [CLIP]),
+    "dp2xpp2-gpipe": ("world4", ["parallel.pp=2", "pipeline.schedule=gpipe"], [ACCUM]),
+    "dp2xtp2": ("world4", ["parallel.tp=2"], [CLIP]),
+    "pp2xtp2-1f1b": ("world4", ["parallel.pp=2", "parallel.tp=2"], [CLIP, ACCUM]),
+    "pp2xtp2-gpipe": ("world4", ["parallel.pp=2", "parallel.tp=2", "pipeline.schedule=gpipe"], [CLIP]),
+    "zero1xtp2": ("world4", ["parallel.zero=1", "parallel.tp=2"], [CLIP]),
+    "zero2xtp2": ("world4", ["parallel.zero=2", "parallel.tp=2"], [ACCUM]),
+    "zero3xtp2": ("world4", ["parallel.zero=3", "parallel.tp=2"], [CLIP, ACCUM]),
+    "zero1xpp2-gpipe": ("world4", ["parallel.zero=1", "parallel.pp=2", "pipeline.schedule=gpipe"], [CLIP]),
+    "zero2xpp2-1f1b": ("world4", ["parallel.zero=2", "parallel.pp=2"], [CLIP, ACCUM]),
+    "zero3xpp2-1f1b": ("world4", ["parallel.zero=3", "parallel.pp=2"], [CLIP]),
+    "dp2xpp2xtp2-1f1b": ("world8", ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2"], [CLIP]),
+    "dp2xpp2xtp2-gpipe": ("world8", ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "pipeline.schedule=gpipe"],
+                          [ACCUM]),
+}
+
+_references: dict[tuple, tuple] = {}
+
+
+def reference(example: str, options: list[str], out_dir: str):
+    """The one-process run of these options (in the test process), computed once."""
+    key = (example, *options)
+    if key not in _references:
+        _references[key] = train_example(example, options, out_dir, STEPS)
+    return _references[key]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gpt_layout_equals_one_process(case, request, solo, tmp_path):
+    world_name, layout, shared = CASES[case]
+    expected, expected_losses = reference("gpt_tp", [*GPT, *shared], str(tmp_path / "one"))
+    results = request.getfixturevalue(world_name).run(train_example, "gpt_tp", [*GPT, *shared, *layout],
+                                                      str(tmp_path), STEPS)
+    for rank, (params, _) in enumerate(results):
+        assert_close(params, expected, what=f"{case}, rank {rank}: ", scaled=True)
+    assert len(results[0][1]) == STEPS
+    torch.testing.assert_close(torch.tensor(results[0][1]), torch.tensor(expected_losses), rtol=1e-5, atol=0)
+
+
+def test_cnn_zero2_x_pipeline_equals_one_process(world4, solo, tmp_path):
+    options = ["train.optimizer=sgd", "train.momentum=0.9", CLIP]
+    expected, expected_losses = reference("digits_cnn", options, str(tmp_path / "one"))
+    results = world4.run(train_example, "digits_cnn", [*options, "parallel.zero=2", "parallel.pp=2",
+                                                       "pipeline.microbatches=4"], str(tmp_path), STEPS)
+    for rank, (params, _) in enumerate(results):
+        assert_close(params, expected, what=f"rank {rank}: ", scaled=True)
+    torch.testing.assert_close(torch.tensor(results[0][1]), torch.tensor(expected_losses), rtol=1e-5, atol=0)
+
+
+def _without_key_bias(params: dict) -> dict:
+    out = dict(params)
+    for name, value in params.items():
+        if name.endswith("attn.qkv.bias"):
+            q, _, v = value.chunk(3)
+            out[name] = torch.cat([q, v])
+    return out
+
+
+# -- checkpoints move between layouts ------------------------------------------------------------
+CHAIN = [  # (world, layout): each runs two steps from the previous one's checkpoint
+    ("world4", ["parallel.tp=2"]),                      # dp2 x tp2
+    ("solo", []),                                       # one process
+    ("world4", ["parallel.pp=2", "parallel.tp=2"]),     # pp2 x tp2
+    ("world4", ["parallel.zero=3"]),                    # dp4, ZeRO-3
+    ("world4", ["parallel.tp=2"]),                      # and back to dp2 x tp2
+]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd-momentum", "adamw"])
+def test_checkpoint_resumes_on_every_other_layout(optimizer, world4, solo, tmp_path, capsys):
+    base = [*GPT, *(["train.optimizer=adamw", "train.lr=0.003"] if optimizer == "adamw" else [])]
+    ck = ["checkpoint.every=2", f"checkpoint.dir={tmp_path}/ck"]
+    expected, expected_losses = reference("gpt_tp", base, str(tmp_path / "one"))
+    losses = []
+    for i, (world_name, layout) in enumerate(CHAIN):
+        run, steps = [*base, *ck, *layout, *(["checkpoint.resume=latest"] if i else [])], 2 * (i + 1)
+        if world_name == "solo":
+            params, logged = train_example("gpt_tp", run, str(tmp_path / f"part{i}"), steps)
+        else:
+            results = world4.run(train_example, "gpt_tp", run, str(tmp_path / f"part{i}"), steps)
+            params, logged = results[0]
+        losses += logged
+    assert steps == STEPS
+    if optimizer == "adamw":  # the key bias (middle third of qkv.bias) has no gradient in theory; Adam
+        # steps on its rounding noise, differently in each layout: compare the query and value biases
+        assert_close(_without_key_bias(params), _without_key_bias(expected), what="after every layout: ", by_norm=True)
+    else:
+        assert_close(params, expected, what="after every layout: ", scaled=True)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-5, atol=0)
+    manifest = json.loads((tmp_path / "ck" / f"step_{2 * len(CHAIN):08d}" / "manifest.json").read_text())
+    assert manifest["layout"] == "dp=2 x pp=1 x tp=2"
+
+    # and the last checkpoint, exported, is the unsplit model's state_dict
+    from plait.cli import main
+    from plait.models import build_model
+    from plait.train.config import load_config
+    from plait.train.tasks import build_task
+
+    out = tmp_path / "model.pt"
+    assert main(["export", str(tmp_path / "ck" / f"step_{2 * len(CHAIN):08d}"), "--config",
+                 str(EXAMPLES / "gpt_tp.toml"), *[a for o in GPT for a in ("--set", o)], "-o", str(out)]) == 0
+    assert "-> " in capsys.readouterr().out
+    cfg = load_config(EXAMPLES / "gpt_tp.toml", GPT)
+    model = build_model("gpt", cfg.model.args, build_task(cfg.data.name, "", cfg.data.args).info)
+    model.load_state_dict(torch.load(out, weights_only=True))  # strict: every key, no other
+    assert_close(dict(model.named_parameters()), params, rtol=0, atol=0)
+
+
+# -- bad layouts: one line before any worker starts ------------------------------------------------
+@pytest.mark.parametrize("example, world, overrides, message", [
+    ("gpt_tp", 4, ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2"],
+     "mesh: dp=2 x pp=2 x tp=2 = 8 processes, but the world size is 4"),
+    ("gpt_tp", 4, ["parallel.tp=4", "model.args.dim=32", "model.args.heads=2", "data.args.max_chars=6000"],
+     "tensor parallel: blocks.0.attn: 2 attention heads are not divisible by tp=4"),
+    ("gpt_tp", 3, ["parallel.tp=3", "model.args.dim=48", "model.args.heads=3", "data.args.max_chars=6000"],
+     "tensor parallel: tok_emb: vocabulary 88 is not divisible by tp=3"),
+    ("gpt_tp", 4, ["parallel.pp=4", "model.args.layers=1", "data.args.max_chars=6000"],
+     "parallel.pp: 4 stages, but the model (GPT) has only 3 blocks to cut"),
+    ("digits_cnn", 2, ["parallel.tp=2"], "parallel.tp: the model (DigitsCNN) has no tensor-parallel plan"),
+    ("digits_cnn", 4, ["parallel.pp=2", "pipeline.microbatches=3"],
+     "pipeline.microbatches: 3 does not divide each data-parallel rank's 32 samples"),
+    ("gpt_tp", 2, ["parallel.pp=2", "model.args.tied=true", "data.args.max_chars=6000"],
+     "pipeline: parameter tok_emb.weight is used by stages 0 and 1 (tied weights)"),
+    ("gpt_tp", 2, ["parallel.zero=3", "model.args.tied=true", "data.args.max_chars=6000"],
+     "ZeRO-3: parameter tok_emb.weight is used by blocks 'embed' and 'head' (tied weights)"),
+], ids=["product-not-world", "heads", "vocabulary", "pp-over-blocks", "no-plan", "microbatches", "tied-pp", "tied-zero3"])
+def test_bad_layout_is_refused_before_workers_start(example, world, overrides, message, tmp_path):
+    from plait.cli import _check
+    from plait.errors import PlaitError
+
+    with pytest.raises(PlaitError) as error:
+        _check(str(EXAMPLES / f"{example}.toml"), [*overrides, f"run.out_dir={tmp_path}"], world)
+    assert str(error.value).startswith(message), str(error.value)
+    assert "\n" not in str(error.value)
+    assert not any((tmp_path / example).glob("*")), "nothing written but the writability probe"
