@@ -32,7 +32,9 @@ from torch import nn
 from plait.distributed.comm import all_reduce
 from plait.distributed.mesh import Mesh, resolve_degrees
 from plait.errors import ConfigError, PlaitError
+from plait.parallel.consistency import check_consistency
 from plait.parallel.data import DataParallel
+from plait.parallel.materialize import Materializer, is_meta
 from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, cut_points
 from plait.parallel.pipeline.cut import block_times
 from plait.parallel.shards import Piece, checkpoint_tensors, gather_unsplit, tensor_pieces, unit_pieces
@@ -115,19 +117,22 @@ class Layout:
 
 
 def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, loss_fn, device: torch.device | None = None,
-                sample: torch.Tensor | None = None) -> Parallelized:
-    """Apply ``layout`` to ``model`` (built whole, the same on every rank) on ``mesh``: tensor
-    parallel, then this rank's pipeline stage, then data parallel or ZeRO. ``loss_fn(output,
-    target)`` is the mean loss of a micro-batch; under tensor parallelism the output is split by
-    vocabulary and the loss is vocab-parallel cross-entropy. ``sample``: a batch, for
-    ``balance='time'``."""
-    return Parallelized(model, mesh, layout, loss_fn, device or torch.device("cpu"), sample)
+                sample: torch.Tensor | None = None, seed: int = 0) -> Parallelized:
+    """Apply ``layout`` to ``model`` on ``mesh``: tensor parallel, then this rank's pipeline
+    stage, then data parallel or ZeRO. ``model`` is built the same on every rank: whole, or on
+    the meta device (``plait.parallel.materialize.build_deferred``), in which case only this
+    rank's part gets memory, initialised from ``seed`` exactly as in one process.
+    ``loss_fn(output, target)`` is the mean loss of a micro-batch; under tensor parallelism the
+    output is split by vocabulary and the loss is vocab-parallel cross-entropy. ``sample``: a
+    batch, for ``balance='time'``."""
+    return Parallelized(model, mesh, layout, loss_fn, device or torch.device("cpu"), sample, seed)
 
 
 class Parallelized:
     """A model laid out on a mesh: what the trainer steps, and asks what it runs."""
 
-    def __init__(self, model: nn.Module, mesh: Mesh, layout: Layout, loss_fn, device: torch.device, sample):
+    def __init__(self, model: nn.Module, mesh: Mesh, layout: Layout, loss_fn, device: torch.device, sample,
+                 seed: int):
         self.mesh, self.layout, self.device = mesh, layout, device
         layout.check_model(model)
         self.model_names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
@@ -136,28 +141,33 @@ class Parallelized:
         if layout.tp > 1:
             tensor_parallelize(model, model.tp_plan(), self.tp_group)
             loss_fn = self._vocab_parallel_loss
-        names = {id(p): n for n, p in model.named_parameters()}
-        buffer_names = {id(b): n for n, b in model.named_buffers()}
+        materialize = Materializer(model, seed, device) if is_meta(model) else None
         # 2. this rank's pipeline stage
         blocks = blocks_of(model)
         weights = None
         if layout.balance == "time" and layout.pp > 1 and not layout.cuts:
+            if materialize:
+                materialize(model)  # timing runs every block
             times = torch.tensor(block_times([b for _, b in blocks], (sample,)), dtype=torch.float64)
             weights = all_reduce(times, "pipeline block timing").tolist()  # every rank cuts alike
         starts = cut_points(blocks, layout.pp, layout.balance, list(layout.cuts) or None, weights=weights)
         starts.append(len(blocks))
         s = mesh.coord("pp")
         self.blocks = blocks[starts[s] : starts[s + 1]]
-        self.stage_module = StageModule(self.blocks).to(device)
-        _check_not_shared(blocks, starts, names)
-        # 3. data parallel or ZeRO on dp
+        self.stage_module = StageModule(self.blocks)
+        _check_not_shared(blocks, starts, {id(p): n for n, p in model.named_parameters()})
+        # 3. data parallel or ZeRO on dp; the stage gets memory here (ZeRO-3: unit by unit)
         dp_group = mesh.group("dp")
         if layout.zero:
             units = [b for _, b in self.blocks] if layout.zero == 3 else None
-            self.module = Zero(self.stage_module, dp_group, stage=layout.zero, units=units)
+            self.module = Zero(self.stage_module, dp_group, stage=layout.zero, units=units, materialize=materialize)
         else:
-            self.module = DataParallel(self.stage_module, dp_group, bucket_mb=layout.bucket_mb,
+            if materialize:
+                materialize(self.stage_module)
+            self.module = DataParallel(self.stage_module.to(device), dp_group, bucket_mb=layout.bucket_mb,
                                        allow_unused=layout.allow_unused)
+        names = {id(p): n for n, p in model.named_parameters()}
+        buffer_names = {id(b): n for n, b in model.named_buffers()}
         self.pipe = PipelineStage(self.module, s, layout.pp, mesh.group("pp"), loss_fn=loss_fn, device=device)
         self.has_loss = self.pipe.last  # ranks that hold a loss
         self.loss_copies = layout.tp  # each tp rank of a last stage holds the same loss
@@ -258,6 +268,19 @@ class Parallelized:
     def unsplit_parameters(self) -> dict[str, torch.Tensor]:
         """The whole model's parameters, assembled on every rank (sends everything: small models only)."""
         return gather_unsplit([(t, pieces) for t, pieces, _ in self.held])
+
+    def check_consistency(self) -> None:
+        """Raise if the dp replicas of this stage differ anywhere (ZeRO-3: gathered unit by unit)."""
+        group = self.mesh.group("dp")
+        if isinstance(self.module, Zero) and self.module.stage == 3:
+            for u in self.module.units:
+                u.gather(group)
+                try:
+                    check_consistency(u.module, group)
+                finally:
+                    u.free_full()
+        else:
+            check_consistency(self.stage_module, group)
 
     def whole_model(self):
         """The stage with its parameters whole (ZeRO-3 gathers them for the while)."""

@@ -53,6 +53,8 @@ class _Unit:
             offset += p.numel()
         self.grad_full: torch.Tensor | None = None
         self.reduced: torch.Tensor | None = None  # this rank's reduce-scattered slice, until added
+        self.grad_slice: torch.Tensor | None = None  # stages 2-3: the memory of this rank's gradient slice
+        self.param_grads: list = []  # stage 3 by all-reduce: (index, gradient, its reduction) in flight
         self.pending, self.work, self.fresh = len(params), None, True
 
     def make_shard(self, own_storage: bool) -> None:
@@ -70,7 +72,9 @@ class _Unit:
         """Every rank's slice into the flat buffer (re-allocating it if it was freed)."""
         if self.full.untyped_storage().size() == 0:
             self.full.untyped_storage().resize_(self.full.numel() * self.full.element_size())
-        mine = self.shard.detach().clone()  # never gather from memory the gather writes into
+        mine = self.shard.detach()
+        if mine.data_ptr() == self.full[self.rank * self.size :].data_ptr():  # stages 1-2: a view of
+            mine = mine.clone()  # the flat buffer; never gather from memory the gather writes into
         wait(all_gather_flat(self.full, mine, group, async_op=True), "ZeRO parameter all-gather", group)
 
     def free_full(self) -> None:
@@ -81,44 +85,55 @@ class Zero(nn.Module):
     """Data parallelism with ZeRO stage 1, 2 or 3 over ``group``."""
 
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None, stage: int = 1,
-                 units: list[nn.Module] | None = None, reduce_scatter: bool | None = None):
-        """``reduce_scatter``: how stages 2-3 reduce gradients; None chooses by backend (see below)."""
+                 units: list[nn.Module] | None = None, reduce_scatter: bool | None = None, materialize=None):
+        """``reduce_scatter``: how stages 2-3 reduce gradients; None chooses by backend (see below).
+        ``materialize(unit)``: for a module built on the meta device, give a unit's parameters
+        memory just before it is sharded, so that no more than one unit is ever whole."""
         super().__init__()
         if stage not in (1, 2, 3):
             raise PlaitError(f"parallel.zero={stage}: ZeRO stages are 1, 2 and 3")
         self.module, self.group, self.stage = module, group, stage
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        if self.world > 1:
-            broadcast_tensors(list(module.parameters()) + list(module.buffers()), 0, group)
         if units is None:
             units = [m for m in module.children() if any(p.requires_grad for p in m.parameters())] \
                 if stage == 3 else [module]
         seen: set[int] = set()
         self.units: list[_Unit] = []
+        self._slot = {}
         for m in units:
+            if materialize is not None:
+                materialize(m)
             params = [p for p in m.parameters() if p.requires_grad and id(p) not in seen]
             if not params:
                 continue
             if stage == 3 and any(id(p) in seen for p in m.parameters()):
                 raise PlaitError("ZeRO stage 3: a parameter shared between units is not supported")
             seen.update(id(p) for p in params)
-            self.units.append(_Unit(m, params, self.world, self.rank))
+            if self.world > 1:
+                broadcast_tensors(params, 0, group)
+            u = _Unit(m, params, self.world, self.rank)
+            u.make_shard(own_storage=stage == 3)
+            u.bind_params()
+            if stage == 3:
+                u.free_full()
+            self.units.append(u)
+        if materialize is not None:
+            materialize(module)  # anything outside the units (frozen parameters)
         missing = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in seen]
         if missing:
             raise PlaitError(f"ZeRO: parameters outside every unit: {', '.join(missing[:3])}")
-        self._slot = {}
+        if self.world > 1:
+            broadcast_tensors([p for p in module.parameters() if id(p) not in seen] + list(module.buffers()), 0, group)
         for u in self.units:
-            u.make_shard(own_storage=stage == 3)
-            u.bind_params()
             for i, p in enumerate(u.params):
                 self._slot[p] = (u, i)
                 p.register_post_accumulate_grad_hook(self._grad_ready)
             if stage == 3:
-                u.free_full()
                 u.module.register_forward_pre_hook(lambda m, args, u=u: u.gather(self.group))
                 u.module.register_forward_hook(lambda m, args, out, u=u: u.free_full())
                 u.module.register_full_backward_pre_hook(lambda m, grad, u=u: u.gather(self.group))
         self._sync, self._armed = True, False
+        self._in_flight: list[_Unit] = []  # units whose gradient reduction was launched, oldest first
         self.peak = {"params": 0, "grads": 0}  # the most held at the end of a backward
         # Measured on 2 CPU ranks: gloo's reduce-scatter of 10M floats takes ~2.5x its all-reduce
         # (which itself reduce-scatters and all-gathers). On gloo, stages 2-3 all-reduce the
@@ -159,6 +174,9 @@ class Zero(nn.Module):
     # -- gradients ------------------------------------------------------------------------
     def _grad_ready(self, p: nn.Parameter) -> None:
         u, i = self._slot[p]
+        if self.stage == 3 and self._all_reduce_is_faster:
+            self._reduce_in_place(u, i, p)
+            return
         if u.grad_full is None:  # stages 2-3 hold full gradients only while they are reduced
             u.grad_full = torch.zeros(u.full.numel(), dtype=u.full.dtype, device=u.full.device)  # [W*S]
         elif u.fresh:  # stage 1 keeps its buffer: start the new accumulation from zero
@@ -169,9 +187,7 @@ class Zero(nn.Module):
         p.grad = None  # the flat buffer holds it now
         if not self._sync:
             return
-        if not self._armed:
-            self._armed = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+        self._arm()
         u.pending -= 1
         if u.pending == 0:
             self._reduce(u)
@@ -185,6 +201,61 @@ class Zero(nn.Module):
             u.work = reduce_scatter_flat(u.reduced, u.grad_full, self.group, async_op=True)
         if self.stage == 3:
             u.free_full()
+        self._launched(u)
+
+    def _arm(self) -> None:
+        if not self._armed:
+            self._armed = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+
+    def _reduce_in_place(self, u: _Unit, i: int, p: nn.Parameter) -> None:
+        """Stage 3 by all-reduce: each gradient is reduced where autograd put it, with no flat
+        copy (one whole unit's gradient less in memory); this rank's slice is taken when settled."""
+        self._arm()
+        grad, p.grad = p.grad.contiguous(), None
+        grad.div_(self.world)
+        u.param_grads.append((i, grad, dist.all_reduce(grad, group=self.group, async_op=True)))
+        u.pending -= 1
+        if u.pending == 0:
+            u.free_full()
+            self._launched(u)
+
+    def _launched(self, u: _Unit) -> None:
+        self._in_flight.append(u)
+        if self.stage > 1:  # one reduction overlaps the next unit's backward; the one before is
+            while len(self._in_flight) > 1:  # settled now, so that at most two units' full
+                self._settle(self._in_flight.pop(0))  # gradients exist at any time
+
+    def _settle(self, u: _Unit) -> None:
+        """Wait for ``u``'s reduction and keep this rank's slice (stages 2-3 drop the rest)."""
+        if u.param_grads:  # reduced in place, parameter by parameter
+            if u.shard.grad is None:
+                if u.grad_slice is None:
+                    u.grad_slice = torch.empty_like(u.shard)
+                u.shard.grad = u.grad_slice.zero_()
+            start = self.rank * u.size
+            for i, grad, work in u.param_grads:
+                wait(work, "ZeRO gradient reduction", self.group)
+                offset = u.offsets[i]
+                a, b = max(start, offset), min(start + u.size, offset + grad.numel())
+                if a < b:
+                    u.shard.grad[a - start : b - start].add_(grad.reshape(-1)[a - offset : b - offset])
+            u.param_grads = []
+            return
+        wait(u.work, "ZeRO gradient reduction", self.group)
+        mine = u.grad_full[self.rank * u.size : (self.rank + 1) * u.size]
+        if self.stage == 1:  # gradients stay replicated; the optimizer sees this rank's slice
+            u.shard.grad = mine
+        else:
+            reduced = mine if self._all_reduce_is_faster else u.reduced
+            if u.shard.grad is None:  # into the same memory every step: no allocation to churn
+                if u.grad_slice is None:
+                    u.grad_slice = torch.empty_like(u.shard)
+                u.shard.grad = u.grad_slice.copy_(reduced)
+            else:  # stage 3 over several micro-batches: the slices add up
+                u.shard.grad.add_(reduced)
+            u.grad_full, u.reduced = None, None
+        u.work = None
 
     def _finish(self) -> None:
         self._armed = False
@@ -193,18 +264,10 @@ class Zero(nn.Module):
         for u in self.units:
             if u.pending:
                 raise PlaitError(f"rank {dist.get_rank()}: ZeRO: {u.pending} parameters got no gradient in this backward")
-            wait(u.work, "ZeRO gradient reduction", self.group)
-            mine = u.grad_full[self.rank * u.size : (self.rank + 1) * u.size]
-            if self.stage == 1:  # gradients stay replicated; the optimizer sees this rank's slice
-                u.shard.grad = mine
-            else:
-                reduced = mine if self._all_reduce_is_faster else u.reduced
-                if u.shard.grad is None:
-                    u.shard.grad = reduced.clone() if self._all_reduce_is_faster else reduced
-                else:  # stage 3 over several micro-batches: the slices add up
-                    u.shard.grad.add_(reduced)
-                u.grad_full, u.reduced = None, None
-            u.work, u.pending, u.fresh = None, len(u.params), True
+        while self._in_flight:
+            self._settle(self._in_flight.pop(0))
+        for u in self.units:
+            u.pending, u.fresh = len(u.params), True
 
     # -- export and accounting ------------------------------------------------------------
     @contextmanager
@@ -230,7 +293,7 @@ class Zero(nn.Module):
             return 0 if t is None else min(t.untyped_storage().size(), t.numel() * t.element_size())
 
         params = sum(held(u.full) + (held(u.shard) if self.stage == 3 else 0) for u in self.units)
-        grads = sum(held(u.grad_full) + (held(u.shard.grad) if self.stage > 1 else 0) for u in self.units)
+        grads = sum(held(u.grad_full) + (held(u.grad_slice) if self.stage > 1 else 0) for u in self.units)
         state = sum(held(v) for s in (optimizer.state.values() if optimizer else []) for v in s.values()
                     if torch.is_tensor(v) and v.numel() > 1)
         return {"params": params, "grads": grads, "optimizer": state}

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from plait.distributed.env import DistInfo
 from plait.errors import ConfigError
 from plait.models import build_model
+from plait.parallel.materialize import build_deferred, materialize_all
 from plait.parallel.ps import ParameterServer, PSLayout, PSWorker, ServerStats
 from plait.parallel.ps.layout import scatter, trainable
 from plait.train.config import Config
@@ -60,7 +61,8 @@ class PSTrainer:
         self.workers = check_world(cfg, info.world_size)
         torch.manual_seed(cfg.train.seed)
         self.task = build_task(cfg.data.name, cfg.data.path, cfg.data.args)
-        self.model = build_model(cfg.model.name, cfg.model.args, self.task.info)
+        model = build_deferred(lambda: build_model(cfg.model.name, cfg.model.args, self.task.info), cfg.train.seed)
+        self.model = materialize_all(model, cfg.train.seed, torch.device("cpu"))  # the values plait train starts from
         self.layout = PSLayout.build(self.model, cfg.ps.servers, cfg.ps.partition)
         self.local_batch = cfg.train.batch_size // self.workers
         self.log = RunLog(cfg.run.out_dir, cfg.run.name) if info.is_main else None

@@ -73,12 +73,25 @@ def _replace(model: nn.Module, name: str, style: str, group, shared: dict) -> No
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     module = getattr(parent, leaf)
-    if style == "vocab":
-        new = VocabParallelEmbedding.from_module(module, group, name)
-    elif style == "rowwise":
-        new = RowParallelLinear.from_module(module, group, name)
-    else:
-        new = ColumnParallelLinear.from_module(module, group, name, gather_output=style == "colwise_gather",
-                                               weight=shared.get(id(module.weight)), parts=3 if style == "qkv" else 1)
+
+    def build(source: nn.Module, tied: nn.Parameter | None) -> nn.Module:
+        if style == "vocab":
+            return VocabParallelEmbedding.from_module(source, group, name)
+        if style == "rowwise":
+            return RowParallelLinear.from_module(source, group, name)
+        return ColumnParallelLinear.from_module(source, group, name, gather_output=style == "colwise_gather",
+                                                weight=tied, parts=3 if style == "qkv" else 1)
+
+    new = build(module, shared.get(id(module.weight)))
     shared[id(module.weight)] = new.weight
+    if module.weight.is_meta:  # built on the meta device: the slices get memory later, from the source
+        new.materialize = lambda init: _materialize(new, module, build, init)
     setattr(parent, leaf, new)
+
+
+def _materialize(layer: nn.Module, source: nn.Module, build, init) -> None:
+    """Initialise the unsplit ``source`` (``init(source)``) and take this rank's slices of it."""
+    init(source)
+    for key, param in build(source, None)._parameters.items():
+        layer._parameters[key] = param
+    del layer.materialize  # and let the unsplit source go
