@@ -27,6 +27,7 @@ _LAZY = {
     "Mesh": "plait.distributed.mesh",
     "check_consistency": "plait.parallel.consistency",
     "DataParallel": "plait.parallel.data",
+    "Layout": "plait.parallel.compose", "parallelize": "plait.parallel.compose",
 }
 __all__ = ["CommError", "ConfigError", "PlaitError", *_LAZY]
 __getattr__, __dir__ = lazy(__name__, _LAZY)
@@ -36,4 +37,5 @@ if TYPE_CHECKING:
     from plait.distributed.env import DistInfo, init, shutdown
     from plait.distributed.mesh import Mesh
     from plait.parallel.consistency import check_consistency
+    from plait.parallel.compose import Layout, parallelize
     from plait.parallel.data import DataParallel

@@ -90,6 +90,19 @@ def test_plain_torchrun_runs_a_script_that_imports_plait(tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0]
 
 
+def test_plain_torchrun_runs_the_hybrid_library_example(tmp_path):
+    """examples/library_hybrid.py as the README shows it: pp=2 x tp=2, ZeRO-1, clipping by the
+    global norm, on 4 processes; the GPT learns the repeating sequence."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           str(EXAMPLES / "library_hybrid.py")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "done: dp=1 x pp=2 x tp=2, ZeRO-1 on 4 processes" in done.stdout
+    losses = [float(line.split("loss ")[1].split(",")[0]) for line in done.stdout.splitlines() if "loss" in line]
+    assert len(losses) == 4 and losses[-1] < 0.5 * losses[0], losses
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "train.lrate=0.1"], "plait: error: train.lrate: unknown key"),
     (["--nproc", "2", "--set", "parallel.dp=4"], "plait: error: mesh: dp=4 x pp=1 x tp=1 = 4 processes, but the world size is 2"),
