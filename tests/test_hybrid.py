@@ -13,6 +13,7 @@ on that element: with AdamW, 1e-5 is measured on each tensor as a whole.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,17 +49,20 @@ _references: dict[tuple, tuple] = {}
 
 
 def reference(example: str, options: list[str], out_dir: str):
-    """The one-process run of these options (in the test process), computed once."""
+    """The one-process run of these options (in the test process), computed once: its
+    parameters, its losses and its summary."""
     key = (example, *options)
     if key not in _references:
-        _references[key] = train_example(example, options, out_dir, STEPS)
+        params, losses = train_example(example, options, out_dir, STEPS)
+        summary = json.loads((Path(out_dir) / example / "summary.json").read_text())
+        _references[key] = params, losses, summary
     return _references[key]
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_gpt_layout_equals_one_process(case, request, solo, tmp_path):
     world_name, layout, shared = CASES[case]
-    expected, expected_losses = reference("gpt_tp", [*GPT, *shared], str(tmp_path / "one"))
+    expected, expected_losses, _ = reference("gpt_tp", [*GPT, *shared], str(tmp_path / "one"))
     results = request.getfixturevalue(world_name).run(train_example, "gpt_tp", [*GPT, *shared, *layout],
                                                       str(tmp_path), STEPS)
     for rank, (params, _) in enumerate(results):
@@ -69,7 +73,7 @@ def test_gpt_layout_equals_one_process(case, request, solo, tmp_path):
 
 def test_cnn_zero2_x_pipeline_equals_one_process(world4, solo, tmp_path):
     options = ["train.optimizer=sgd", "train.momentum=0.9", CLIP]
-    expected, expected_losses = reference("digits_cnn", options, str(tmp_path / "one"))
+    expected, expected_losses, _ = reference("digits_cnn", options, str(tmp_path / "one"))
     results = world4.run(train_example, "digits_cnn", [*options, "parallel.zero=2", "parallel.pp=2",
                                                        "pipeline.microbatches=4"], str(tmp_path), STEPS)
     for rank, (params, _) in enumerate(results):
@@ -86,6 +90,23 @@ def _without_key_bias(params: dict) -> dict:
     return out
 
 
+@pytest.mark.parametrize("layout", [["parallel.pp=2", "parallel.tp=2"], ["parallel.zero=3", "parallel.tp=2"]],
+                         ids=["pp2xtp2", "zero3xtp2"])
+def test_skip_nonfinite_skips_alike_on_every_rank(layout, world4, solo, tmp_path):
+    """A learning rate of 1e30 makes the first step's update overflow the next forward: every
+    later step has a non-finite loss and gradients. Every rank of these layouts skips them, as
+    one process does, and ends with its parameters (the ranks agree through one all-reduce of
+    their finite flags; here every rank sees the overflow, so this checks the skipping, and the
+    rest of the step staying in step, under each layout)."""
+    options = [*GPT, "train.lr=1e30", "train.skip_nonfinite=true"]
+    expected, _, one = reference("gpt_tp", options, str(tmp_path / "one"))
+    results = world4.run(train_example, "gpt_tp", [*options, *layout], str(tmp_path), STEPS)
+    for rank, (params, _) in enumerate(results):
+        assert_close(params, expected, what=f"rank {rank}: ", scaled=True)
+    assert one["skipped_steps"] == STEPS - 1
+    assert json.loads((tmp_path / "gpt_tp" / "summary.json").read_text())["skipped_steps"] == STEPS - 1
+
+
 # -- checkpoints move between layouts ------------------------------------------------------------
 CHAIN = [  # (world, layout): each runs two steps from the previous one's checkpoint
     ("world4", ["parallel.tp=2"]),                      # dp2 x tp2
@@ -100,7 +121,7 @@ CHAIN = [  # (world, layout): each runs two steps from the previous one's checkp
 def test_checkpoint_resumes_on_every_other_layout(optimizer, world4, solo, tmp_path, capsys):
     base = [*GPT, *(["train.optimizer=adamw", "train.lr=0.003"] if optimizer == "adamw" else [])]
     ck = ["checkpoint.every=2", f"checkpoint.dir={tmp_path}/ck"]
-    expected, expected_losses = reference("gpt_tp", base, str(tmp_path / "one"))
+    expected, expected_losses, _ = reference("gpt_tp", base, str(tmp_path / "one"))
     losses = []
     for i, (world_name, layout) in enumerate(CHAIN):
         run, steps = [*base, *ck, *layout, *(["checkpoint.resume=latest"] if i else [])], 2 * (i + 1)

@@ -22,7 +22,6 @@ by the unsplit model's names, so that it loads under any other layout), the loss
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,6 @@ from torch import nn
 from plait.distributed.comm import all_reduce
 from plait.distributed.mesh import Mesh, resolve_degrees
 from plait.errors import ConfigError, PlaitError
-from plait.parallel.consistency import check_consistency
 from plait.parallel.data import DataParallel
 from plait.parallel.materialize import Materializer, is_meta
 from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, cut_points
@@ -197,8 +195,7 @@ class Parallelized:
         return [t for t, _, _ in self.held]
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        if isinstance(self.module, Zero):
-            self.module.attach(optimizer)
+        self.module.attach(optimizer)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward and backward of this rank's share of a global batch; gradients synced over dp.
@@ -261,30 +258,20 @@ class Parallelized:
         return checkpoint_tensors(self.held, self.buffers, optimizer)
 
     def loaded(self) -> None:
-        """After a checkpoint was loaded into the trained tensors: ZeRO 1-2 gather their slices."""
-        if isinstance(self.module, Zero) and self.module.stage < 3:
-            self.module.gather_params()
+        """After a checkpoint was loaded into the trained tensors (ZeRO 1-2 gather their slices)."""
+        self.module.loaded()
 
     def unsplit_parameters(self) -> dict[str, torch.Tensor]:
         """The whole model's parameters, assembled on every rank (sends everything: small models only)."""
         return gather_unsplit([(t, pieces) for t, pieces, _ in self.held])
 
     def check_consistency(self) -> None:
-        """Raise if the dp replicas of this stage differ anywhere (ZeRO-3: gathered unit by unit)."""
-        group = self.mesh.group("dp")
-        if isinstance(self.module, Zero) and self.module.stage == 3:
-            for u in self.module.units:
-                u.gather(group)
-                try:
-                    check_consistency(u.module, group)
-                finally:
-                    u.free_full()
-        else:
-            check_consistency(self.stage_module, group)
+        """Raise if the dp replicas of this stage differ anywhere."""
+        self.module.check_consistency()
 
     def whole_model(self):
         """The stage with its parameters whole (ZeRO-3 gathers them for the while)."""
-        return self.module.gathered() if isinstance(self.module, Zero) else nullcontext(self.stage_module)
+        return self.module.gathered()
 
     def report(self, optimizer: torch.optim.Optimizer) -> dict:
         return {"zero_memory_bytes": self.module.memory(optimizer)} if isinstance(self.module, Zero) else {}

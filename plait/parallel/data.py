@@ -146,6 +146,18 @@ class DataParallel(nn.Module):
         """Raise if any replica's parameters or buffers differ from rank 0's (see consistency.py)."""
         check_consistency(self.module, self.group)
 
+    # -- the interface it shares with Zero ----------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing to do after an optimizer step: every replica updates its whole model in place."""
+
+    def loaded(self) -> None:
+        """Nothing to do after a checkpoint was loaded into the parameters."""
+
+    @contextmanager
+    def gathered(self) -> Iterator[nn.Module]:
+        """The whole model (it always is, here)."""
+        yield self.module
+
     @property
     def num_buckets(self) -> int:
         return len(self._buckets)

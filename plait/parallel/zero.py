@@ -29,6 +29,7 @@ from torch import nn
 
 from plait.distributed.comm import all_gather_flat, broadcast_tensors, reduce_scatter_flat, wait
 from plait.errors import PlaitError
+from plait.parallel.consistency import check_consistency
 
 
 # Stage 3 gathers a unit's parameters in a backward pre-hook; on the first unit (whose inputs
@@ -157,6 +158,24 @@ class Zero(nn.Module):
     def gather_params(self) -> None:
         for u in self.units:
             u.gather(self.group)
+
+    def loaded(self) -> None:
+        """After a checkpoint was loaded into the slices: stages 1-2 gather the whole parameters."""
+        if self.stage < 3:
+            self.gather_params()
+
+    def check_consistency(self) -> None:
+        """Raise if the ranks' gathered parameters or buffers differ (stage 3: unit by unit, so
+        that the whole model is never gathered at once)."""
+        if self.stage < 3:
+            check_consistency(self.module, self.group)
+            return
+        for u in self.units:
+            u.gather(self.group)
+            try:
+                check_consistency(u.module, self.group)
+            finally:
+                u.free_full()
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
