@@ -79,12 +79,18 @@ def test_two_nodes_on_loopback(tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 50
 
 
-def test_plain_torchrun_runs_a_script_that_imports_plait(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(EXAMPLES / "library_dp.py")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+def torchrun_example(script: str, nproc: int, cwd: Path) -> subprocess.CompletedProcess:
+    """A shipped script under plain torchrun, as the README shows it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           str(EXAMPLES / script)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=cwd,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_plain_torchrun_runs_a_script_that_imports_plait(tmp_path):
+    done = torchrun_example("library_dp.py", 2, tmp_path)
     assert "2 replicas hold bitwise identical parameters" in done.stdout
     losses = [float(line.split("loss ")[1].split()[0]) for line in done.stdout.splitlines() if "loss" in line]
     assert len(losses) == 3 and losses[-1] < losses[0]
@@ -93,11 +99,7 @@ def test_plain_torchrun_runs_a_script_that_imports_plait(tmp_path):
 def test_plain_torchrun_runs_the_hybrid_library_example(tmp_path):
     """examples/library_hybrid.py as the README shows it: pp=2 x tp=2, ZeRO-1, clipping by the
     global norm, on 4 processes; the GPT learns the repeating sequence."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-           str(EXAMPLES / "library_hybrid.py")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr
+    done = torchrun_example("library_hybrid.py", 4, tmp_path)
     assert "done: dp=1 x pp=2 x tp=2, ZeRO-1 on 4 processes" in done.stdout
     losses = [float(line.split("loss ")[1].split(",")[0]) for line in done.stdout.splitlines() if "loss" in line]
     assert len(losses) == 4 and losses[-1] < 0.5 * losses[0], losses

@@ -37,9 +37,12 @@ CASES = {
     "zero1xtp2": ("world4", ["parallel.zero=1", "parallel.tp=2"], [CLIP]),
     "zero2xtp2": ("world4", ["parallel.zero=2", "parallel.tp=2"], [ACCUM]),
     "zero3xtp2": ("world4", ["parallel.zero=3", "parallel.tp=2"], [CLIP, ACCUM]),
+    "zero1xpp2-1f1b": ("world4", ["parallel.zero=1", "parallel.pp=2"], [ACCUM]),
     "zero1xpp2-gpipe": ("world4", ["parallel.zero=1", "parallel.pp=2", "pipeline.schedule=gpipe"], [CLIP]),
     "zero2xpp2-1f1b": ("world4", ["parallel.zero=2", "parallel.pp=2"], [CLIP, ACCUM]),
+    "zero2xpp2-gpipe": ("world4", ["parallel.zero=2", "parallel.pp=2", "pipeline.schedule=gpipe"], [CLIP]),
     "zero3xpp2-1f1b": ("world4", ["parallel.zero=3", "parallel.pp=2"], [CLIP]),
+    "zero3xpp2-gpipe": ("world4", ["parallel.zero=3", "parallel.pp=2", "pipeline.schedule=gpipe"], [ACCUM]),
     "dp2xpp2xtp2-1f1b": ("world8", ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2"], [CLIP]),
     "dp2xpp2xtp2-gpipe": ("world8", ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "pipeline.schedule=gpipe"],
                           [ACCUM]),
@@ -221,3 +224,32 @@ def test_zero3_and_pipeline_ranks_hold_a_fraction_of_the_model(tmp_path):
     for name, options in {"ZeRO-3": ["parallel.zero=3"], "pp=4": ["parallel.pp=4", "pipeline.microbatches=4"]}.items():
         grown = _model_memory(tmp_path / name, 4, options)["model_rss_bytes"]
         assert grown <= 0.45 * one, f"{name}: the largest rank grew by {grown / 1e6:.0f} MB, one process by {one / 1e6:.0f} MB"
+
+
+def test_shipped_hybrid_config_trains_and_resumes_on_another_layout(tmp_path):
+    """examples/gpt_hybrid.toml through the real CLI: pp=2 x tp=2 on 4 processes (dp=2 on 8), a
+    checkpoint at the end, resumed on 2 processes as dp=1 x tp=2 with --resume."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from plait.cli import _check
+    from plait.parallel.compose import Layout
+
+    config = str(EXAMPLES / "gpt_hybrid.toml")
+    for nproc, dp in ((4, 1), (8, 2)):
+        assert Layout.from_config(_check(config, [f"run.out_dir={tmp_path}"], nproc), nproc).dp == dp
+    short = ["data.args.max_chars=6000", "model.args.dim=32", "run.progress=false", f"run.out_dir={tmp_path}"]
+
+    def train(nproc: int, *more: str) -> dict:
+        sets = [*short, *more]
+        done = subprocess.run([sys.executable, "-m", "plait.cli", "train", config, "--nproc", str(nproc),
+                               *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, cwd=ROOT,
+                              timeout=240)
+        assert done.returncode == 0, done.stderr
+        return json.loads((tmp_path / "gpt_hybrid" / "summary.json").read_text())
+
+    first = train(4, "train.steps=4")
+    assert first["layout"] == "dp=1 x pp=2 x tp=2" and (tmp_path / "gpt_hybrid" / "checkpoints" / "step_00000004").is_dir()
+    resumed = train(2, "train.steps=6", "parallel.pp=1", "checkpoint.resume=latest")
+    assert resumed["layout"] == "dp=1 x pp=1 x tp=2" and resumed["resumed_from_step"] == 4

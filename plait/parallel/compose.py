@@ -35,7 +35,7 @@ from plait.parallel.data import DataParallel
 from plait.parallel.materialize import Materializer, is_meta
 from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, cut_points
 from plait.parallel.pipeline.cut import block_times
-from plait.parallel.shards import Piece, checkpoint_tensors, gather_unsplit, tensor_pieces, unit_pieces
+from plait.parallel.shards import Held, checkpoint_tensors, gather_unsplit, tensor_pieces, unit_pieces
 from plait.parallel.tensor import parallelize as tensor_parallelize
 from plait.parallel.tensor import vocab_parallel_cross_entropy
 from plait.parallel.tensor.comm import gather_from
@@ -156,13 +156,15 @@ class Parallelized:
         _check_not_shared(blocks, starts, {id(p): n for n, p in model.named_parameters()})
         # 3. data parallel or ZeRO on dp; the stage gets memory here (ZeRO-3: unit by unit)
         dp_group = mesh.group("dp")
+        if materialize is None:
+            self.stage_module.to(device)
         if layout.zero:
             units = [b for _, b in self.blocks] if layout.zero == 3 else None
             self.module = Zero(self.stage_module, dp_group, stage=layout.zero, units=units, materialize=materialize)
         else:
             if materialize:
                 materialize(self.stage_module)
-            self.module = DataParallel(self.stage_module.to(device), dp_group, bucket_mb=layout.bucket_mb,
+            self.module = DataParallel(self.stage_module, dp_group, bucket_mb=layout.bucket_mb,
                                        allow_unused=layout.allow_unused)
         names = {id(p): n for n, p in model.named_parameters()}
         buffer_names = {id(b): n for n, b in model.named_buffers()}
@@ -176,7 +178,7 @@ class Parallelized:
     def _vocab_parallel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits.flatten(0, -2), target.flatten(), self.tp_group)  # [B*T, V/t]
 
-    def _holdings(self, names: dict[int, str]) -> list[tuple[torch.Tensor, list[Piece], list[str]]]:
+    def _holdings(self, names: dict[int, str]) -> Held:
         """What the optimizer trains on this rank: (tensor, its pieces of unsplit tensors, the
         names whose optimizer step count it carries)."""
         if isinstance(self.module, Zero):
