@@ -253,3 +253,24 @@ def test_shipped_hybrid_config_trains_and_resumes_on_another_layout(tmp_path):
     assert first["layout"] == "dp=1 x pp=2 x tp=2" and (tmp_path / "gpt_hybrid" / "checkpoints" / "step_00000004").is_dir()
     resumed = train(2, "train.steps=6", "parallel.pp=1", "checkpoint.resume=latest")
     assert resumed["layout"] == "dp=1 x pp=1 x tp=2" and resumed["resumed_from_step"] == 4
+
+
+def test_export_of_a_model_with_tied_weights(solo, tmp_path, capsys):
+    """A tied weight is saved once, under the first module that holds it (the GPT's tok_emb);
+    export loads it there, and the head, which shares it, comes out equal in the state_dict."""
+    from plait.cli import main
+    from plait.models import build_model
+    from plait.train.config import load_config
+    from plait.train.tasks import build_task
+
+    tied = [*GPT, "model.args.tied=true"]
+    params, _ = train_example("gpt_tp", [*tied, "checkpoint.every=2", f"checkpoint.dir={tmp_path}/ck"], str(tmp_path), 2)
+    out = tmp_path / "model.pt"
+    assert main(["export", str(tmp_path / "ck" / "step_00000002"), "--config", str(EXAMPLES / "gpt_tp.toml"),
+                 *[a for o in tied for a in ("--set", o)], "-o", str(out)]) == 0, capsys.readouterr().err
+    state = torch.load(out, weights_only=True)
+    assert torch.equal(state["head.weight"], state["tok_emb.weight"])
+    cfg = load_config(EXAMPLES / "gpt_tp.toml", tied)
+    model = build_model("gpt", cfg.model.args, build_task(cfg.data.name, "", cfg.data.args).info)
+    model.load_state_dict(state)
+    assert_close(dict(model.named_parameters()), params, rtol=0, atol=0)

@@ -35,7 +35,8 @@ from plait.parallel.data import DataParallel
 from plait.parallel.materialize import Materializer, is_meta
 from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, cut_points
 from plait.parallel.pipeline.cut import block_times
-from plait.parallel.shards import Held, checkpoint_tensors, gather_unsplit, tensor_pieces, unit_pieces
+from plait.parallel.shards import (Held, checkpoint_tensors, gather_unsplit, tensor_pieces, unit_pieces,
+                                  unsplit_names)
 from plait.parallel.tensor import parallelize as tensor_parallelize
 from plait.parallel.tensor import vocab_parallel_cross_entropy
 from plait.parallel.tensor.comm import gather_from
@@ -133,7 +134,7 @@ class Parallelized:
                  seed: int):
         self.mesh, self.layout, self.device = mesh, layout, device
         layout.check_model(model)
-        self.model_names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+        self.model_names = unsplit_names(model)
         self.tp_group, self.tp_rank = mesh.group("tp"), mesh.coord("tp")
         # 1. tensor parallel, on the whole model (its names are the plan's)
         if layout.tp > 1:

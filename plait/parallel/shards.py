@@ -207,6 +207,12 @@ Held = list[tuple[torch.Tensor, list[Piece], list[str]]]
 count it carries)."""
 
 
+def unsplit_names(model: torch.nn.Module) -> list[str]:
+    """The names a checkpoint keys ``model``'s tensors by: each parameter once (a tied weight under
+    the first module that holds it, as ``named_parameters`` gives it), then each buffer."""
+    return [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+
+
 def held_whole(model: torch.nn.Module) -> Held:
     """A model that every rank holds whole (tensor-parallel slices marked as such)."""
     return [(p, tensor_pieces(name, p), [name]) for name, p in model.named_parameters() if p.requires_grad]

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from plait.distributed.comm import barrier
 from plait.errors import PlaitError, first_line
-from plait.parallel.shards import Chunks, checkpoint_tensors, held_whole
+from plait.parallel.shards import Chunks, checkpoint_tensors, held_whole, unsplit_names
 
 FORMAT = 2  # 1: sizes only; 2: sizes, CRC-32s and a CRC-32 of the manifest (1 still loads)
 MANIFEST = "manifest.json"
@@ -134,7 +134,7 @@ class _Whole:
 
     def __init__(self, model: nn.Module):
         self.held = held_whole(model)
-        self.model_names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+        self.model_names = unsplit_names(model)
         self.buffers = dict(model.named_buffers())
 
     def parameters(self) -> list[torch.Tensor]:
@@ -270,9 +270,10 @@ def load_unsplit(path: str | Path, model: nn.Module) -> dict:
     this one process (no process group needed); return the manifest. ``plait export`` uses it."""
     path = Path(path)
     manifest = read_manifest(path)
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}  # views of the model's own tensors
+    names = unsplit_names(model)  # a tied weight once, as saved (state_dict() would name it twice)
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    tensors = {f"model.{n}": own[n].detach() for n in names}  # the model's own memory: loaded in place
     metadata = SafeReader(path).read_metadata()
-    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
     _check_matches(path, tensors, metadata.state_dict_metadata, names)
     try:
         dcp.load(tensors, storage_reader=SafeReader(path), planner=_LoadPlanner(), no_dist=True)
