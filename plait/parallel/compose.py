@@ -101,14 +101,15 @@ class Layout:
         if self.pp > len(blocks):
             raise ConfigError(f"parallel.pp: {self.pp} stages, but the model ({type(model).__name__}) has only "
                               f"{len(blocks)} block{'s' if len(blocks) > 1 else ''} to cut")
-        names = {id(p): n for n, p in model.named_parameters()}
         if self.zero == 3:  # each block is a unit, gathered on its own
-            _check_not_shared(blocks, list(range(len(blocks) + 1)), names, "ZeRO-3: parameter {name} is used by "
-                              "blocks {a} and {b} (tied weights), which it gathers one at a time; untie them "
-                              "(for the GPT: model.args.tied = false) or use parallel.zero = 1 or 2")
+            shared = _shared_across(model, blocks, list(range(len(blocks) + 1)))
+            if shared:
+                name, a, b = shared
+                raise ConfigError(f"ZeRO-3: parameter {name} is used by blocks {blocks[a][0]!r} and {blocks[b][0]!r} "
+                                  "(tied weights), which it gathers one at a time; untie them (for the GPT: "
+                                  "model.args.tied = false) or use parallel.zero = 1 or 2")
         if self.pp > 1 and (self.cuts or self.balance == "params"):  # a measured balance cuts at run time
-            _check_not_shared(blocks, cut_points(blocks, self.pp, self.balance, list(self.cuts) or None) + [len(blocks)],
-                              names)
+            _check_stages(model, blocks, cut_points(blocks, self.pp, self.balance, list(self.cuts) or None) + [len(blocks)])
 
     def describe(self) -> str:
         text = f"dp={self.dp} x pp={self.pp} x tp={self.tp}"
@@ -154,7 +155,7 @@ class Parallelized:
         s = mesh.coord("pp")
         self.blocks = blocks[starts[s] : starts[s + 1]]
         self.stage_module = StageModule(self.blocks)
-        _check_not_shared(blocks, starts, {id(p): n for n, p in model.named_parameters()})
+        _check_stages(model, blocks, starts)
         # 3. data parallel or ZeRO on dp; the stage gets memory here (ZeRO-3: unit by unit)
         dp_group = mesh.group("dp")
         if materialize is None:
@@ -280,19 +281,23 @@ class Parallelized:
         return {"zero_memory_bytes": self.module.memory(optimizer)} if isinstance(self.module, Zero) else {}
 
 
-_SHARED_BY_STAGES = ("pipeline: parameter {name} is used by stages {a} and {b} (tied weights), which would give it "
-                     "two gradients; untie them (for the GPT: model.args.tied = false) or do not cut between them")
-
-
-def _check_not_shared(blocks: list[tuple[str, nn.Module]], starts: list[int], names: dict[int, str],
-                      message: str = _SHARED_BY_STAGES) -> None:
-    """No parameter is used by two of the parts that ``starts`` cuts ``blocks`` into."""
+def _shared_across(model: nn.Module, blocks: list[tuple[str, nn.Module]], starts: list[int]) -> tuple[str, int, int] | None:
+    """The first parameter used by two of the parts that ``starts`` cuts ``blocks`` into: (its
+    name in ``model``, the part that uses it first, the other part), or None."""
     owner: dict[int, int] = {}
-    for s in range(len(starts) - 1):
-        for _, block in blocks[starts[s] : starts[s + 1]]:
+    for part in range(len(starts) - 1):
+        for _, block in blocks[starts[part] : starts[part + 1]]:
             for p in block.parameters():
-                if owner.setdefault(id(p), s) != s:
-                    a, b = owner[id(p)], s
-                    if message is not _SHARED_BY_STAGES:
-                        a, b = repr(blocks[a][0]), repr(blocks[b][0])
-                    raise ConfigError(message.format(name=names.get(id(p), "?"), a=a, b=b))
+                if owner.setdefault(id(p), part) != part:
+                    name = next(n for n, q in model.named_parameters() if q is p)
+                    return name, owner[id(p)], part
+    return None
+
+
+def _check_stages(model: nn.Module, blocks: list[tuple[str, nn.Module]], starts: list[int]) -> None:
+    """No parameter is used by two pipeline stages (it would get two different gradients)."""
+    shared = _shared_across(model, blocks, starts)
+    if shared:
+        name, a, b = shared
+        raise ConfigError(f"pipeline: parameter {name} is used by stages {a} and {b} (tied weights), which would give "
+                          "it two gradients; untie them (for the GPT: model.args.tied = false) or do not cut between them")

@@ -24,7 +24,7 @@ from torch import nn
 
 def meta_ready(model: nn.Module) -> bool:
     """Whether ``model`` (built on meta) can be materialised module by module."""
-    if any(True for _ in model.buffers()):
+    if next(model.buffers(), None) is not None:
         return False
     return all(hasattr(m, "reset_parameters") for m in model.modules()
                if any(p is not None for p in m._parameters.values()))
@@ -82,11 +82,6 @@ class Materializer:
                     new = nn.Parameter(new.detach().to(self.device), requires_grad=old.requires_grad)
                     module._parameters[k] = new
                 self.done[id(old)] = (old, new)
-        # modules that reach a parameter through another module (a tied head): point them at it
-        for module in part.modules():
-            for k, p in module._parameters.items():
-                if p is not None and id(p) in self.done:
-                    module._parameters[k] = self.done[id(p)][1]
 
 
 def build_deferred(factory, seed: int) -> nn.Module:

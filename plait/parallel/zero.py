@@ -63,6 +63,7 @@ class _Unit:
         (stages 1-2: a step updates the parameters in place), or its own memory (stage 3)."""
         mine = self.full[self.rank * self.size : (self.rank + 1) * self.size]
         self.shard = nn.Parameter(mine.clone() if own_storage else mine)
+        self.shard_in_full = not own_storage
 
     def bind_params(self) -> None:
         """Make every parameter a view of the flat buffer."""
@@ -74,8 +75,8 @@ class _Unit:
         if self.full.untyped_storage().size() == 0:
             self.full.untyped_storage().resize_(self.full.numel() * self.full.element_size())
         mine = self.shard.detach()
-        if mine.data_ptr() == self.full[self.rank * self.size :].data_ptr():  # stages 1-2: a view of
-            mine = mine.clone()  # the flat buffer; never gather from memory the gather writes into
+        if self.shard_in_full:  # stages 1-2: never gather from memory the gather writes into
+            mine = mine.clone()
         wait(all_gather_flat(self.full, mine, group, async_op=True), "ZeRO parameter all-gather", group)
 
     def free_full(self) -> None:
