@@ -6,10 +6,11 @@
 Tensors are keyed by the unsplit model's names (``model.<name>``, ``optim.state.<name>.<key>``);
 every rank writes the boxes of them that it holds, in parallel (DCP gives each replicated box to
 one rank; no rank gathers the model), so a checkpoint saved under one layout (dp x pp x tp, ZeRO)
-loads under any other, and into the unsplit model in one process (``plait export``). When all ranks are done, rank 0 writes ``manifest.json`` (step, position in
-the data, layout, world size, the size and CRC-32 of every file, a CRC-32 of itself) and renames
-the folder: one rename makes the checkpoint visible, so a crash mid-save leaves the previous one
-whole, and a truncated or altered file is refused on load.
+loads under any other, and into the unsplit model in one process (``plait export``). When all
+ranks are done, rank 0 writes ``manifest.json`` (step, position in the data, layout, world size,
+the size and CRC-32 of every file, a CRC-32 of itself) and renames the folder: one rename makes
+the checkpoint visible, so a crash mid-save leaves the previous one whole, and a truncated or
+altered file is refused on load.
 
 Loading runs no code from the checkpoint: tensors are read with ``weights_only`` loading, DCP's
 pickled metadata through an unpickler that admits an explicit list of DCP's metadata classes
@@ -136,9 +137,6 @@ class _Whole:
         self.held = held_whole(model)
         self.model_names = unsplit_names(model)
         self.buffers = dict(model.named_buffers())
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [t for t, _, _ in self.held]
 
     def checkpoint_state(self, optimizer) -> dict:
         return checkpoint_tensors(self.held, self.buffers, optimizer)
