@@ -168,7 +168,7 @@ def test_shipped_pipeline_config_equals_one_process(world2, solo, tmp_path):
 
 
 @pytest.mark.parametrize("example, overrides, message", [
-    ("linreg", ["parallel.pp=2"], "parallel.pp: 2 stages, but the model (LinearRegression) has only 1 block to cut"),
+    ("linreg", ["parallel.pp=2"], "parallel.pp: the model (LinearRegression) is not a chain of blocks Plait can cut"),
     ("digits_cnn", ["parallel.pp=2", "pipeline.microbatches=5"],
      "pipeline.microbatches: 5 does not divide each data-parallel rank's 64 samples"),
     ("digits_cnn", ["parallel.pp=2", "pipeline.cuts=[9]"], "pipeline.cuts=[9]: need 1 increasing block indices in 1..3"),

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from plait.callargs import check_call_args
+from plait.callargs import check_call_args, is_import_spec, resolve
 from plait.errors import ConfigError
 from plait.models.gpt import GPT
 from plait.models.simple import DigitsCNN, LinearRegression, mlp
@@ -20,27 +20,49 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def check_model_args(name: str, args: dict) -> None:
+def model_factory(name: str) -> Callable[..., nn.Module]:
+    """What ``model.name`` names: a shipped model, the user's ``package.module:callable``, or
+    (from Python) a callable."""
+    if callable(name):
+        return name
+    if is_import_spec(name):
+        return resolve(name, "model.name")
+    if name not in MODELS:
+        raise ConfigError(f"model.name: unknown model {name!r}; choose one of {', '.join(MODELS)}, "
+                          "or name your own as package.module:callable")
+    return MODELS[name]
+
+
+def _label(name) -> str:
+    return name if isinstance(name, str) else getattr(name, "__qualname__", repr(name))
+
+
+def check_model_args(name, args: dict) -> None:
     """``model.name`` and ``model.args`` (names and types), without building anything."""
-    if name not in MODELS:
-        raise ConfigError(f"model.name: unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    check_call_args(MODELS[name], args, "model.args", f"model {name!r}")
+    check_call_args(model_factory(name), args, "model.args", f"model {_label(name)!r}")
 
 
-def build_model(name: str, args: dict, data_info: dict) -> nn.Module:
-    """Build a registered model from ``args``; arguments it takes that describe the data
-    (``in_features``, ``num_classes``) are filled from ``data_info`` unless given."""
-    if name not in MODELS:
-        raise ConfigError(f"model.name: unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    factory = MODELS[name]
+def build_model(name, args: dict, data_info: dict) -> nn.Module:
+    """Build the model ``name`` names from ``args``; arguments it takes that describe the data
+    (``in_features``, ``num_classes``, ``vocab_size``, ...) are filled from ``data_info`` unless
+    given."""
+    factory = model_factory(name)
     check_model_args(name, args)
     accepted = inspect.signature(factory).parameters
     kwargs = {k: v for k, v in data_info.items() if k in accepted}
     kwargs.update(args)
     try:
-        return factory(**kwargs)
+        model = factory(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"model.args: cannot build {name!r}: {exc}") from None
+        raise ConfigError(f"model.args: cannot build {_label(name)!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's own code failed: say where, in one line
+        if name in MODELS:
+            raise
+        raise ConfigError(f"model.name: {_label(name)!r} failed: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name: {_label(name)!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
-__all__ = ["GPT", "MODELS", "DigitsCNN", "LinearRegression", "build_model", "mlp"]
+__all__ = ["GPT", "MODELS", "DigitsCNN", "LinearRegression", "build_model", "mlp", "model_factory"]

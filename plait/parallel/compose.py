@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from plait.distributed.comm import all_reduce
@@ -34,13 +35,15 @@ from plait.errors import ConfigError, PlaitError
 from plait.parallel.data import DataParallel
 from plait.parallel.materialize import Materializer, is_meta
 from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, cut_points
+from plait.parallel.pipeline.chain import Chain, ModelStage, model_chain
 from plait.parallel.pipeline.cut import block_times
-from plait.parallel.shards import (Held, checkpoint_tensors, gather_unsplit, tensor_pieces, unit_pieces,
-                                  unsplit_names)
+from plait.parallel.shards import (Held, checkpoint_tensors, gather_unsplit, tensor_names, tensor_pieces,
+                                  unit_pieces, unsplit_names)
 from plait.parallel.tensor import parallelize as tensor_parallelize
 from plait.parallel.tensor import vocab_parallel_cross_entropy
 from plait.parallel.tensor.comm import gather_from
-from plait.parallel.tensor.plan import check_plan
+from plait.parallel.tensor.layers import is_split
+from plait.parallel.tensor.plan import STYLES, check_plan
 from plait.parallel.zero import Zero
 
 
@@ -62,6 +65,11 @@ class Layout:
     cuts: tuple[int, ...] = ()
     bucket_mb: float = 25.0
     allow_unused: bool = False
+    tp_plan: tuple[tuple[str, str], ...] = ()
+    """(pattern, style) pairs splitting the model over tp; empty: the model's ``tp_plan()``."""
+    blocks: str = ""
+    """The model's chain of blocks to cut (``pipeline.blocks``); empty: an ``nn.Sequential``'s
+    children, or the model's ``pipeline_blocks()``."""
 
     @classmethod
     def from_config(cls, cfg, world_size: int) -> Layout:
@@ -73,7 +81,11 @@ class Layout:
                      microbatches=cfg.pipeline.microbatches if sizes["pp"] > 1 else 1,
                      schedule=cfg.pipeline.schedule, accum_steps=cfg.train.accum_steps,
                      balance=cfg.pipeline.balance, cuts=tuple(cfg.pipeline.cuts),
-                     bucket_mb=p.bucket_mb, allow_unused=p.allow_unused)
+                     bucket_mb=p.bucket_mb, allow_unused=p.allow_unused, tp_plan=tuple(p.tp_plan.items()),
+                     blocks=cfg.pipeline.blocks)
+        if layout.blocks and layout.balance == "time" and layout.pp > 1 and not layout.cuts:
+            raise ConfigError("pipeline.balance: 'time' times blocks on their own, which a model's chain "
+                              "(pipeline.blocks) does not allow; use 'params' or pipeline.cuts")
         layout.check_batch(cfg.train.batch_size)
         return layout
 
@@ -89,27 +101,46 @@ class Layout:
                               f"rank's {share} samples per accumulation step (train.batch_size {batch_size} / "
                               f"dp {self.dp} / train.accum_steps {self.accum_steps})")
 
+    def plan(self, model: nn.Module) -> dict[str, str] | None:
+        """How tensor parallelism splits ``model``: the config's plan, else the model's own."""
+        if self.tp_plan:
+            return dict(self.tp_plan)
+        return model.tp_plan() if hasattr(model, "tp_plan") else None
+
+    def chain(self, model: nn.Module) -> Chain:
+        """What pipelines cut and ZeRO-3 gathers: the blocks ``blocks`` names, else Plait's."""
+        return model_chain(model, self.blocks) if self.blocks else Chain(blocks_of(model))
+
     def check_model(self, model: nn.Module) -> None:
         """What the unsplit model (on the meta device is enough) must allow: a tensor-parallel
         plan whose sizes divide by tp, at least pp blocks to cut."""
+        what = type(model).__name__
         if self.tp > 1:
-            if not hasattr(model, "tp_plan"):
-                raise ConfigError(f"parallel.tp: the model ({type(model).__name__}) has no tensor-parallel plan "
-                                  "(a tp_plan() method)")
-            check_plan(model, model.tp_plan(), self.tp)
-        blocks = blocks_of(model)
+            plan = self.plan(model)
+            if plan is None:
+                raise ConfigError(f"parallel.tp: the model ({what}) has no tensor-parallel plan; say how to split it in "
+                                  "the config: parallel.tp_plan = {\"PATTERN\" = \"STYLE\", ...} over its module names "
+                                  f"(styles: {', '.join(STYLES)})")
+            check_plan(model, plan, self.tp)
+        chain = self.chain(model)
+        blocks = chain.blocks
         if self.pp > len(blocks):
-            raise ConfigError(f"parallel.pp: {self.pp} stages, but the model ({type(model).__name__}) has only "
+            if len(blocks) == 1 and not self.blocks:
+                raise ConfigError(f"parallel.pp: the model ({what}) is not a chain of blocks Plait can cut; name its "
+                                  "ModuleList of layers in the config: pipeline.blocks = \"...\" (e.g. \"model.layers\")")
+            raise ConfigError(f"parallel.pp: {self.pp} stages, but the model ({what}) has only "
                               f"{len(blocks)} block{'s' if len(blocks) > 1 else ''} to cut")
         if self.zero == 3:  # each block is a unit, gathered on its own
-            shared = _shared_across(model, blocks, list(range(len(blocks) + 1)))
+            units = chain.units()
+            shared = _shared_across(model, [[m] for _, m in units])
             if shared:
                 name, a, b = shared
-                raise ConfigError(f"ZeRO-3: parameter {name} is used by blocks {blocks[a][0]!r} and {blocks[b][0]!r} "
+                raise ConfigError(f"ZeRO-3: parameter {name} is used by blocks {units[a][0]!r} and {units[b][0]!r} "
                                   "(tied weights), which it gathers one at a time; untie them (for the GPT: "
                                   "model.args.tied = false) or use parallel.zero = 1 or 2")
         if self.pp > 1 and (self.cuts or self.balance == "params"):  # a measured balance cuts at run time
-            _check_stages(model, blocks, cut_points(blocks, self.pp, self.balance, list(self.cuts) or None) + [len(blocks)])
+            starts = cut_points(blocks, self.pp, self.balance, list(self.cuts) or None, weights=chain.weights())
+            _check_stages(model, chain, starts + [len(blocks)])
 
     def describe(self) -> str:
         text = f"dp={self.dp} x pp={self.pp} x tp={self.tp}"
@@ -139,12 +170,14 @@ class Parallelized:
         self.tp_group, self.tp_rank = mesh.group("tp"), mesh.coord("tp")
         # 1. tensor parallel, on the whole model (its names are the plan's)
         if layout.tp > 1:
-            tensor_parallelize(model, model.tp_plan(), self.tp_group)
-            loss_fn = self._vocab_parallel_loss
+            tensor_parallelize(model, layout.plan(model), self.tp_group)
+        self.loss_fn = loss_fn
         materialize = Materializer(model, seed, device) if is_meta(model) else None
+        modules = list(model.named_modules())  # the unsplit model's names, taken before the cut
         # 2. this rank's pipeline stage
-        blocks = blocks_of(model)
-        weights = None
+        chain = layout.chain(model)
+        blocks = chain.blocks
+        weights = chain.weights()
         if layout.balance == "time" and layout.pp > 1 and not layout.cuts:
             if materialize:
                 materialize(model)  # timing runs every block
@@ -152,10 +185,14 @@ class Parallelized:
             weights = all_reduce(times, "pipeline block timing").tolist()  # every rank cuts alike
         starts = cut_points(blocks, layout.pp, layout.balance, list(layout.cuts) or None, weights=weights)
         starts.append(len(blocks))
+        _check_stages(model, chain, starts)
         s = mesh.coord("pp")
-        self.blocks = blocks[starts[s] : starts[s + 1]]
-        self.stage_module = StageModule(self.blocks)
-        _check_stages(model, blocks, starts)
+        if chain.path:  # the model runs its own forward around this stage's blocks
+            self.stage_module = ModelStage(model, chain, starts[s], starts[s + 1], s, layout.pp)
+            self.blocks = self.stage_module.units
+        else:
+            self.blocks = blocks[starts[s] : starts[s + 1]]
+            self.stage_module = StageModule(self.blocks)
         # 3. data parallel or ZeRO on dp; the stage gets memory here (ZeRO-3: unit by unit)
         dp_group = mesh.group("dp")
         if materialize is None:
@@ -168,17 +205,31 @@ class Parallelized:
                 materialize(self.stage_module)
             self.module = DataParallel(self.stage_module, dp_group, bucket_mb=layout.bucket_mb,
                                        allow_unused=layout.allow_unused)
-        names = {id(p): n for n, p in model.named_parameters()}
-        buffer_names = {id(b): n for n, b in model.named_buffers()}
-        self.pipe = PipelineStage(self.module, s, layout.pp, mesh.group("pp"), loss_fn=loss_fn, device=device)
+        self.pipe = PipelineStage(self.module, s, layout.pp, mesh.group("pp"), loss_fn=self._loss, device=device,
+                                  feed_input=bool(chain.path))
         self.has_loss = self.pipe.last  # ranks that hold a loss
         self.loss_copies = layout.tp  # each tp rank of a last stage holds the same loss
+        names, buffer_names = tensor_names(modules)  # now that the stage's parameters are real
         self.held = self._holdings(names)
         self.buffers = {buffer_names[id(b)]: b for b in self.stage_module.buffers() if id(b) in buffer_names}
         self.norm_axes = [a for a, on in (("tp", layout.tp > 1), ("pp", layout.pp > 1), ("dp", bool(layout.zero))) if on]
 
-    def _vocab_parallel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits.flatten(0, -2), target.flatten(), self.tp_group)  # [B*T, V/t]
+    def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``loss_fn``, or cross-entropy when it is None; on an output split over tp (its last
+        layer is colwise and not gathered), vocab-parallel cross-entropy."""
+        if is_split(output):
+            if self.loss_fn is not None:
+                raise PlaitError("tensor parallel: the model's output is split over tp ranks (its last layer is "
+                                 "'colwise'), which only cross-entropy takes as it is; make that layer "
+                                 "'colwise_gather' in the plan, or use cross-entropy")
+            if target.dim() == output.dim() - 1:
+                output, target = output.flatten(0, -2), target.flatten()
+            return vocab_parallel_cross_entropy(output, target, self.tp_group)  # [N, V/t]
+        if self.loss_fn is None:
+            if output.dim() > 2 and target.dim() == output.dim() - 1:
+                output, target = output.flatten(0, -2), target.flatten()
+            return F.cross_entropy(output.float(), target)
+        return self.loss_fn(output, target)
 
     def _holdings(self, names: dict[int, str]) -> Held:
         """What the optimizer trains on this rank: (tensor, its pieces of unsplit tensors, the
@@ -216,7 +267,7 @@ class Parallelized:
     def infer(self, x: torch.Tensor) -> torch.Tensor | None:
         """The whole model's output on the last stages (the full vocabulary), None elsewhere."""
         out = self.pipe.infer(x)
-        return gather_from(out, self.tp_group) if out is not None and self.layout.tp > 1 else out
+        return gather_from(out, self.tp_group) if out is not None and is_split(out) else out
 
     def check(self, sample: torch.Tensor) -> None:
         """Push a micro-batch through every stage: stages that do not fit together fail here."""
@@ -281,22 +332,22 @@ class Parallelized:
         return {"zero_memory_bytes": self.module.memory(optimizer)} if isinstance(self.module, Zero) else {}
 
 
-def _shared_across(model: nn.Module, blocks: list[tuple[str, nn.Module]], starts: list[int]) -> tuple[str, int, int] | None:
-    """The first parameter used by two of the parts that ``starts`` cuts ``blocks`` into: (its
-    name in ``model``, the part that uses it first, the other part), or None."""
+def _shared_across(model: nn.Module, parts: list[list[nn.Module]]) -> tuple[str, int, int] | None:
+    """The first parameter used by two of ``parts``: (its name in ``model``, the part that uses it
+    first, the other part), or None."""
     owner: dict[int, int] = {}
-    for part in range(len(starts) - 1):
-        for _, block in blocks[starts[part] : starts[part + 1]]:
-            for p in block.parameters():
+    for part, modules in enumerate(parts):
+        for module in modules:
+            for p in module.parameters():
                 if owner.setdefault(id(p), part) != part:
-                    name = next(n for n, q in model.named_parameters() if q is p)
+                    name = next(n for n, q in model.named_parameters(remove_duplicate=False) if q is p)
                     return name, owner[id(p)], part
     return None
 
 
-def _check_stages(model: nn.Module, blocks: list[tuple[str, nn.Module]], starts: list[int]) -> None:
+def _check_stages(model: nn.Module, chain: Chain, starts: list[int]) -> None:
     """No parameter is used by two pipeline stages (it would get two different gradients)."""
-    shared = _shared_across(model, blocks, starts)
+    shared = _shared_across(model, chain.parts(starts))
     if shared:
         name, a, b = shared
         raise ConfigError(f"pipeline: parameter {name} is used by stages {a} and {b} (tied weights), which would give "

@@ -55,6 +55,7 @@ class Materializer:
 
     def __init__(self, model: nn.Module, seed: int, device: torch.device):
         self.model, self.seed, self.device = model, seed, device
+        self.order = list(_post_order(model))  # names as in the unsplit model, before any cut
         # id of a meta parameter -> (it, its real one); holding it keeps its id from being reused
         self.done: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
 
@@ -63,7 +64,7 @@ class Materializer:
         wanted = {id(p) for p in part.parameters() if p.is_meta}
         if not wanted:
             return
-        for name, module in _post_order(self.model):
+        for name, module in self.order:
             own = {k: p for k, p in module._parameters.items() if p is not None}
             if not any(id(p) in wanted for p in own.values()):
                 continue
@@ -84,12 +85,19 @@ class Materializer:
                 self.done[id(old)] = (old, new)
 
 
-def build_deferred(factory, seed: int) -> nn.Module:
-    """``factory()`` on the meta device when its modules can be materialised by parts (see
-    ``meta_ready``), else built whole under ``torch.manual_seed(seed)``."""
-    with torch.device("meta"):
-        model = factory()
-    if meta_ready(model):
+def build_deferred(factory, seed: int, deferred: bool = True) -> nn.Module:
+    """``factory()`` on the meta device when ``deferred`` and its modules can be materialised by
+    parts (see ``meta_ready``), else built whole under ``torch.manual_seed(seed)``. Only for
+    models whose construction initialises nothing beyond each module's ``reset_parameters()``:
+    the meta device would lose any other initialisation."""
+    model = None
+    if deferred:
+        try:
+            with torch.device("meta"):
+                model = factory()
+        except Exception:  # noqa: BLE001 - a constructor that computes with its tensors: build it whole
+            model = None
+    if model is not None and meta_ready(model):
         return model
     torch.manual_seed(seed)
     return factory()

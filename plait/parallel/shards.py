@@ -210,7 +210,22 @@ count it carries)."""
 def unsplit_names(model: torch.nn.Module) -> list[str]:
     """The names a checkpoint keys ``model``'s tensors by: each parameter once (a tied weight under
     the first module that holds it, as ``named_parameters`` gives it), then each buffer."""
-    return [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    return [n for n, _ in model.named_parameters()] + list(tensor_names(model.named_modules())[1].values())
+
+
+def tensor_names(modules) -> tuple[dict[int, str], dict[int, str]]:
+    """id -> name of the parameters, and of the buffers that ``state_dict()`` holds (not the
+    non-persistent ones), of the ``(name, module)`` pairs ``modules`` (a tied tensor: its first name)."""
+    params, buffers = {}, {}
+    for module_name, module in modules:
+        prefix = f"{module_name}." if module_name else ""
+        for key, p in module._parameters.items():
+            if p is not None:
+                params.setdefault(id(p), prefix + key)
+        for key, b in module._buffers.items():
+            if b is not None and key not in module._non_persistent_buffers_set:
+                buffers.setdefault(id(b), prefix + key)
+    return params, buffers
 
 
 def held_whole(model: torch.nn.Module) -> Held:

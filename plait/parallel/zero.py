@@ -19,7 +19,6 @@ torch.optim optimizer (SGD, Adam, AdamW) then computes exactly what it would on 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,11 +29,6 @@ from torch import nn
 from plait.distributed.comm import all_gather_flat, broadcast_tensors, reduce_scatter_flat, wait
 from plait.errors import PlaitError
 from plait.parallel.consistency import check_consistency
-
-
-# Stage 3 gathers a unit's parameters in a backward pre-hook; on the first unit (whose inputs
-# need no gradient) torch warns on every step that such a hook fires on outputs. That is intended.
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
 
 
 class _Unit:
@@ -132,8 +126,7 @@ class Zero(nn.Module):
                 p.register_post_accumulate_grad_hook(self._grad_ready)
             if stage == 3:
                 u.module.register_forward_pre_hook(lambda m, args, u=u: u.gather(self.group))
-                u.module.register_forward_hook(lambda m, args, out, u=u: u.free_full())
-                u.module.register_full_backward_pre_hook(lambda m, grad, u=u: u.gather(self.group))
+                u.module.register_forward_hook(lambda m, args, out, u=u: self._after_forward(u, out))
         self._sync, self._armed = True, False
         self._in_flight: list[_Unit] = []  # units whose gradient reduction was launched, oldest first
         self.peak = {"params": 0, "grads": 0}  # the most held at the end of a backward
@@ -146,6 +139,21 @@ class Zero(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def _after_forward(self, u: _Unit, out) -> None:
+        """Stage 3: free the unit, and gather it again when the gradient of its output arrives
+        (a hook on the output tensors themselves, which stay the tensors the module returned:
+        a caller may hold on to them, as a pipeline stage does)."""
+        u.free_full()
+        if not torch.is_grad_enabled():
+            return
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(lambda grad, u=u: self._regather(u))
+
+    def _regather(self, u: _Unit) -> None:
+        if u.full.untyped_storage().size() == 0:  # the first of its outputs' gradients: every rank alike
+            u.gather(self.group)
 
     def shard_parameters(self) -> list[nn.Parameter]:
         """What the optimizer trains: this rank's slice of every unit."""

@@ -16,6 +16,9 @@ from typing import Any
 from plait.data.partition import POLICIES, SCHEMES
 from plait.errors import ConfigError
 from plait.parallel.ps.layout import MODES as PS_MODES, SCHEMES as PS_SCHEMES
+from plait.parallel.tensor.plan import STYLES as TP_STYLES
+
+LOSSES = ("auto", "cross_entropy", "mse")
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 STRATEGIES = ("allreduce", "ps")
@@ -48,7 +51,8 @@ class RunConfig:
 @dataclass
 class DataConfig:
     name: str = "digits"
-    """Dataset: 'digits' (handwritten digits) or 'regression' (generated, known coefficients)."""
+    """Dataset: 'digits' (handwritten digits), 'regression' (generated, known coefficients), 'text',
+    or your own as 'package.module:callable' returning (train, test) datasets of (input, target)."""
     path: str = ""
     """Optional .npz file to load the dataset's arrays from instead of the built-in source."""
     partition: str = "batch"
@@ -66,9 +70,15 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "digits_cnn"
-    """Registered model: digits_cnn, linreg or mlp."""
+    """Shipped model (digits_cnn, linreg, mlp, gpt), or your own as 'package.module:callable'
+    returning an nn.Module."""
     args: dict = field(default_factory=dict)
     """Arguments of the model factory (e.g. hidden, depth for mlp)."""
+    deferred_init: bool = False
+    """Your own model: build it on the meta device and give each rank memory only for its part,
+    each module initialised by its reset_parameters() (seeded by its name). Only for models whose
+    __init__ initialises nothing itself; otherwise every rank builds the whole model first. The
+    shipped models always are."""
 
 
 @dataclass
@@ -99,12 +109,17 @@ class TrainConfig:
     """auto (CUDA when available), cpu or cuda."""
     skip_nonfinite: bool = False
     """Skip an optimizer step whose loss or gradients are not finite, instead of stopping."""
+    loss: str = "auto"
+    """cross_entropy, mse, your own 'package.module:callable' (output, target) -> mean loss, or
+    auto (the shipped dataset's own; cross_entropy for your data)."""
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "accum_steps"):
             _require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         _require(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
         _one_of(self.optimizer, OPTIMIZERS, "train.optimizer")
+        _require(self.loss in LOSSES or ":" in self.loss, "train.loss",
+                 f"{self.loss!r} is not one of {', '.join(LOSSES)}, nor package.module:callable")
         _one_of(self.device, ("auto", "cpu", "cuda"), "train.device")
         for key in ("momentum", "weight_decay", "grad_clip", "eval_every"):
             _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
@@ -128,6 +143,10 @@ class ParallelConfig:
     """Allow parameters that get no gradient (otherwise an error naming them)."""
     check_consistency: bool = True
     """At the end, verify that all replicas hold bitwise identical parameters."""
+    tp_plan: dict = field(default_factory=dict)
+    """How tensor parallelism splits the model: {module-name pattern: style}, e.g.
+    {"model.layers.*.mlp.up_proj" = "colwise"}; styles colwise, colwise_gather, qkv, rowwise,
+    vocab. Empty: the model's own tp_plan(), if it has one."""
 
     def __post_init__(self):
         _one_of(self.strategy, STRATEGIES, "parallel.strategy")
@@ -135,6 +154,9 @@ class ParallelConfig:
             _require(getattr(self, key) >= 0, f"parallel.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(self.bucket_mb > 0, "parallel.bucket_mb", f"must be positive, got {self.bucket_mb}")
         _require(self.zero in (0, 1, 2, 3), "parallel.zero", f"ZeRO stages are 0 (off), 1, 2 and 3, got {self.zero}")
+        for pattern, style in self.tp_plan.items():
+            _require(isinstance(style, str) and style in TP_STYLES, f"parallel.tp_plan.{pattern!r}",
+                     f"unknown style {style!r}; choose one of {', '.join(TP_STYLES)}")
 
 
 @dataclass
@@ -149,6 +171,10 @@ class PipelineConfig:
     """Explicit cut points instead: the index of the first block of stages 1..pp-1."""
     trace: bool = False
     """Record the last step: a Perfetto trace, a PNG timeline and the measured bubble."""
+    blocks: str = ""
+    """The model's chain of blocks, for models that are not an nn.Sequential and have no
+    pipeline_blocks(): the dotted name of a ModuleList or Sequential, e.g. "model.layers". The
+    modules registered before it go to the first stage, those after it to the last."""
 
     def __post_init__(self):
         _require(self.microbatches >= 1, "pipeline.microbatches", f"must be >= 1, got {self.microbatches}")
@@ -303,9 +329,14 @@ def apply_override(data: dict, assignment: str) -> None:
     node[leaf] = _parse_value(text.strip())
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a TOML config (or start from defaults when ``path`` is None) and apply overrides."""
+def load_config(path: str | Path | dict | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML config (or take a dict of its tables, or start from defaults when ``path`` is
+    None) and apply overrides."""
     data: dict = {}
+    if isinstance(path, dict):
+        import copy
+
+        data, path = copy.deepcopy(path), None
     if path is not None:
         file = Path(path)
         if file.is_dir():

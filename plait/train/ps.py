@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from plait.distributed.env import DistInfo
 from plait.errors import ConfigError
-from plait.models import build_model
+from plait.models import MODELS, build_model
 from plait.parallel.materialize import build_deferred, materialize_all
 from plait.parallel.ps import ParameterServer, PSLayout, PSWorker, ServerStats
 from plait.parallel.ps.layout import scatter, trainable
@@ -60,8 +60,9 @@ class PSTrainer:
         self.cfg, self.info = cfg, info
         self.workers = check_world(cfg, info.world_size)
         torch.manual_seed(cfg.train.seed)
-        self.task = build_task(cfg.data.name, cfg.data.path, cfg.data.args)
-        model = build_deferred(lambda: build_model(cfg.model.name, cfg.model.args, self.task.info), cfg.train.seed)
+        self.task = build_task(cfg.data.name, cfg.data.path, cfg.data.args, cfg.train.loss)
+        model = build_deferred(lambda: build_model(cfg.model.name, cfg.model.args, self.task.info), cfg.train.seed,
+                               cfg.model.name in MODELS or cfg.model.deferred_init)
         self.model = materialize_all(model, cfg.train.seed, torch.device("cpu"))  # the values plait train starts from
         self.layout = PSLayout.build(self.model, cfg.ps.servers, cfg.ps.partition)
         self.local_batch = cfg.train.batch_size // self.workers
@@ -91,7 +92,7 @@ class PSTrainer:
     # -- workers ----------------------------------------------------------------------------
     def _batches(self):
         index = self.layout.workers.index(self.info.rank)
-        sampler, loader = build_loader(self.cfg, self.task.train, self.workers, index)
+        sampler, loader = build_loader(self.cfg, self.task.train, self.workers, index, self.task.collate)
         epoch = 0
         while True:
             sampler.set_epoch(epoch)
@@ -137,10 +138,12 @@ class PSTrainer:
 
     def _finish(self, stats: list[ServerStats], progress: _Progress, train_time: float) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        x, y = self.task.test.tensors
         self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
         with torch.no_grad():
-            metrics = self.task.metrics(self.task.score(self.model(x), y))
+            for x, y in self.task.test_batches(0, len(self.task.test), self.local_batch):
+                sums += self.task.score(self.model(x), y)
+        metrics = self.task.metrics(sums)
         lost = {}
         for s in stats:
             lost.update(s.lost)

@@ -24,7 +24,7 @@ from plait.distributed.comm import all_gather_flat, all_reduce, barrier
 from plait.distributed.env import DistInfo
 from plait.distributed.mesh import Mesh
 from plait.errors import ConfigError, PlaitError
-from plait.models import build_model
+from plait.models import MODELS, build_model
 from plait.parallel.compose import Layout, parallelize
 from plait.parallel.materialize import build_deferred, is_meta
 from plait.parallel.pipeline.schedules import bubble_fraction
@@ -74,7 +74,11 @@ HYPERPARAMETERS = ("lr", "momentum", "weight_decay")
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: DistInfo):
+    """The training loop of ``plait train`` for ``cfg`` on this process. ``model_fn``,
+    ``data_fn`` and ``loss_fn``: callables standing for ``model.name``, ``data.name`` and
+    ``train.loss`` (``plait.fit`` passes them from a script)."""
+
+    def __init__(self, cfg: Config, info: DistInfo, model_fn=None, data_fn=None, loss_fn=None):
         self.cfg, self.info, self.device = cfg, info, info.device
         self.where = "start-up"
         """What this rank is doing, for error messages: 'start-up', 'step 7', ..."""
@@ -86,20 +90,23 @@ class Trainer:
         t = cfg.train
         self.local_batch = t.batch_size // self.dp
         torch.manual_seed(t.seed)
-        self.task = build_task(cfg.data.name, cfg.data.path, cfg.data.args)
+        self.task = build_task(data_fn or cfg.data.name, cfg.data.path, cfg.data.args, loss_fn or t.loss)
         if lay.zero == 3:
             return_freed_memory()
         self.rss_before_model = peak_rss()
         # On the meta device where the model allows: each rank gives memory only to what it holds.
-        self.model = build_deferred(lambda: build_model(cfg.model.name, cfg.model.args, self.task.info), t.seed)
+        deferred = (model_fn is None and cfg.model.name in MODELS) or cfg.model.deferred_init
+        self.model = build_deferred(lambda: build_model(model_fn or cfg.model.name, cfg.model.args, self.task.info),
+                                    t.seed, deferred)
         if not is_meta(self.model):
             self.model.to(self.device)
-        sample = self.task.train.tensors[0][: self.local_batch].to(self.device)
-        self.parallel = parallelize(self.model, self.mesh, lay, self.task.loss, self.device, sample, t.seed)
+        sample = self.task.sample(self.local_batch).to(self.device)
+        loss = None if self.task.objective == "cross_entropy" else self.task.loss  # None: vocab-parallel under tp
+        self.parallel = parallelize(self.model, self.mesh, lay, loss, self.device, sample, t.seed)
         self.parallel.check(sample)  # stages that do not fit together fail here, on every rank
         self.optimizer = build_optimizer(t, self.parallel.parameters())
         self.parallel.attach(self.optimizer)
-        self.sampler, self.loader = build_loader(cfg, self.task.train, self.dp, self.dp_rank)
+        self.sampler, self.loader = build_loader(cfg, self.task.train, self.dp, self.dp_rank, self.task.collate)
         # Position: the next step to run, and where its batch lies (in global batches of the epoch).
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
@@ -196,13 +203,16 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         """Test metrics: each dp rank scores a contiguous slice, through its pipeline if any."""
-        x, y = self.task.test.tensors
-        lo, hi = len(x) * self.dp_rank // self.dp, len(x) * (self.dp_rank + 1) // self.dp
+        n = len(self.task.test)
+        lo, hi = n * self.dp_rank // self.dp, n * (self.dp_rank + 1) // self.dp
         was_training = self.parallel.training
         self.parallel.train(False)
-        out = self.parallel.infer(x[lo:hi].to(self.device))
+        sums = torch.zeros(3, dtype=torch.float64)
+        for x, y in self.task.test_batches(lo, hi, self.local_batch):
+            out = self.parallel.infer(x.to(self.device))
+            if out is not None:
+                sums += self.task.score(out, y.to(self.device))
         self.parallel.train(was_training)
-        sums = self.task.score(out, y[lo:hi].to(self.device)) if out is not None else torch.zeros(3, dtype=torch.float64)
         if self.info.world_size > 1:
             all_reduce(sums, "evaluation all-reduce")
         return self.task.metrics(sums)
@@ -316,12 +326,12 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def build_loader(cfg: Config, dataset, parts: int, index: int) -> tuple[PartitionSampler, DataLoader]:
+def build_loader(cfg: Config, dataset, parts: int, index: int, collate=stacked) -> tuple[PartitionSampler, DataLoader]:
     """Part ``index`` of ``parts`` of every global batch (``data.partition``), as a loader of local batches."""
     t = cfg.train
     sampler = PartitionSampler(dataset, parts, index, scheme=cfg.data.partition, global_batch=t.batch_size,
                                seed=t.seed, policy=cfg.data.policy)
-    loader = DataLoader(dataset, batch_size=t.batch_size // parts, sampler=sampler, drop_last=True, collate_fn=stacked)
+    loader = DataLoader(dataset, batch_size=t.batch_size // parts, sampler=sampler, drop_last=True, collate_fn=collate)
     if len(loader) == 0:
         raise ConfigError(f"train.batch_size: {t.batch_size} leaves no full batch in {len(dataset)} samples")
     return sampler, loader

@@ -33,8 +33,11 @@ class PipelineStage:
     """
 
     def __init__(self, module: nn.Module, stage: int, stages: int, group: dist.ProcessGroup,
-                 loss_fn=None, device: torch.device | None = None):
+                 loss_fn=None, device: torch.device | None = None, feed_input: bool = False):
+        """``feed_input``: every stage's module is called with the micro-batch's input before what
+        it received (a ``ModelStage``); then every stage must be given the inputs."""
         self.module, self.stage, self.stages, self.group = module, stage, stages, group
+        self.feed_input = feed_input
         self.loss_fn, self.device = loss_fn, device or torch.device("cpu")
         self.first, self.last = stage == 0, stage == stages - 1
         ranks = dist.get_process_group_ranks(group)
@@ -54,7 +57,7 @@ class PipelineStage:
         gradients local (a step accumulated over several batches syncs on its last one)."""
         if schedule not in SCHEDULES:
             raise PlaitError(f"pipeline.schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        xs = _split(inputs, microbatches) if self.first else [None] * microbatches
+        xs = _split(inputs, microbatches) if self.first or self.feed_input else [None] * microbatches
         ys = _split(targets, microbatches) if self.last else [None] * microbatches
         actions = SCHEDULES[schedule](microbatches, self.stages, self.stage)
         last_backward = max(i for kind, i in actions if kind == "B")
@@ -83,7 +86,7 @@ class PipelineStage:
                     self.prev.post(self._specs)
             inputs = tuple(t.requires_grad_(t.is_floating_point()) for t in self.prev.take())
         start = time.perf_counter()
-        out = _as_tuple(self.module(*inputs))
+        out = _as_tuple(self.module(*self._call(x, inputs)))
         if self.last:
             out = (self.loss_fn(out[0] if len(out) == 1 else out, y) * scale,)
             self._losses.append(out[0].detach())
@@ -118,12 +121,19 @@ class PipelineStage:
         else:
             _, specs = self.prev.recv_header()
             xs = self.prev.recv(specs)
-        out = _as_tuple(self.module(*xs))
+        out = _as_tuple(self.module(*self._call(inputs, xs)))
         if not self.last:
             self.next.send(out, encode_header(out))
             self.next.flush()
             return None
         return out[0] if len(out) == 1 else out
+
+    def _call(self, x, received: tuple) -> tuple:
+        """The module's arguments: what it received (the input itself on the first stage), after
+        the micro-batch's input ``x`` where every stage is fed it."""
+        if self.first:
+            return received
+        return (*_as_tuple(x), *received) if self.feed_input else received
 
     # -- checking the cut before training -------------------------------------------------
     @torch.no_grad()
@@ -140,7 +150,7 @@ class PipelineStage:
                 if status != OK:
                     error = "upstream"
             if inputs is not None:
-                out = _as_tuple(self.module(*inputs))
+                out = _as_tuple(self.module(*self._call(sample_input, inputs)))
         except Exception as exc:  # a stage that does not fit the previous one's output
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if not self.last:

@@ -63,7 +63,10 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(copy_to(x, self.group), self.weight, self.bias)  # [.., out/t]
-        return gather_from(y, self.group) if self.gather_output else y
+        if self.gather_output:
+            return gather_from(y, self.group)
+        y.plait_split = True  # a model that returns it as its output: the loss knows it is a slice
+        return y
 
 
 class RowParallelLinear(nn.Module):
@@ -131,6 +134,11 @@ class _VocabParallelCE(torch.autograd.Function):
         g = softmax.clone()
         g.scatter_add_(-1, local.unsqueeze(-1), -mine.to(g.dtype).unsqueeze(-1))
         return g * grad.unsqueeze(-1), None, None
+
+
+def is_split(output) -> bool:
+    """Whether ``output`` is a column-parallel layer's slice (not gathered)."""
+    return getattr(output, "plait_split", False)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group,

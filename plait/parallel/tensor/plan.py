@@ -63,6 +63,13 @@ def check_plan(model: nn.Module, plan: dict[str, str], tp: int) -> None:
                 size, what = module.out_features, "output features"
             if size % tp:
                 raise PlaitError(f"tensor parallel: {name}: {what} {size} is not divisible by tp={tp}")
+            parent = model.get_submodule(name.rpartition(".")[0])
+            head_dim = getattr(parent, "head_dim", None)  # an attention projection (transformers' name;
+            # a module with a ``heads`` count is checked below, by it)
+            if not isinstance(getattr(parent, "heads", None), int) and style in ("colwise", "qkv") and isinstance(head_dim, int) and head_dim > 0 and size % head_dim == 0 \
+                    and (size // head_dim) % tp:
+                raise PlaitError(f"tensor parallel: {name}: its {size // head_dim} attention heads (of {head_dim}) "
+                                 f"are not divisible by tp={tp}")
     for name, module in model.named_modules():
         heads = getattr(module, "heads", None)
         if isinstance(heads, int) and heads % tp:
