@@ -38,11 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train a config on local (or several nodes') workers")
     train.add_argument("config", help="a TOML config, e.g. examples/digits_cnn.toml")
-    train.add_argument("--nproc", "--nproc-per-node", type=_positive, default=1, help="workers on this node")
-    train.add_argument("--nnodes", type=_positive, default=1, help="number of nodes")
-    train.add_argument("--node-rank", type=int, default=0, help="this node's rank (0 hosts the rendezvous)")
-    train.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the rendezvous, for --nnodes > 1")
-    train.add_argument("--max-restarts", type=int, default=0, help="restarts of the worker group after a failure")
+    # Defaults (None) come from a cluster manager's environment (plait.cluster), else 1, 1, 0, "", 0.
+    train.add_argument("--nproc", "--nproc-per-node", type=_positive, help="workers on this node (default 1)")
+    train.add_argument("--nnodes", type=_positive, help="number of nodes (default 1)")
+    train.add_argument("--node-rank", type=int, help="this node's rank (0 hosts the rendezvous)")
+    train.add_argument("--rdzv-endpoint", help="HOST:PORT of the rendezvous, for --nnodes > 1")
+    train.add_argument("--max-restarts", type=int, help="restarts of the worker group after a failure (default 0)")
     train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                        help="continue from the newest complete checkpoint (or from PATH)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -67,7 +68,7 @@ def export(args: argparse.Namespace) -> None:
     from plait.train.tasks import build_task
 
     cfg = load_config(args.config, args.overrides)
-    info = build_task(cfg.data.name, cfg.data.path, cfg.data.args).info
+    info = build_task(cfg.data.name, cfg.data.path, cfg.data.args, cfg.train.loss).info
     model = build_model(cfg.model.name, cfg.model.args, info)
     manifest = load_unsplit(args.checkpoint, model)
     out = Path(args.output)
@@ -84,6 +85,7 @@ def export(args: argparse.Namespace) -> None:
 def _check(config_path: str, overrides: list[str], world_size: int):
     """Everything that can be checked before starting workers: config, model and data arguments,
     mesh and batch, dataset file, checkpoint to resume, output folders."""
+    from plait.callargs import is_import_spec
     from plait.models import check_model_args
     from plait.train.config import load_config
     from plait.train.tasks import check_data_args
@@ -91,11 +93,13 @@ def _check(config_path: str, overrides: list[str], world_size: int):
 
     cfg = load_config(config_path, overrides)
     check_model_args(cfg.model.name, cfg.model.args)
-    check_data_args(cfg.data.name, cfg.data.args)
+    check_data_args(cfg.data.name, cfg.data.args, cfg.data.path)
     if cfg.data.path:
         from plait.data.datasets import check_data_path
 
         check_data_path(cfg.data.name, cfg.data.path)
+    if is_import_spec(cfg.model.name) or is_import_spec(cfg.data.name) or is_import_spec(cfg.train.loss):
+        _check_user_code(cfg)
     if cfg.parallel.strategy == "ps":
         from plait.train.ps import check_world
 
@@ -120,6 +124,23 @@ def _check(config_path: str, overrides: list[str], world_size: int):
     return cfg
 
 
+def _check_user_code(cfg) -> None:
+    """The user's own data, model and loss, run once here: an import that fails, a callable that
+    returns the wrong thing or takes other arguments is one line now, not one per worker later.
+    The model is built on the meta device (no memory) where it allows."""
+    import torch
+
+    from plait.models import build_model
+    from plait.train.tasks import build_task
+
+    info = build_task(cfg.data.name, cfg.data.path, cfg.data.args, cfg.train.loss).info
+    try:
+        with torch.device("meta"):
+            build_model(cfg.model.name, cfg.model.args, info)
+    except PlaitError:  # a model that cannot be built on meta: for real (its own error, if any, is said)
+        build_model(cfg.model.name, cfg.model.args, info)
+
+
 def _check_layout(cfg, world_size: int) -> None:
     """The layout against the world and the batch, and against the model, built on the meta
     device (no memory, no initialisation): tp must divide what the plan splits, pp must not
@@ -132,7 +153,7 @@ def _check_layout(cfg, world_size: int) -> None:
 
     layout = Layout.from_config(cfg, world_size)
     if layout.pp > 1 or layout.tp > 1 or layout.zero == 3:
-        info = build_task(cfg.data.name, cfg.data.path, cfg.data.args).info
+        info = build_task(cfg.data.name, cfg.data.path, cfg.data.args, cfg.train.loss).info
         with torch.device("meta"):
             layout.check_model(build_model(cfg.model.name, cfg.model.args, info))
 
@@ -155,10 +176,14 @@ def train(args: argparse.Namespace) -> None:
 
     if args.resume is not None:  # a JSON string is a TOML string: any path survives quoting
         args.overrides.append(f"checkpoint.resume={json.dumps(args.resume)}")
+    from plait.cluster import launch_defaults
+
     module_args = [args.config] + [a for o in args.overrides for a in ("--set", o)]
-    spec = LaunchSpec(nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
-                      rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts,
-                      run_id=Path(args.config).stem, module_args=module_args)
+    given = {"nproc": args.nproc, "nnodes": args.nnodes, "node_rank": args.node_rank,
+             "rdzv_endpoint": args.rdzv_endpoint, "max_restarts": args.max_restarts}
+    settings = {"run_id": Path(args.config).stem, **launch_defaults(),
+                **{key: value for key, value in given.items() if value is not None}}
+    spec = LaunchSpec(**settings, module_args=module_args)
     cfg = _check(args.config, args.overrides, spec.world_size)
     if cfg.parallel.strategy == "ps" and cfg.ps.mode != "sync":
         # Async and ssp go on without a lost worker; torchrun alone would stop every rank.

@@ -22,7 +22,9 @@ class LaunchSpec:
     nproc: int = 1
     """Worker processes on this node (torchrun's --nproc-per-node)."""
     nnodes: int = 1
-    node_rank: int = 0
+    node_rank: int | None = None
+    """This node's rank: node 0 hosts the rendezvous. None: torch's c10d decides (the node whose
+    address is the endpoint's hosts it)."""
     rdzv_endpoint: str = ""
     """HOST:PORT of node 0's rendezvous, for multi-node runs."""
     run_id: str = "plait"
@@ -36,7 +38,7 @@ class LaunchSpec:
             raise PlaitError(f"--nproc must be at least 1, got {self.nproc}")
         if self.nnodes < 1:
             raise PlaitError(f"--nnodes must be at least 1, got {self.nnodes}")
-        if not 0 <= self.node_rank < self.nnodes:
+        if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
             raise PlaitError(f"--node-rank {self.node_rank} is outside 0..{self.nnodes - 1}")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise PlaitError("--rdzv-endpoint HOST:PORT is required when --nnodes > 1")
@@ -55,9 +57,10 @@ def _torchrun_args(spec: LaunchSpec, rdzv_dir: str) -> list[str]:
         args += ["--rdzv-endpoint", os.path.join(rdzv_dir, "rendezvous"), "--rdzv-conf", "store_type=file",
                  "--local-addr", "127.0.0.1"]
     else:
-        # c10d assigns ranks by arrival; the node rank decides who hosts the rendezvous store.
-        args += ["--rdzv-endpoint", spec.rdzv_endpoint,
-                 "--rdzv-conf", f"is_host={'true' if spec.node_rank == 0 else 'false'}"]
+        # c10d assigns ranks by arrival; the node rank, if known, decides who hosts the rendezvous store.
+        args += ["--rdzv-endpoint", spec.rdzv_endpoint]
+        if spec.node_rank is not None:
+            args += ["--rdzv-conf", f"is_host={'true' if spec.node_rank == 0 else 'false'}"]
     return args + ["--module", spec.module, *spec.module_args]
 
 

@@ -21,9 +21,10 @@ from conftest import EXAMPLES, ROOT, kill_worker_when, wait_until, worker_pid
 PLAIT = [sys.executable, "-m", "plait.cli"]
 
 
-def plait_train(*args: str, out_dir: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+def plait_train(*args: str, out_dir: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [*PLAIT, "train", *args, "--set", f"run.out_dir={out_dir}"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **env} if env else None)
 
 
 def read_run(out_dir: Path, name: str):
@@ -77,6 +78,44 @@ def test_two_nodes_on_loopback(tmp_path):
         assert done.returncode == 0, f"node {r}: {done.stderr}"
     _, summary = read_run(tmp_path, "linreg")
     assert summary["world_size"] == 2 and summary["steps"] == 50
+
+
+@pytest.mark.parametrize("manager", ["kubeflow", "slurm"])
+def test_two_nodes_from_a_cluster_managers_environment_alone(manager, tmp_path):
+    """The same command on every node, as a PyTorchJob's container or an srun step runs it: the
+    nodes, workers per node and rendezvous come from the environment variables alone."""
+    port = str(free_port())
+    if manager == "kubeflow":  # the operator's variables (torchrun reads the same); c10d picks the host
+        nodes = [{"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_RDZV_ENDPOINT": f"127.0.0.1:{port}",
+                  "PET_RDZV_BACKEND": "c10d"}] * 2
+    else:  # srun --ntasks-per-node=1 on two nodes; the rendezvous on the step's first host
+        nodes = [{"SLURM_JOB_ID": "4242", "SLURM_STEP_NUM_NODES": "2", "SLURM_NODEID": str(r),
+                  "SLURM_STEP_NODELIST": "127.0.0.1", "MASTER_PORT": port} for r in (0, 1)]
+    common = [str(EXAMPLES / "linreg.toml"), "--set", "run.progress=false", "--set", "train.steps=20"]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(plait_train, *common, out_dir=tmp_path, env=env) for env in nodes]
+        results = [f.result() for f in futures]
+    for r, done in enumerate(results):
+        assert done.returncode == 0, f"node {r}: {done.stderr}"
+    _, summary = read_run(tmp_path, "linreg")
+    assert summary["world_size"] == 2 and summary["steps"] == 20
+
+
+def test_cluster_environment_is_read_as_documented():
+    from plait.cluster import first_host, launch_defaults
+    from plait.errors import PlaitError
+
+    assert first_host("gpu[07-09,12],cpu1") == "gpu07" and first_host("node3,node4") == "node3"
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_NODES": "4", "SLURM_NODEID": "2",
+             "SLURM_STEP_NODELIST": "n[003-006]"}
+    assert launch_defaults(slurm) == {"nnodes": 4, "node_rank": 2, "rdzv_endpoint": "n003:29400", "run_id": "slurm-7"}
+    assert launch_defaults({"SLURM_JOB_ID": "7", "SLURM_NNODES": "4"}) == {}  # a batch script's shell: one node
+    kube = {"PET_NNODES": "3", "PET_NPROC_PER_NODE": "8", "PET_RDZV_ENDPOINT": "job-master-0:23456"}
+    assert launch_defaults(kube) == {"nnodes": 3, "nproc": 8, "rdzv_endpoint": "job-master-0:23456"}
+    with pytest.raises(PlaitError, match="PET_NNODES='1:4' is not an integer; elastic ranges"):
+        launch_defaults({"PET_NNODES": "1:4"})
+    with pytest.raises(PlaitError, match="PET_RDZV_BACKEND='etcd': plait train uses torch's c10d"):
+        launch_defaults({"PET_RDZV_BACKEND": "etcd"})
 
 
 def torchrun_example(script: str, nproc: int, cwd: Path) -> subprocess.CompletedProcess:
