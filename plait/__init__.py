@@ -8,6 +8,10 @@ Inside a script started by ``torchrun --nproc-per-node 2 script.py``::
     model = plait.DataParallel(model, mesh.group("dp"))
     sampler = plait.PartitionSampler(dataset, mesh.size("dp"), mesh.coord("dp"), global_batch=64)
 
+Or the whole trainer (layouts, checkpoints, resume, outputs) on your own model and data::
+
+    plait.fit(Net, load_data, "train.toml")               # under torchrun, or alone
+
 The names load on first use: ``import plait`` itself costs no torch start-up, so the command
 line and the parameter-server guard start at once and answer Ctrl-C at any moment.
 """
@@ -28,6 +32,7 @@ _LAZY = {
     "check_consistency": "plait.parallel.consistency",
     "DataParallel": "plait.parallel.data",
     "Layout": "plait.parallel.compose", "parallelize": "plait.parallel.compose",
+    "fit": "plait.train.api",
 }
 __all__ = ["CommError", "ConfigError", "PlaitError", *_LAZY]
 __getattr__, __dir__ = lazy(__name__, _LAZY)
@@ -39,3 +44,4 @@ if TYPE_CHECKING:
     from plait.parallel.consistency import check_consistency
     from plait.parallel.compose import Layout, parallelize
     from plait.parallel.data import DataParallel
+    from plait.train.api import fit
