@@ -32,10 +32,13 @@ def first_host(nodelist: str) -> str:
 
 def _int(env: dict, name: str) -> int:
     value = env[name]
+    low, sep, high = value.partition(":")
+    if sep and low == high:  # an elastic range of one size, as a PyTorchJob with min = max sets it
+        value = low
     try:
         return int(value)
     except ValueError:
-        hint = "; elastic ranges (MIN:MAX) are not supported by plait train" if ":" in value else ""
+        hint = "; plait train runs a fixed number of nodes (MIN:MAX with MIN = MAX)" if ":" in value else ""
         raise PlaitError(f"environment variable {name}={value!r} is not an integer{hint}") from None
 
 

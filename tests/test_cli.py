@@ -112,10 +112,21 @@ def test_cluster_environment_is_read_as_documented():
     assert launch_defaults({"SLURM_JOB_ID": "7", "SLURM_NNODES": "4"}) == {}  # a batch script's shell: one node
     kube = {"PET_NNODES": "3", "PET_NPROC_PER_NODE": "8", "PET_RDZV_ENDPOINT": "job-master-0:23456"}
     assert launch_defaults(kube) == {"nnodes": 3, "nproc": 8, "rdzv_endpoint": "job-master-0:23456"}
-    with pytest.raises(PlaitError, match="PET_NNODES='1:4' is not an integer; elastic ranges"):
+    assert launch_defaults({"PET_NNODES": "2:2"}) == {"nnodes": 2}  # an elastic policy with min = max
+    with pytest.raises(PlaitError, match=r"PET_NNODES='1:4' is not an integer; plait train runs a fixed number"):
         launch_defaults({"PET_NNODES": "1:4"})
     with pytest.raises(PlaitError, match="PET_RDZV_BACKEND='etcd': plait train uses torch's c10d"):
         launch_defaults({"PET_RDZV_BACKEND": "etcd"})
+
+
+def test_shipped_cluster_examples_run_plait_train_alone():
+    """The Slurm script is valid bash and runs one plait train per node from srun; the
+    PyTorchJob's container runs the same plain command (its variables do the rest)."""
+    sbatch = EXAMPLES / "cluster" / "slurm.sbatch"
+    subprocess.run(["bash", "-n", str(sbatch)], check=True)
+    assert re.search(r"^srun plait train ", sbatch.read_text(), re.M)
+    assert re.search(r'command: \["plait", "train", "examples/\w+\.toml"\]',
+                     (EXAMPLES / "cluster" / "pytorchjob.yaml").read_text())
 
 
 def torchrun_example(script: str, nproc: int, cwd: Path) -> subprocess.CompletedProcess:
