@@ -35,7 +35,7 @@ from plait.errors import ConfigError, PlaitError
 from plait.parallel.data import DataParallel
 from plait.parallel.materialize import Materializer, is_meta
 from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, cut_points
-from plait.parallel.pipeline.chain import Chain, ModelStage, model_chain
+from plait.parallel.pipeline.chain import Chain, ModelStage, call_order, model_chain
 from plait.parallel.pipeline.cut import block_times
 from plait.parallel.shards import (Held, checkpoint_tensors, gather_unsplit, tensor_names, tensor_pieces,
                                   unit_pieces, unsplit_names)
@@ -107,9 +107,10 @@ class Layout:
             return dict(self.tp_plan)
         return model.tp_plan() if hasattr(model, "tp_plan") else None
 
-    def chain(self, model: nn.Module) -> Chain:
-        """What pipelines cut and ZeRO-3 gathers: the blocks ``blocks`` names, else Plait's."""
-        return model_chain(model, self.blocks) if self.blocks else Chain(blocks_of(model))
+    def chain(self, model: nn.Module, order: dict[str, int] | None = None) -> Chain:
+        """What pipelines cut and ZeRO-3 gathers: the blocks ``blocks`` names, else Plait's.
+        ``order``: the order the model's forward calls its modules (``call_order``)."""
+        return model_chain(model, self.blocks, order) if self.blocks else Chain(blocks_of(model))
 
     def check_model(self, model: nn.Module) -> None:
         """What the unsplit model (on the meta device is enough) must allow: a tensor-parallel
@@ -168,6 +169,8 @@ class Parallelized:
         layout.check_model(model)
         self.model_names = unsplit_names(model)
         self.tp_group, self.tp_rank = mesh.group("tp"), mesh.coord("tp")
+        # 0. which modules a named chain of blocks has before and after it, by running the model
+        order = call_order(model, sample) if layout.blocks and layout.pp > 1 else None
         # 1. tensor parallel, on the whole model (its names are the plan's)
         if layout.tp > 1:
             tensor_parallelize(model, layout.plan(model), self.tp_group)
@@ -175,7 +178,7 @@ class Parallelized:
         materialize = Materializer(model, seed, device) if is_meta(model) else None
         modules = list(model.named_modules())  # the unsplit model's names, taken before the cut
         # 2. this rank's pipeline stage
-        chain = layout.chain(model)
+        chain = layout.chain(model, order)
         blocks = chain.blocks
         weights = chain.weights()
         if layout.balance == "time" and layout.pp > 1 and not layout.cuts:

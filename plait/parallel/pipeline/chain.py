@@ -5,8 +5,9 @@ Most models are not an ``nn.Sequential``: a transformers ``LlamaForCausalLM`` em
 makes a causal mask and rotary embeddings, runs ``model.layers`` one after another, then a norm
 and a head. Naming that ``ModuleList`` (``pipeline.blocks = "model.layers"``) is enough:
 
-- the blocks are cut into stages; the modules with parameters registered before the blocks (the
-  embeddings) belong to the first stage, those registered after (norm, head) to the last;
+- the blocks are cut into stages; the modules with parameters that the forward runs before the
+  blocks (the embeddings; found by running it once on one sample, on the meta device where the
+  model is) belong to the first stage, the others (norm, head) to the last;
   modules without parameters (rotary embeddings, dropout) stay on every stage;
 - every stage calls the model's own forward on the micro-batch's input. The list holds only this
   stage's blocks; on a later stage the first-stage modules are stand-ins returning zeros, and the
@@ -16,9 +17,10 @@ and a head. Naming that ``ModuleList`` (``pipeline.blocks = "model.layers"``) is
 
 What it needs of the model: a forward that runs the blocks one after another, each taking the
 previous one's output as its first argument (the other arguments, masks and positions, computed
-from the input, may be anything), and modules with parameters that run before the blocks
-registered before them, those after registered after. A model that breaks the last rule is
-caught on its first forward with a message naming the module.
+from the input, may be anything), and each module outside them run either before them or after.
+Without a sample forward (``parallelize`` given no sample, or a forward the meta device cannot
+run), the order in which the model registered its modules stands in; a module that breaks it is
+caught on the first forward with a message naming it.
 """
 
 from __future__ import annotations
@@ -67,8 +69,36 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def model_chain(model: nn.Module, path: str) -> Chain:
-    """The chain ``path`` names in ``model``; one line naming ``pipeline.blocks`` otherwise."""
+def call_order(model: nn.Module, sample: torch.Tensor | None) -> dict[str, int] | None:
+    """The order in which ``model``'s forward first calls each of its modules, by name, on one
+    sample (on the meta device if the model is there); None if there is no sample or the forward
+    fails (then the order of registration stands in)."""
+    if sample is None:
+        return None
+    order: dict[str, int] = {}
+
+    def seen(name: str) -> None:
+        order.setdefault(name, len(order))
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=name: seen(n)) for name, m in model.named_modules() if name]
+    x = sample[:1]
+    if any(p.is_meta for p in model.parameters()):
+        x = x.to("meta")
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception:  # noqa: BLE001 - a forward that the meta device cannot run, say
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def model_chain(model: nn.Module, path: str, order: dict[str, int] | None = None) -> Chain:
+    """The chain ``path`` names in ``model``; one line naming ``pipeline.blocks`` otherwise.
+    ``order`` (``call_order``): modules run before the first block go to the first stage, the
+    others to the last; without it, by the order in which the model registered them."""
     try:
         container = model.get_submodule(path)
     except AttributeError:
@@ -80,7 +110,12 @@ def model_chain(model: nn.Module, path: str) -> Chain:
     if len(container) == 0:
         raise ConfigError(f"pipeline.blocks: {path} is empty")
     blocks = [(f"{path}.{i}", m) for i, m in enumerate(container)]
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    registered = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    if order is None or blocks[0][0] not in order:
+        order = registered
+    else:  # modules the forward never called: after the blocks
+        order = {**{name: len(order) + i for name, i in registered.items()}, **order}
+    first = order[blocks[0][0]]
     before, after, chain_parts = [], [], path.split(".")
     for depth in range(len(chain_parts)):  # the siblings of the container and of each of its ancestors
         parent_name = ".".join(chain_parts[:depth])
@@ -93,7 +128,7 @@ def model_chain(model: nn.Module, path: str) -> Chain:
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             if full == ".".join(chain_parts[: depth + 1]) or not any(True for _ in child.parameters()):
                 continue  # the way down to the blocks, or a module without parameters (kept everywhere)
-            (before if order[full] < order[path] else after).append((full, child))
+            (before if order[full] < first else after).append((full, child))
     return Chain(blocks, path, sorted(before, key=lambda b: order[b[0]]), sorted(after, key=lambda b: order[b[0]]))
 
 
