@@ -2,7 +2,7 @@
 import torch.nn.functional as F
 from torch import nn
 
-from examples.my_model import Net, data  # noqa: F401 - the good ones, for configs that mix
+from examples.my_model import Net
 
 
 def not_a_model(width: int = 4):

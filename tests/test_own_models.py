@@ -186,3 +186,38 @@ def test_fit_from_a_script_under_plain_torchrun_resumes_like_an_unbroken_run(wor
     world2.run(fit_in_world, str(tmp_path / "unbroken"), FIT)
     unbroken = [json.loads(line) for line in (tmp_path / "unbroken" / "fit_script" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in unbroken]  # bitwise: same layout, same arithmetic
+
+
+def test_llama_checkpoint_moves_between_layouts_and_exports(world2, solo, tmp_path):
+    """A transformers model's checkpoints are keyed by its own parameter names: saved under tp2,
+    resumed under pp2, then ZeRO-3, it ends where one unbroken process ends; `plait export`
+    writes a state_dict that LlamaForCausalLM loads strictly."""
+    import subprocess
+    import sys
+
+    from conftest import EXAMPLES, ROOT
+    from examples.hf_models import llama
+    from plait.train.tasks import build_task
+
+    options = [*OPTIONS["llama"], "checkpoint.every=2", f"checkpoint.dir={tmp_path}/ck"]
+    expected, expected_losses = _reference("llama", [], str(tmp_path / "one"))
+    losses = []
+    for i, layout in enumerate([["parallel.tp=2"], ["parallel.pp=2"], ["parallel.zero=3"]]):
+        resume = ["checkpoint.resume=latest"] if i else []
+        params, logged = world2.run(train_example, "llama", [*options, *layout, *resume], str(tmp_path / f"part{i}"),
+                                    2 * (i + 1) if i < 2 else STEPS)[0]
+        losses += logged
+    assert_close(params, expected, what="tp2 -> pp2 -> ZeRO-3: ", scaled=True)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-5, atol=0)
+
+    out = tmp_path / "llama.pt"
+    done = subprocess.run([sys.executable, "-c", "import sys; from plait.cli import main; sys.exit(main())", "export",
+                           str(tmp_path / "ck" / f"step_{STEPS:08d}"), "--config", str(EXAMPLES / "llama.toml"),
+                           *(a for o in OPTIONS["llama"] for a in ("--set", o)), "-o", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    info = build_task("text", "", {"max_chars": 6000, "block_size": 16}).info
+    model = llama(info["vocab_size"], info["block_size"], dim=32)
+    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-5 * expected[name].abs().max().item())
