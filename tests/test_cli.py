@@ -80,17 +80,15 @@ def test_two_nodes_on_loopback(tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 50
 
 
-@pytest.mark.parametrize("manager", ["kubeflow", "slurm"])
-def test_two_nodes_from_a_cluster_managers_environment_alone(manager, tmp_path):
-    """The same command on every node, as a PyTorchJob's container or an srun step runs it: the
-    nodes, workers per node and rendezvous come from the environment variables alone."""
+def test_two_nodes_from_a_cluster_managers_environment_alone(tmp_path):
+    """The same command on every node, as a PyTorchJob's container runs it: the nodes, workers
+    per node and rendezvous come from the operator's variables alone (torchrun reads the same),
+    and c10d picks the node that hosts the rendezvous. One node from Slurm's variables, and a
+    node rank, an endpoint, from the flags, take the path test_two_nodes_on_loopback takes
+    (test_cluster_environment_is_read_as_documented reads them)."""
     port = str(free_port())
-    if manager == "kubeflow":  # the operator's variables (torchrun reads the same); c10d picks the host
-        nodes = [{"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_RDZV_ENDPOINT": f"127.0.0.1:{port}",
-                  "PET_RDZV_BACKEND": "c10d"}] * 2
-    else:  # srun --ntasks-per-node=1 on two nodes; the rendezvous on the step's first host
-        nodes = [{"SLURM_JOB_ID": "4242", "SLURM_STEP_NUM_NODES": "2", "SLURM_NODEID": str(r),
-                  "SLURM_STEP_NODELIST": "127.0.0.1", "MASTER_PORT": port} for r in (0, 1)]
+    nodes = [{"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_RDZV_ENDPOINT": f"127.0.0.1:{port}",
+              "PET_RDZV_BACKEND": "c10d"}] * 2
     common = [str(EXAMPLES / "linreg.toml"), "--set", "run.progress=false", "--set", "train.steps=20"]
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(plait_train, *common, out_dir=tmp_path, env=env) for env in nodes]
