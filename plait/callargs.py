@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable
 
-from plait.errors import ConfigError
+from plait.errors import ConfigError, first_line
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
@@ -34,6 +34,16 @@ def check_call_args(fn: Callable, args: dict, key: str, what: str, hidden: Itera
             raise ConfigError(f"{key}.{name}: expected {_KINDS[kind]} (default {default!r}), got {value!r}")
 
 
+def label(name) -> str:
+    """How a message names a model or dataset given by name, or (from Python) as a callable."""
+    return name if isinstance(name, str) else getattr(name, "__qualname__", repr(name))
+
+
+def failed(key: str, what: str, exc: BaseException) -> ConfigError:
+    """One line for an error raised by the user's own code: ``key: what failed: Type: message``."""
+    return ConfigError(f"{key}: {what} failed: {type(exc).__name__}: {first_line(exc) if str(exc).strip() else ''}")
+
+
 def is_import_spec(name: str) -> bool:
     """``package.module:callable`` names the user's own code; a bare word names a shipped one."""
     return ":" in name
@@ -59,8 +69,7 @@ def resolve(spec: str, key: str) -> Callable:
         raise ConfigError(f"{key}: cannot import module {module_name!r}{where}: {exc} "
                           f"(looked in {os.getcwd()} and the installed packages)") from None
     except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
-        raise ConfigError(f"{key}: importing module {module_name!r} failed: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise failed(key, f"importing module {module_name!r}", exc) from None
     for part in attr.split("."):
         if not hasattr(target, part):
             raise ConfigError(f"{key}: module {module_name!r} has no attribute {attr!r}")

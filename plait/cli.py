@@ -85,7 +85,6 @@ def export(args: argparse.Namespace) -> None:
 def _check(config_path: str, overrides: list[str], world_size: int):
     """Everything that can be checked before starting workers: config, model and data arguments,
     mesh and batch, dataset file, checkpoint to resume, output folders."""
-    from plait.callargs import is_import_spec
     from plait.models import check_model_args
     from plait.train.config import load_config
     from plait.train.tasks import check_data_args
@@ -98,14 +97,15 @@ def _check(config_path: str, overrides: list[str], world_size: int):
         from plait.data.datasets import check_data_path
 
         check_data_path(cfg.data.name, cfg.data.path)
-    if is_import_spec(cfg.model.name) or is_import_spec(cfg.data.name) or is_import_spec(cfg.train.loss):
-        _check_user_code(cfg)
     if cfg.parallel.strategy == "ps":
         from plait.train.ps import check_world
 
         check_world(cfg, world_size)
+        _check_model(cfg, None)
     else:
-        _check_layout(cfg, world_size)
+        from plait.parallel.compose import Layout
+
+        _check_model(cfg, Layout.from_config(cfg, world_size))
     if cfg.checkpoint.resume:
         from plait.train.checkpoint import SafeReader, complete_checkpoints, read_manifest
 
@@ -124,38 +124,32 @@ def _check(config_path: str, overrides: list[str], world_size: int):
     return cfg
 
 
-def _check_user_code(cfg) -> None:
-    """The user's own data, model and loss, run once here: an import that fails, a callable that
-    returns the wrong thing or takes other arguments is one line now, not one per worker later.
-    The model is built on the meta device (no memory) where it allows."""
+def _check_model(cfg, layout) -> None:
+    """The user's own code, run once here (an import that fails, data or a model that is not what
+    it should be: one line now, not one per worker later), and the model against ``layout``: tp
+    must divide what the plan splits, pp must not exceed the blocks, no weight may be tied across
+    stages or ZeRO-3 units. The model is built on the meta device (no memory, no initialisation);
+    a user's model that cannot be built there is built for real."""
     import torch
 
+    from plait.callargs import is_import_spec
     from plait.models import build_model
     from plait.train.tasks import build_task
 
+    own_code = any(is_import_spec(name) for name in (cfg.model.name, cfg.data.name, cfg.train.loss))
+    split = layout is not None and (layout.pp > 1 or layout.tp > 1 or layout.zero == 3)
+    if not (own_code or split):
+        return
     info = build_task(cfg.data.name, cfg.data.path, cfg.data.args, cfg.train.loss).info
     try:
         with torch.device("meta"):
-            build_model(cfg.model.name, cfg.model.args, info)
-    except PlaitError:  # a model that cannot be built on meta: for real (its own error, if any, is said)
-        build_model(cfg.model.name, cfg.model.args, info)
-
-
-def _check_layout(cfg, world_size: int) -> None:
-    """The layout against the world and the batch, and against the model, built on the meta
-    device (no memory, no initialisation): tp must divide what the plan splits, pp must not
-    exceed the blocks, no weight may be tied across stages or ZeRO-3 units."""
-    import torch
-
-    from plait.models import build_model
-    from plait.parallel.compose import Layout
-    from plait.train.tasks import build_task
-
-    layout = Layout.from_config(cfg, world_size)
-    if layout.pp > 1 or layout.tp > 1 or layout.zero == 3:
-        info = build_task(cfg.data.name, cfg.data.path, cfg.data.args, cfg.train.loss).info
-        with torch.device("meta"):
-            layout.check_model(build_model(cfg.model.name, cfg.model.args, info))
+            model = build_model(cfg.model.name, cfg.model.args, info)
+    except PlaitError:
+        if not own_code:
+            raise
+        model = build_model(cfg.model.name, cfg.model.args, info)  # its own error, if any, is said
+    if split:
+        layout.check_model(model)
 
 
 def _check_writable(folder: Path, key: str) -> None:
@@ -172,12 +166,11 @@ def _check_writable(folder: Path, key: str) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
+    from plait.cluster import launch_defaults
     from plait.launch import LaunchSpec, launch
 
     if args.resume is not None:  # a JSON string is a TOML string: any path survives quoting
         args.overrides.append(f"checkpoint.resume={json.dumps(args.resume)}")
-    from plait.cluster import launch_defaults
-
     module_args = [args.config] + [a for o in args.overrides for a in ("--set", o)]
     given = {"nproc": args.nproc, "nnodes": args.nnodes, "node_rank": args.node_rank,
              "rdzv_endpoint": args.rdzv_endpoint, "max_restarts": args.max_restarts}

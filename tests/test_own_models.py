@@ -135,6 +135,17 @@ def test_bad_split_of_own_model_is_one_line_before_workers_start(world, override
     assert str(error.value).startswith(message), str(error.value)
 
 
+def test_attention_heads_that_tp_cannot_split_are_refused_by_their_head_dim(tmp_path):
+    """Llama's k_proj holds 2 key-value heads of 16: 32 rows divide by tp=4, the heads do not."""
+    from plait.cli import _check
+    from plait.errors import PlaitError
+
+    with pytest.raises(PlaitError) as error:
+        _check("examples/llama.toml", ["parallel.tp=4", "data.args.max_chars=6000", f"run.out_dir={tmp_path}"], 4)
+    assert str(error.value) == ("tensor parallel: model.layers.0.self_attn.k_proj: its 2 attention heads (of 16) "
+                                "are not divisible by tp=4"), str(error.value)
+
+
 def test_own_model_without_any_split_config_runs_data_parallel_and_zero(tmp_path):
     """No plan, no blocks: data parallel and ZeRO 1 to 3 are allowed on any model."""
     from plait.cli import _check

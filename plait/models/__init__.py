@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from plait.callargs import check_call_args, is_import_spec, resolve
+from plait.callargs import check_call_args, failed, is_import_spec, label, resolve
 from plait.errors import ConfigError
 from plait.models.gpt import GPT
 from plait.models.simple import DigitsCNN, LinearRegression, mlp
@@ -33,13 +33,9 @@ def model_factory(name: str) -> Callable[..., nn.Module]:
     return MODELS[name]
 
 
-def _label(name) -> str:
-    return name if isinstance(name, str) else getattr(name, "__qualname__", repr(name))
-
-
 def check_model_args(name, args: dict) -> None:
     """``model.name`` and ``model.args`` (names and types), without building anything."""
-    check_call_args(model_factory(name), args, "model.args", f"model {_label(name)!r}")
+    check_call_args(model_factory(name), args, "model.args", f"model {label(name)!r}")
 
 
 def build_model(name, args: dict, data_info: dict) -> nn.Module:
@@ -54,15 +50,22 @@ def build_model(name, args: dict, data_info: dict) -> nn.Module:
     try:
         model = factory(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"model.args: cannot build {_label(name)!r}: {exc}") from None
+        raise ConfigError(f"model.args: cannot build {label(name)!r}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - the user's own code failed: say where, in one line
         if name in MODELS:
             raise
-        raise ConfigError(f"model.name: {_label(name)!r} failed: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise failed("model.name", repr(label(name)), exc) from None
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model.name: {_label(name)!r} returned a {type(model).__name__}, not a torch.nn.Module")
+        raise ConfigError(f"model.name: {label(name)!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-__all__ = ["GPT", "MODELS", "DigitsCNN", "LinearRegression", "build_model", "mlp", "model_factory"]
+def builds_deferred(name, asked: bool) -> bool:
+    """Whether the model ``name`` names is built on the meta device, each rank materialising its
+    part: the shipped models always (they initialise by ``reset_parameters()`` alone), a user's
+    only when asked (``model.deferred_init``), since the meta device would lose whatever else
+    its constructor initialises."""
+    return asked or (isinstance(name, str) and name in MODELS)
+
+
+__all__ = ["GPT", "MODELS", "DigitsCNN", "LinearRegression", "build_model", "builds_deferred", "mlp", "model_factory"]

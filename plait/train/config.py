@@ -19,6 +19,7 @@ from plait.parallel.ps.layout import MODES as PS_MODES, SCHEMES as PS_SCHEMES
 from plait.parallel.tensor.plan import STYLES as TP_STYLES
 
 LOSSES = ("auto", "cross_entropy", "mse")
+"""``train.loss``'s names; anything else must be ``package.module:callable``."""
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 STRATEGIES = ("allreduce", "ps")
@@ -174,7 +175,7 @@ class PipelineConfig:
     blocks: str = ""
     """The model's chain of blocks, for models that are not an nn.Sequential and have no
     pipeline_blocks(): the dotted name of a ModuleList or Sequential, e.g. "model.layers". The
-    modules registered before it go to the first stage, those after it to the last."""
+    modules its forward runs before it go to the first stage, the others to the last."""
 
     def __post_init__(self):
         _require(self.microbatches >= 1, "pipeline.microbatches", f"must be >= 1, got {self.microbatches}")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from plait.distributed.env import DistInfo
 from plait.errors import ConfigError
-from plait.models import MODELS, build_model
+from plait.models import build_model, builds_deferred
 from plait.parallel.materialize import build_deferred, materialize_all
 from plait.parallel.ps import ParameterServer, PSLayout, PSWorker, ServerStats
 from plait.parallel.ps.layout import scatter, trainable
@@ -62,7 +62,7 @@ class PSTrainer:
         torch.manual_seed(cfg.train.seed)
         self.task = build_task(cfg.data.name, cfg.data.path, cfg.data.args, cfg.train.loss)
         model = build_deferred(lambda: build_model(cfg.model.name, cfg.model.args, self.task.info), cfg.train.seed,
-                               cfg.model.name in MODELS or cfg.model.deferred_init)
+                               builds_deferred(cfg.model.name, cfg.model.deferred_init))
         self.model = materialize_all(model, cfg.train.seed, torch.device("cpu"))  # the values plait train starts from
         self.layout = PSLayout.build(self.model, cfg.ps.servers, cfg.ps.partition)
         self.local_batch = cfg.train.batch_size // self.workers

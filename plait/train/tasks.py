@@ -18,12 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from plait.callargs import check_call_args, is_import_spec, resolve
+from plait.callargs import check_call_args, failed, is_import_spec, label, resolve
 from plait.data.datasets import DATASETS, ArrayDataset, stacked
 from plait.errors import ConfigError
-
-LOSSES = ("auto", "cross_entropy", "mse")
-"""``train.loss``'s names; anything else must be ``package.module:callable``."""
+from plait.train.config import LOSSES
 
 
 def cross_entropy(output: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -129,17 +127,13 @@ def data_factory(name) -> Callable:
     return DATASETS[name]
 
 
-def _label(name) -> str:
-    return name if isinstance(name, str) else getattr(name, "__qualname__", repr(name))
-
-
 def check_data_args(name, args: dict, path: str = "") -> None:
     """``data.name`` and ``data.args`` (names and types), without loading anything."""
     shipped = isinstance(name, str) and name in DATASETS
     if path and not shipped:
         raise ConfigError("data.path: only the shipped datasets read a file; pass your own data's location "
                           "in data.args")
-    check_call_args(data_factory(name), args, "data.args", f"dataset {_label(name)!r}", hidden=("path",) if shipped else ())
+    check_call_args(data_factory(name), args, "data.args", f"dataset {label(name)!r}", hidden=("path",) if shipped else ())
 
 
 def loss_function(loss: str, info: dict) -> tuple[str, Callable | None]:
@@ -166,9 +160,8 @@ def build_task(name, path: str, args: dict, loss="auto") -> Task:
     except Exception as exc:  # noqa: BLE001 - the user's own code failed: say where, in one line
         if shipped:
             raise
-        raise ConfigError(f"data.name: {_label(name)!r} failed: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    train, test, info = _unpack(made, _label(name))
+        raise failed("data.name", repr(label(name)), exc) from None
+    train, test, info = _unpack(made, label(name))
     objective, custom = loss_function(loss, info)
     return Task(train, test, info, objective, custom)
 

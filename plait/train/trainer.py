@@ -24,7 +24,7 @@ from plait.distributed.comm import all_gather_flat, all_reduce, barrier
 from plait.distributed.env import DistInfo
 from plait.distributed.mesh import Mesh
 from plait.errors import ConfigError, PlaitError
-from plait.models import MODELS, build_model
+from plait.models import build_model, builds_deferred
 from plait.parallel.compose import Layout, parallelize
 from plait.parallel.materialize import build_deferred, is_meta
 from plait.parallel.pipeline.schedules import bubble_fraction
@@ -95,9 +95,9 @@ class Trainer:
             return_freed_memory()
         self.rss_before_model = peak_rss()
         # On the meta device where the model allows: each rank gives memory only to what it holds.
-        deferred = (model_fn is None and cfg.model.name in MODELS) or cfg.model.deferred_init
-        self.model = build_deferred(lambda: build_model(model_fn or cfg.model.name, cfg.model.args, self.task.info),
-                                    t.seed, deferred)
+        name = model_fn or cfg.model.name
+        self.model = build_deferred(lambda: build_model(name, cfg.model.args, self.task.info), t.seed,
+                                    builds_deferred(name, cfg.model.deferred_init))
         if not is_meta(self.model):
             self.model.to(self.device)
         sample = self.task.sample(self.local_batch).to(self.device)

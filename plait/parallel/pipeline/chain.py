@@ -47,11 +47,14 @@ class Chain:
     after: list[tuple[str, nn.Module]] = field(default_factory=list)
     """... and to the last."""
 
+    def stage(self, start: int, end: int, first: bool, last: bool) -> list[tuple[str, nn.Module]]:
+        """The modules of the stage holding blocks ``start:end``, the ends with the first and last."""
+        return (self.before if first else []) + self.blocks[start:end] + (self.after if last else [])
+
     def parts(self, starts: list[int]) -> list[list[nn.Module]]:
         """The modules of each stage, for the stages starting at ``starts`` (one more, the end)."""
         last = len(starts) - 2
-        return [([m for _, m in self.before] if s == 0 else []) + [m for _, m in self.blocks[starts[s]:starts[s + 1]]]
-                + ([m for _, m in self.after] if s == last else []) for s in range(last + 1)]
+        return [[m for _, m in self.stage(starts[s], starts[s + 1], s == 0, s == last)] for s in range(last + 1)]
 
     def units(self) -> list[tuple[str, nn.Module]]:
         """Every module gathered on its own under ZeRO-3, in the order forward runs them."""
@@ -155,12 +158,14 @@ class _Elsewhere(nn.Module):
         stage = self.stage
         if self.role == "before":
             if stage.started:
-                raise PlaitError(f"pipeline.blocks: {self.name} is registered before {stage.path} but runs after its "
-                                 f"blocks; pipelines need the modules before the blocks registered before them")
+                raise PlaitError(f"pipeline.blocks: {self.name} was placed on the first stage, before {stage.path}, "
+                                 f"but runs after its blocks (placed by the order of registration where the forward could "
+                                 f"not be run on one sample); each module outside the blocks must run before or after them")
             return torch.zeros_like(stage.received)  # its output is replaced by what was received
         if stage.output is None:
-            raise PlaitError(f"pipeline.blocks: {self.name} is registered after {stage.path} but runs before its "
-                             f"blocks end; pipelines need the modules after the blocks registered after them")
+            raise PlaitError(f"pipeline.blocks: {self.name} was placed on the last stage, after {stage.path}, "
+                             f"but runs before its blocks end (placed by the order of registration where the forward "
+                             f"could not be run on one sample); each module outside the blocks must run before or after them")
         raise _StageDone
 
 
@@ -176,15 +181,13 @@ class ModelStage(nn.Module):
         self.first, self.last = stage == 0, stage == stages - 1
         self.blocks = chain.blocks[start:end]
         container = model.get_submodule(chain.path)
-        parent_name, _, leaf = chain.path.rpartition(".")
         held = [m for _, m in self.blocks]
         _set(model, chain.path, nn.Sequential(*held) if isinstance(container, nn.Sequential) else nn.ModuleList(held))
         ends = [(n, m, "before") for n, m in chain.before if not self.first]
         ends += [(n, m, "after") for n, m in chain.after if not self.last]
         for name, module, role in ends:
             _set(model, name, _Elsewhere(self, name, role, module))
-        self.units = [(n, m) for n, m in chain.before if self.first] + self.blocks \
-            + [(n, m) for n, m in chain.after if self.last]
+        self.units = chain.stage(start, end, self.first, self.last)
         self.received: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
         self.started = False
@@ -207,10 +210,11 @@ class ModelStage(nn.Module):
     def forward(self, x, *received):
         self.received = received[0] if received else None
         self.output, self.started = None, False
+        out = None
         try:
             out = self.model(x)
-        except _StageDone:
-            out = self.output
+        except _StageDone:  # an earlier stage: its blocks are done, self.output is what it sends
+            pass
         finally:
             self.received = None
         if not self.last:

@@ -63,17 +63,26 @@ def check_plan(model: nn.Module, plan: dict[str, str], tp: int) -> None:
                 size, what = module.out_features, "output features"
             if size % tp:
                 raise PlaitError(f"tensor parallel: {name}: {what} {size} is not divisible by tp={tp}")
-            parent = model.get_submodule(name.rpartition(".")[0])
-            head_dim = getattr(parent, "head_dim", None)  # an attention projection (transformers' name;
-            # a module with a ``heads`` count is checked below, by it)
-            if not isinstance(getattr(parent, "heads", None), int) and style in ("colwise", "qkv") and isinstance(head_dim, int) and head_dim > 0 and size % head_dim == 0 \
-                    and (size // head_dim) % tp:
-                raise PlaitError(f"tensor parallel: {name}: its {size // head_dim} attention heads (of {head_dim}) "
+            heads = _heads_of(model, name, style, size)
+            if heads % tp:
+                raise PlaitError(f"tensor parallel: {name}: its {heads} attention heads (of {size // heads}) "
                                  f"are not divisible by tp={tp}")
     for name, module in model.named_modules():
         heads = getattr(module, "heads", None)
         if isinstance(heads, int) and heads % tp:
             raise PlaitError(f"tensor parallel: {name}: {heads} attention heads are not divisible by tp={tp}")
+
+
+def _heads_of(model: nn.Module, name: str, style: str, size: int) -> int:
+    """The attention heads a colwise projection ``name`` of ``size`` outputs (per part) holds, by
+    its parent's ``head_dim`` (transformers' name); 0 when it is not one (or its parent says its
+    ``heads``, checked on their own)."""
+    parent = model.get_submodule(name.rpartition(".")[0])
+    head_dim = getattr(parent, "head_dim", None)
+    if style not in ("colwise", "qkv") or isinstance(getattr(parent, "heads", None), int) \
+            or not isinstance(head_dim, int) or head_dim <= 0 or size % head_dim:
+        return 0
+    return size // head_dim
 
 
 def _replace(model: nn.Module, name: str, style: str, group, shared: dict) -> None:
