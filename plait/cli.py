@@ -4,6 +4,7 @@
     plait train examples/linreg.toml --nproc 4 --set train.lr=0.05
     plait train CONFIG --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29400 --nproc 8   # on each node
     plait export runs/NAME/checkpoints/step_00000100 --config CONFIG -o model.pt
+    plait report runs/digits_cnn runs/mlp_pipeline -o report.html     # one HTML page comparing runs
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="the run's overrides of model or data arguments (repeatable)")
     export.add_argument("-o", "--output", required=True, help="the .pt file to write")
+    report = sub.add_parser("report", help="one static HTML page comparing runs: curves, time per rank, memory")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, e.g. runs/digits_cnn")
+    report.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")
     return parser
 
 
@@ -192,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
             train(args)
         elif args.command == "export":
             export(args)
+        elif args.command == "report":
+            from plait.observe.report import write_report
+
+            out = write_report(args.runs, args.output)
+            print(f"plait: report of {len(args.runs)} run{'s' if len(args.runs) > 1 else ''} -> {out} "
+                  f"(open it in a browser: file://{out.resolve()})")
     except PlaitError as exc:
         print(f"plait: error: {exc}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from plait.errors import CommError
+from plait.observe.timing import span
 
 
 def group_ranks(group: dist.ProcessGroup | None) -> list[int]:
@@ -55,14 +56,17 @@ def describe_failure(what: str, group, exc: BaseException) -> str:
     return f"rank {dist.get_rank()}: {what} failed: {who}: {str(exc).splitlines()[0][:200]}"
 
 
-def wait(work: dist.Work, what: str, group: dist.ProcessGroup | None = None) -> None:
+def wait(work: dist.Work, what: str, group: dist.ProcessGroup | None = None, category: str = "comm") -> None:
     """Wait for an async op; a timeout or a dead peer becomes a CommError naming this rank,
     the operation, and the peer that did not answer.
 
-    The wait is bounded by the process group's timeout (``dist.timeout`` in the config).
+    The wait is bounded by the process group's timeout (``dist.timeout`` in the config). The time
+    blocked here is communication that was not hidden: it goes to ``category`` of the active
+    ``plait.observe.timing`` recorder (pipeline stages waiting on a neighbour say ``"bubble"``).
     """
     try:
-        work.wait()
+        with span(category, what):
+            work.wait()
     except RuntimeError as exc:
         raise CommError(describe_failure(what, group, exc)) from None
 

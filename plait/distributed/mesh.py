@@ -67,6 +67,11 @@ class Mesh:
     def group(self, axis: str) -> dist.ProcessGroup:
         return self.device_mesh.get_group(self._check(axis))
 
+    def coords_of(self, rank: int) -> dict[str, int]:
+        """Any rank's coordinates: its place in the grid ``arange(world).view(dp, pp, tp)``."""
+        pp, tp = self.sizes["pp"], self.sizes["tp"]
+        return {"dp": rank // (pp * tp), "pp": rank // tp % pp, "tp": rank % tp}
+
     def describe(self) -> str:
         return " x ".join(f"{a}={self.sizes[a]}" for a in AXES)
 

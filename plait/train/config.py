@@ -17,6 +17,7 @@ from plait.data.partition import POLICIES, SCHEMES
 from plait.errors import ConfigError
 from plait.parallel.ps.layout import MODES as PS_MODES, SCHEMES as PS_SCHEMES
 from plait.parallel.tensor.plan import STYLES as TP_STYLES
+from plait.train.schedule import SCHEDULES
 
 LOSSES = ("auto", "cross_entropy", "mse")
 """``train.loss``'s names; anything else must be ``package.module:callable``."""
@@ -44,9 +45,20 @@ class RunConfig:
     """Log metrics every this many steps (and at the last step)."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    tensorboard: bool = True
+    """Write TensorBoard event files beside metrics.jsonl (tensorboard --logdir runs)."""
+    trace: bool = False
+    """Write trace.json: a Perfetto trace of trace_steps steps on every rank (compute,
+    communication and pipeline spans)."""
+    trace_steps: int = 3
+    """Steps the trace covers, from the second step of the run on."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s of one device, for MFU (0: the datasheet's for known GPUs, else measured)."""
 
     def __post_init__(self):
         _require(self.log_every >= 1, "run.log_every", f"must be >= 1, got {self.log_every}")
+        _require(self.trace_steps >= 1, "run.trace_steps", f"must be >= 1, got {self.trace_steps}")
+        _require(self.peak_flops >= 0, "run.peak_flops", f"must be >= 0, got {self.peak_flops}")
 
 
 @dataclass
@@ -113,6 +125,16 @@ class TrainConfig:
     loss: str = "auto"
     """cross_entropy, mse, your own 'package.module:callable' (output, target) -> mean loss, or
     auto (the shipped dataset's own; cross_entropy for your data)."""
+    lr_schedule: str = "constant"
+    """After warmup: 'constant' (lr), 'cosine' or 'linear' decay from lr to min_lr at the last step."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from lr / (warmup_steps + 1) up to lr."""
+    min_lr: float = 0.0
+    """Where cosine and linear decay end."""
+    straggler: int = -1
+    """A rank slowed down on purpose, for experiments (-1: none): it sleeps in every forward."""
+    straggler_delay: float = 0.0
+    """Seconds that rank sleeps per step."""
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "accum_steps"):
@@ -122,8 +144,12 @@ class TrainConfig:
         _require(self.loss in LOSSES or ":" in self.loss, "train.loss",
                  f"{self.loss!r} is not one of {', '.join(LOSSES)}, nor package.module:callable")
         _one_of(self.device, ("auto", "cpu", "cuda"), "train.device")
-        for key in ("momentum", "weight_decay", "grad_clip", "eval_every"):
+        for key in ("momentum", "weight_decay", "grad_clip", "eval_every", "warmup_steps", "min_lr", "straggler_delay"):
             _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _one_of(self.lr_schedule, SCHEDULES, "train.lr_schedule")
+        _require(self.min_lr <= self.lr, "train.min_lr", f"{self.min_lr:g} is above train.lr ({self.lr:g})")
+        _require(self.warmup_steps < self.steps or self.lr_schedule == "constant", "train.warmup_steps",
+                 f"{self.warmup_steps} leaves none of the {self.steps} steps to the {self.lr_schedule} decay")
 
 
 @dataclass
@@ -265,7 +291,9 @@ def _check_combinations(cfg: Config) -> None:
         return
     unsupported = {"parallel.pp": p > 1, "parallel.tp": t > 1, "parallel.zero": z,
                    "checkpoint": cfg.checkpoint.every or cfg.checkpoint.resume, "train.grad_clip": cfg.train.grad_clip,
-                   "train.skip_nonfinite": cfg.train.skip_nonfinite, "train.eval_every": cfg.train.eval_every}
+                   "train.skip_nonfinite": cfg.train.skip_nonfinite, "train.eval_every": cfg.train.eval_every,
+                   "train.lr_schedule": cfg.train.lr_schedule != "constant", "train.warmup_steps": cfg.train.warmup_steps,
+                   "run.trace": cfg.run.trace, "train.straggler (ps.straggler slows a worker here)": cfg.train.straggler >= 0}
     for key, used in unsupported.items():
         _require(not used, key, "not available with parallel.strategy = 'ps' in this version")
     _require(cfg.ps.timeout < cfg.dist.timeout, "ps.timeout", f"{cfg.ps.timeout:g} s must be shorter than "

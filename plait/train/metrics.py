@@ -1,4 +1,5 @@
-"""What a run leaves behind: metrics.jsonl (one object per logged step), summary.json, loss.png."""
+"""What a run leaves behind: metrics.jsonl (one object per logged step), summary.json, loss.png,
+and TensorBoard event files (``tensorboard --logdir runs`` shows every run)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 class RunLog:
     """Writes a run's outputs under ``out_dir/name``; used on rank 0 only."""
 
-    def __init__(self, out_dir: str, name: str, resume_step: int | None = None):
-        """Start a fresh metrics file, or, resuming at ``resume_step``, keep the records up to it."""
+    def __init__(self, out_dir: str, name: str, resume_step: int | None = None, tensorboard: bool = True):
+        """Start a fresh metrics file, or, resuming at ``resume_step``, keep the records up to it
+        (and TensorBoard drops the earlier run's events after it)."""
         self.dir = Path(out_dir) / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
@@ -23,11 +25,23 @@ class RunLog:
         self._file = self.metrics_path.open("w")
         for record in self.records:
             self._file.write(json.dumps(record) + "\n")
+        self.board = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            if resume_step is None:
+                for old in self.dir.glob("events.out.tfevents.*"):  # a fresh run under an old name
+                    old.unlink()
+            self.board = SummaryWriter(str(self.dir), purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, record: dict) -> None:
         self.records.append(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self.board:
+            for tag, value in scalars(record):
+                self.board.add_scalar(tag, value, record["step"])
+            self.board.flush()
 
     def write_json(self, name: str, data: dict) -> Path:
         path = self.dir / name
@@ -65,3 +79,19 @@ class RunLog:
 
     def close(self) -> None:
         self._file.close()
+        if self.board:
+            self.board.close()
+
+
+def scalars(record: dict):
+    """(tag, value) of a record's numbers: ``loss``, ``time_comm_s``, ...; a ``per_rank`` list as
+    ``rank1/time_comm_s``; the time parts under ``time/``, per rank under ``time_rank1/``."""
+    def tag(key: str) -> str:
+        return f"time/{key[5:-2]}" if key.startswith("time_") else key
+
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            yield tag(key), value
+    for key, values in record.get("per_rank", {}).items():
+        for rank, value in enumerate(values):
+            yield (f"time_rank{rank}/{key[5:-2]}" if key.startswith("time_") else f"rank{rank}/{key}"), value

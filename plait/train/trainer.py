@@ -25,6 +25,10 @@ from plait.distributed.env import DistInfo
 from plait.distributed.mesh import Mesh
 from plait.errors import ConfigError, PlaitError
 from plait.models import build_model, builds_deferred
+from plait.observe.breakdown import Breakdown
+from plait.observe.flops import count_flops, datasheet_peak, measured_peak
+from plait.observe.timing import Recorder, recording, span
+from plait.observe.trace import write_run_trace
 from plait.parallel.compose import Layout, parallelize
 from plait.parallel.materialize import build_deferred, is_meta
 from plait.parallel.pipeline.schedules import bubble_fraction
@@ -32,6 +36,7 @@ from plait.parallel.pipeline.trace import measured_bubble, plot_timeline, write_
 from plait.train.checkpoint import Checkpointer, read_manifest
 from plait.train.config import Config, TrainConfig
 from plait.train.metrics import RunLog
+from plait.train.schedule import build_scheduler
 from plait.train.tasks import build_task
 
 
@@ -111,9 +116,35 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
         resumed = self._resume()
-        self.log = RunLog(cfg.run.out_dir, cfg.run.name, resume_step=self.step if resumed else None) \
-            if info.is_main else None
+        self.scheduler = build_scheduler(self.optimizer, t, done=self.step)
+        self.log = RunLog(cfg.run.out_dir, cfg.run.name, resume_step=self.step if resumed else None,
+                          tensorboard=cfg.run.tensorboard) if info.is_main else None
         self.skipped, self.pipeline_report = 0, {}
+        self.recorder = Recorder(sync=torch.cuda.synchronize if self.device.type == "cuda" else None)
+        self.breakdown = Breakdown(info.world_size, self.device)
+        self.flops_per_sample = self._count_flops(name)
+        self.peak_flops = None  # (FLOP/s, source), found when training starts
+
+    def _count_flops(self, name) -> float | None:
+        """FLOPs of a training step per sample, counted on a meta-device copy of the whole model."""
+        try:
+            with torch.device("meta"):
+                model = build_model(name, self.cfg.model.args, self.task.info)
+        except Exception:  # a user's model that cannot be built there: no MFU
+            return None
+        return count_flops(model, self.task.sample(2))
+
+    def _find_peak_flops(self) -> tuple[float, str]:
+        """The device's peak FLOP/s: the config's, the datasheet's, or measured on every rank at once."""
+        bf16 = self.cfg.train.bf16
+        if self.cfg.run.peak_flops:
+            return self.cfg.run.peak_flops, "run.peak_flops"
+        known = datasheet_peak(self.device, bf16)
+        if known:
+            return known
+        if self.info.world_size > 1:
+            barrier("peak FLOP/s measurement")  # ranks that share a host share its cores, as in training
+        return measured_peak(self.device, bf16)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _resume(self) -> bool:
@@ -144,9 +175,11 @@ class Trainer:
         checkpoint, hyperparameters from this run's config (the optimizer was built with them).
         Returns {key: (saved, now)} for the ones that differ."""
         changed = {}
+        extras = manifest["optimizer_extras"]
         for name in HYPERPARAMETERS:
-            saved = next((v for k, v in manifest["optimizer_extras"].items()
-                          if k.startswith("param_groups.") and k.endswith(f".{name}")), None)
+            # The lr a schedule set at the save is not the configured one, which it keeps as initial_lr.
+            key = "initial_lr" if name == "lr" and any(k.endswith(".initial_lr") for k in extras) else name
+            saved = next((v for k, v in extras.items() if k.startswith("param_groups.") and k.endswith(f".{key}")), None)
             now = getattr(self.cfg.train, name)
             if saved is not None and name in self.optimizer.param_groups[0] and saved != now:
                 changed[f"train.{name}"] = (saved, now)
@@ -176,7 +209,11 @@ class Trainer:
     # -- one optimizer step -----------------------------------------------------------------
     def _step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         t = self.cfg.train
-        self.optimizer.zero_grad()
+        with span("optimizer", "zero_grad"):
+            self.optimizer.zero_grad()
+        if self.info.rank == t.straggler:
+            with span("forward", "straggler sleep"):
+                time.sleep(t.straggler_delay)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.bf16):
             local_loss = self.parallel.step(x, y)
         if t.skip_nonfinite:
@@ -186,12 +223,13 @@ class Trainer:
         elif not math.isfinite(local_loss.item()):
             raise PlaitError(f"rank {self.info.rank}: loss is {local_loss.item()} at step {step}; stopping "
                              "(the last checkpoint is kept; train.skip_nonfinite = true skips such steps)")
-        if t.grad_clip > 0:
-            norm = self.parallel.grad_norm()  # each element counted once, whatever the layout
-            coef = t.grad_clip / (norm + 1e-6)
-            if coef < 1.0:
-                torch._foreach_mul_(self.parallel.grads(), coef)
-        self.optimizer.step()
+        with span("optimizer", "optimizer step"):
+            if t.grad_clip > 0:
+                norm = self.parallel.grad_norm()  # each element counted once, whatever the layout
+                coef = t.grad_clip / (norm + 1e-6)
+                if coef < 1.0:
+                    torch._foreach_mul_(self.parallel.grads(), coef)
+            self.optimizer.step()
         return local_loss
 
     def _global_mean(self, value: torch.Tensor) -> float:
@@ -220,20 +258,34 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
+        self.peak_flops = self._find_peak_flops()
         # The bar is closed on the way out, an error included, so that its line ends before any message.
         with tqdm(total=t.steps, desc=cfg.run.name, unit="step", disable=not (self.log and cfg.run.progress),
-                  dynamic_ncols=True) as bar:
+                  dynamic_ncols=True) as bar, recording(self.recorder):
             bar.update(self.step)
             batches = self._batches()
             start = interval_start = time.perf_counter()
             loss, first = float("nan"), self.step
+            traced = self._traced_steps(first)
             for step in range(self.step + 1, t.steps + 1):
                 self.where = f"step {step}"
-                x, y = next(batches)
                 tracing = self.pp > 1 and cfg.pipeline.trace and step == t.steps
-                if tracing:
-                    barrier("pipeline trace start")  # one clock start for every stage's timeline
-                local_loss = self._step(x.to(self.device), y.to(self.device), step)
+                if tracing or step == traced.start:
+                    barrier("trace start")  # one clock start for every rank's timeline
+                if step == traced.start:
+                    self.recorder.start_trace()
+                self.recorder.take()  # what logging and saving did since the last step is no part of a step
+                with span("step", f"step {step}"):
+                    with span("data", "next batch"):
+                        x, y = next(batches)
+                        x, y = x.to(self.device), y.to(self.device)
+                    local_loss = self._step(x, y, step)
+                    lr = self.optimizer.param_groups[0]["lr"]  # the one this step used
+                    with span("optimizer", "lr schedule"):
+                        self.scheduler.step()
+                self.breakdown.add(self.recorder.take())
+                if step == traced.stop - 1:
+                    self._write_run_trace(self.recorder.stop_trace(), traced)
                 if tracing:
                     self.pipeline_report = self._write_trace()
                 self.step = step
@@ -244,10 +296,11 @@ class Trainer:
                     loss = self._global_mean(local_loss)
                     now = time.perf_counter()
                     done = cfg.run.log_every if step % cfg.run.log_every == 0 else step % cfg.run.log_every
-                    record = {"step": step, "epoch": self.epoch, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                    record = {"step": step, "epoch": self.epoch, "loss": loss, "lr": lr,
                               "samples_per_s": done * t.batch_size / (now - interval_start)}
                     if t.skip_nonfinite:
                         record["skipped_steps"] = self.skipped
+                    record.update(self._efficiency(self.breakdown.interval_fields()))
                     interval_start = now
                     if t.eval_every and step % t.eval_every == 0 and step != t.steps:
                         record.update(self._evaluate())
@@ -256,6 +309,32 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4g}")
             train_time = time.perf_counter() - start
         return self._finish(loss, train_time, t.steps - first)
+
+    def _efficiency(self, fields: dict) -> dict:
+        """Achieved FLOP/s per device and MFU beside a breakdown's figures (from its step time)."""
+        if self.flops_per_sample and fields["step_time_s"] > 0:
+            per_device = self.flops_per_sample * self.cfg.train.batch_size / fields["step_time_s"] / self.info.world_size
+            fields.update(flops_per_s=per_device, mfu=per_device / self.peak_flops[0])
+        return fields
+
+    def _traced_steps(self, first: int) -> range:
+        """The steps ``run.trace`` records: from the second of this run (the first warms up)."""
+        if not self.cfg.run.trace:
+            return range(0)
+        begin = first + 2 if self.cfg.train.steps - first >= 2 else first + 1
+        return range(begin, min(begin + self.cfg.run.trace_steps, self.cfg.train.steps + 1))
+
+    def _write_run_trace(self, spans: list, steps: range) -> None:
+        """Every rank's spans of the traced steps; rank 0 writes them as one Perfetto trace."""
+        everyone = [None] * self.info.world_size
+        if self.info.world_size > 1:
+            dist.all_gather_object(everyone, spans)
+        else:
+            everyone = [spans]
+        if self.log:
+            names = [f"rank {r} ({', '.join(f'{a}={self.mesh.coords_of(r)[a]}' for a in ('dp', 'pp', 'tp'))})"
+                     for r in range(self.info.world_size)]
+            write_run_trace(everyone, names, self.log.dir / "trace.json", f"steps {steps.start}-{steps.stop - 1}")
 
     def _write_trace(self) -> dict:
         """Gather every stage's timeline of this step; rank 0 writes the trace and the plot."""
@@ -298,7 +377,10 @@ class Trainer:
             **({"tokens_per_s": steps_run * t.batch_size * self.task.info["block_size"] / max(train_time, 1e-9)}
                if self.task.kind == "lm" else {}),
             **report, **self.parallel.report(self.optimizer),
+            "time_breakdown": self._efficiency(self.breakdown.whole_fields()), "flops_per_sample": self.flops_per_sample,
+            "peak_flops_per_s": self.peak_flops[0], "peak_flops_source": self.peak_flops[1],
         }
+        summary["mfu"] = summary["time_breakdown"].get("mfu")
         if self.log:
             self.log.finish(summary, cfg.to_dict(), f"{cfg.run.name}: {summary['layout']}, global batch {t.batch_size}")
         return summary

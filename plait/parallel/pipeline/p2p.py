@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from plait.distributed.comm import wait
 from plait.errors import PlaitError
+from plait.observe.timing import span
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
           torch.int16, torch.int8, torch.uint8, torch.bool]
@@ -55,26 +56,29 @@ class Link:
         self.posted: deque[list[tuple[torch.Tensor, dist.Work]]] = deque()
 
     def send(self, tensors: tuple[torch.Tensor, ...], header: torch.Tensor | None = None) -> None:
-        if header is not None:
-            self.pending.append(dist.isend(header.to(self.device), self.peer, group=self.group))
-        for t in tensors:
-            self.pending.append(dist.isend(t.detach().contiguous(), self.peer, group=self.group))
+        with span("comm", f"pipeline send to rank {self.peer} ({self.what})"):  # posting costs this thread
+            if header is not None:
+                self.pending.append(dist.isend(header.to(self.device), self.peer, group=self.group))
+            for t in tensors:
+                self.pending.append(dist.isend(t.detach().contiguous(), self.peer, group=self.group))
 
     def recv_header(self) -> tuple[int, list[Spec]]:
-        header = torch.empty(HEADER_WORDS, dtype=torch.int64, device=self.device)
-        wait(dist.irecv(header, self.peer, group=self.group), f"pipeline receive from rank {self.peer} ({self.what})",
-             self.group)
+        what = f"pipeline receive from rank {self.peer} ({self.what})"
+        with span("bubble", what):  # posting the receive waits for the peer too
+            header = torch.empty(HEADER_WORDS, dtype=torch.int64, device=self.device)
+            wait(dist.irecv(header, self.peer, group=self.group), what, self.group, "bubble")
         return decode_header(header.cpu())
 
     def post(self, specs: list[Spec]) -> None:
         """Post the receive of the next message now, so it lands while this stage computes."""
-        buffers = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
-        self.posted.append([(t, dist.irecv(t, self.peer, group=self.group)) for t in buffers])
+        with span("comm", f"pipeline receive from rank {self.peer} posted ({self.what})"):
+            buffers = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
+            self.posted.append([(t, dist.irecv(t, self.peer, group=self.group)) for t in buffers])
 
     def take(self) -> tuple[torch.Tensor, ...]:
         """The oldest posted message (messages on a link arrive in the order they were sent)."""
         for _, work in self.posted[0]:
-            wait(work, f"pipeline receive from rank {self.peer} ({self.what})", self.group)
+            wait(work, f"pipeline receive from rank {self.peer} ({self.what})", self.group, "bubble")
         return tuple(t for t, _ in self.posted.popleft())
 
     def recv(self, specs: list[Spec]) -> tuple[torch.Tensor, ...]:
@@ -84,5 +88,5 @@ class Link:
     def flush(self) -> None:
         """Wait until every message sent so far has left (before its buffers may be reused)."""
         for work in self.pending:
-            wait(work, f"pipeline send to rank {self.peer} ({self.what})", self.group)
+            wait(work, f"pipeline send to rank {self.peer} ({self.what})", self.group, "bubble")
         self.pending.clear()

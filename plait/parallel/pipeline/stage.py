@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.errors import PlaitError
+from plait.observe.timing import span
 from plait.parallel.pipeline.p2p import FAILED, OK, Link, Spec, encode_header
 from plait.parallel.pipeline.schedules import SCHEDULES
 
@@ -86,10 +87,11 @@ class PipelineStage:
                     self.prev.post(self._specs)
             inputs = tuple(t.requires_grad_(t.is_floating_point()) for t in self.prev.take())
         start = time.perf_counter()
-        out = _as_tuple(self.module(*self._call(x, inputs)))
-        if self.last:
-            out = (self.loss_fn(out[0] if len(out) == 1 else out, y) * scale,)
-            self._losses.append(out[0].detach())
+        with span("forward", f"F{i}"):
+            out = _as_tuple(self.module(*self._call(x, inputs)))
+            if self.last:
+                out = (self.loss_fn(out[0] if len(out) == 1 else out, y) * scale,)
+                self._losses.append(out[0].detach())
         self.trace.append(("F", i, start - self.t0, time.perf_counter() - self.t0))
         if not self.last:
             self.next.send(out, encode_header(out) if header else None)
@@ -106,7 +108,7 @@ class PipelineStage:
             out = tuple(o for o in out if o.is_floating_point())
         start = time.perf_counter()
         no_sync = getattr(self.module, "no_sync", None)
-        with no_sync() if (no_sync and not sync) else nullcontext():
+        with span("backward", f"B{i}"), no_sync() if (no_sync and not sync) else nullcontext():
             torch.autograd.backward(out, grads)
         self.trace.append(("B", i, start - self.t0, time.perf_counter() - self.t0))
         if not self.first:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from plait.distributed.comm import all_gather_flat, all_reduce
+from plait.distributed.comm import all_gather_flat, all_reduce, wait
 
 
 class CommCounter:
@@ -44,7 +44,7 @@ def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
     world = dist.get_world_size(group)
     x = x.contiguous()
     out = x.new_empty(world * x.numel())
-    all_gather_flat(out, x.reshape(-1), group)
+    wait(all_gather_flat(out, x.reshape(-1), group, async_op=True), "tensor-parallel all-gather", group)
     return torch.cat(out.view(world, *x.shape).unbind(0), dim=-1)  # [..., world * n]
 
 

@@ -1,0 +1,51 @@
+"""Learning-rate schedules: warmup, then constant, cosine or linear decay to ``min_lr``.
+
+    lr(s), s = 0, 1, ... the optimizer steps taken before this one (step k of the run uses s = k - 1):
+      s < W:            lr * (s + 1) / (W + 1)              linear warmup over W = train.warmup_steps
+      after, with p = (s - W) / max(1, S - 1 - W)   (0 at the first step after warmup, 1 at the last
+                        of the S = train.steps steps):
+      constant:         lr
+      cosine:           min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2
+      linear:           lr - (lr - min_lr) * p
+
+The value is a pure function of the step, so a resumed run continues it bitwise; torch's
+``LambdaLR`` applies it to the optimizer (its factor is ``lr(s) / lr``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_at(s: int, lr: float, schedule: str, steps: int, warmup: int = 0, min_lr: float = 0.0) -> float:
+    """The learning rate of the step after ``s`` steps (the formulas above)."""
+    if s < warmup:
+        return lr * (s + 1) / (warmup + 1)
+    if schedule == "constant":
+        return lr
+    p = min(1.0, (s - warmup) / max(1, steps - 1 - warmup))
+    if schedule == "cosine":
+        return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * p)) / 2
+    return lr - (lr - min_lr) * p
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, done: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` for ``cfg`` (a ``TrainConfig``) whose next step is step ``done + 1``: the
+    optimizer's learning rate is the one that step uses; ``scheduler.step()`` after each optimizer
+    step moves it on."""
+    def factor(s: int) -> float:
+        return lr_at(s, cfg.lr, cfg.lr_schedule, cfg.steps, cfg.warmup_steps, cfg.min_lr) / cfg.lr
+
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr
+        group.pop("initial_lr", None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)  # sets the lr of s = 0
+    if done:
+        scheduler.last_epoch = done
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * factor(done)
+    return scheduler
