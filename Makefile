@@ -6,7 +6,10 @@ PY := $(VENV)/bin/python
 # that lies on these machines' disk; a plain `torch` would download a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: venv demo test bench clean
+# The report's test renders it in headless Chromium, Debian's package; installed here if missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: venv demo test bench clean browser
 
 venv: $(VENV)/.installed
 
@@ -20,8 +23,13 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(VENV)/bin/plait train examples/digits_cnn.toml --nproc 2
 
-test: venv
+test: venv browser
 	$(PY) -m pytest -q tests
+
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  echo "make: installing chromium (Debian's package) for the report's browser test"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
 
 bench: venv
 	$(PY) benchmarks/data_parallel.py

@@ -122,6 +122,8 @@ def _check(config_path: str, overrides: list[str], world_size: int):
         manifest = read_manifest(path)  # a missing, damaged or altered checkpoint stops us here
         SafeReader(path).read_metadata()  # and one whose metadata names anything but DCP's classes
         check_resumable(cfg, manifest, path)
+    if cfg.train.straggler >= world_size:
+        raise PlaitError(f"train.straggler: rank {cfg.train.straggler} does not exist in a world of {world_size}")
     _check_writable(Path(cfg.run.out_dir) / cfg.run.name, "run.out_dir")
     if cfg.checkpoint.every:
         _check_writable(Path(cfg.checkpoint.dir), "checkpoint.dir")

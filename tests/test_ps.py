@@ -43,7 +43,8 @@ def reference(example: str, options: tuple[str, ...] = ()):
 
 SYNC_CASES = {
     "1server-cnn-sgd": ("world3", "digits_cnn", (), ()),
-    "2servers-range-linreg-momentum": ("world4", "linreg", ("train.momentum=0.9",), ("ps.servers=2",)),
+    "2servers-range-linreg-momentum-cosine": ("world4", "linreg", (
+        "train.momentum=0.9", "train.lr_schedule=cosine", "train.warmup_steps=2", "train.min_lr=0.01"), ("ps.servers=2",)),
     "2servers-hash-cnn-adam": ("world4", "digits_cnn", ("train.optimizer=adam", "train.lr=0.001"),
                                ("ps.servers=2", "ps.partition=hash")),
 }

@@ -14,6 +14,7 @@ ranks sharing a host share its cores, as they do while training).
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -51,8 +52,10 @@ def datasheet_peak(device: torch.device, bf16: bool) -> tuple[float, str] | None
     return None
 
 
-def measured_peak(device: torch.device, bf16: bool, seconds: float = 0.3, n: int = 1024) -> tuple[float, str]:
-    """(FLOP/s, source): the best of timed ``n x n`` matrix products over about ``seconds``."""
+@functools.cache
+def measured_peak(device: torch.device, bf16: bool, threads: int, seconds: float = 0.3, n: int = 1024) -> tuple[float, str]:
+    """(FLOP/s, source): the best of timed ``n x n`` matrix products over about ``seconds`` on
+    ``threads`` intra-op threads. Measured once per process and setting."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -65,4 +68,4 @@ def measured_peak(device: torch.device, bf16: bool, seconds: float = 0.3, n: int
         torch.mm(a, b)
         sync()
         best = max(best, 2 * n**3 / (time.perf_counter() - start))
-    return best, f"measured ({n}x{n} {str(dtype).removeprefix('torch.')} matmul, {torch.get_num_threads()} threads)"
+    return best, f"measured ({n}x{n} {str(dtype).removeprefix('torch.')} matmul, {threads} thread{'s' if threads > 1 else ''})"

@@ -292,7 +292,6 @@ def _check_combinations(cfg: Config) -> None:
     unsupported = {"parallel.pp": p > 1, "parallel.tp": t > 1, "parallel.zero": z,
                    "checkpoint": cfg.checkpoint.every or cfg.checkpoint.resume, "train.grad_clip": cfg.train.grad_clip,
                    "train.skip_nonfinite": cfg.train.skip_nonfinite, "train.eval_every": cfg.train.eval_every,
-                   "train.lr_schedule": cfg.train.lr_schedule != "constant", "train.warmup_steps": cfg.train.warmup_steps,
                    "run.trace": cfg.run.trace, "train.straggler (ps.straggler slows a worker here)": cfg.train.straggler >= 0}
     for key, used in unsupported.items():
         _require(not used, key, "not available with parallel.strategy = 'ps' in this version")

@@ -27,6 +27,7 @@ from plait.parallel.ps.layout import scatter, trainable
 from plait.train.config import Config
 from plait.train.metrics import RunLog
 from plait.train.tasks import build_task
+from plait.train.schedule import scheduled_lr
 from plait.train.trainer import build_loader, build_optimizer
 
 
@@ -125,7 +126,7 @@ class PSTrainer:
         progress = _Progress(self, t.steps) if self.log else None
         server = ParameterServer(self.model, lambda params: build_optimizer(t, params), self.layout, mode=ps.mode,
                                  staleness=ps.staleness if ps.mode == "ssp" else 0, timeout_s=ps.timeout,
-                                 on_push=progress.update if progress else None)
+                                 on_push=progress.update if progress else None, lr_at=scheduled_lr(t))
         start = time.perf_counter()
         server.serve()
         train_time = time.perf_counter() - start
@@ -190,7 +191,8 @@ class _Progress:
         now = time.perf_counter()
         live = [server.loss[w] for w in server.workers if w in server.live and w in server.loss]
         self.last_loss = sum(live) / len(live) if live else math.nan
-        self.log.log({"step": step, "loss": self.last_loss, "lr": self.cfg.train.lr, "time_s": now - self.start,
+        self.log.log({"step": step, "loss": self.last_loss, "lr": scheduled_lr(self.cfg.train)(step - 1),
+                      "time_s": now - self.start,
                       "samples_per_s": (server.stats.pushes - self.pushes_at_log) * self.local_batch
                       / max(now - self.interval_start, 1e-9),
                       "updates": server.version, "max_clock_gap": server.stats.max_gap,

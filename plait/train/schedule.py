@@ -8,8 +8,8 @@
       cosine:           min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2
       linear:           lr - (lr - min_lr) * p
 
-The value is a pure function of the step, so a resumed run continues it bitwise; torch's
-``LambdaLR`` applies it to the optimizer (its factor is ``lr(s) / lr``).
+The value is a pure function of the step, so a resumed run continues it bitwise; a torch
+``LRScheduler`` (``WarmupDecay``) applies it to the optimizer.
 """
 
 from __future__ import annotations
@@ -33,19 +33,28 @@ def lr_at(s: int, lr: float, schedule: str, steps: int, warmup: int = 0, min_lr:
     return lr - (lr - min_lr) * p
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg, done: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` for ``cfg`` (a ``TrainConfig``) whose next step is step ``done + 1``: the
-    optimizer's learning rate is the one that step uses; ``scheduler.step()`` after each optimizer
-    step moves it on."""
-    def factor(s: int) -> float:
-        return lr_at(s, cfg.lr, cfg.lr_schedule, cfg.steps, cfg.warmup_steps, cfg.min_lr) / cfg.lr
+def scheduled_lr(cfg):
+    """``cfg``'s (a ``TrainConfig``) schedule as a function of the steps taken."""
+    return lambda s: lr_at(s, cfg.lr, cfg.lr_schedule, cfg.steps, cfg.warmup_steps, cfg.min_lr)
 
-    for group in optimizer.param_groups:
-        group["lr"] = cfg.lr
-        group.pop("initial_lr", None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)  # sets the lr of s = 0
-    if done:
-        scheduler.last_epoch = done
-        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base * factor(done)
-    return scheduler
+
+class WarmupDecay(torch.optim.lr_scheduler.LRScheduler):
+    """``lr_at`` as a torch scheduler: after ``scheduler.step()`` number s, every parameter group's
+    learning rate is ``lr_at(s)`` exactly (not ``lr`` times a rounded factor)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg, done: int = 0):
+        """``cfg``: a ``TrainConfig``. The optimizer's learning rate becomes that of step ``done + 1``."""
+        self.cfg = cfg
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr
+            group.pop("initial_lr", None)
+        super().__init__(optimizer)  # its first step sets the lr of s = 0
+        if done:
+            self.last_epoch = done
+            for group, lr in zip(optimizer.param_groups, self.get_lr()):
+                group["lr"] = lr
+            self._last_lr = self.get_lr()
+
+    def get_lr(self) -> list[float]:
+        lr = scheduled_lr(self.cfg)(self.last_epoch)
+        return [lr for _ in self.optimizer.param_groups]

@@ -25,7 +25,7 @@ from plait.distributed.env import DistInfo
 from plait.distributed.mesh import Mesh
 from plait.errors import ConfigError, PlaitError
 from plait.models import build_model, builds_deferred
-from plait.observe.breakdown import Breakdown
+from plait.observe.breakdown import PARTS, Breakdown
 from plait.observe.flops import count_flops, datasheet_peak, measured_peak
 from plait.observe.timing import Recorder, recording, span
 from plait.observe.trace import write_run_trace
@@ -36,7 +36,7 @@ from plait.parallel.pipeline.trace import measured_bubble, plot_timeline, write_
 from plait.train.checkpoint import Checkpointer, read_manifest
 from plait.train.config import Config, TrainConfig
 from plait.train.metrics import RunLog
-from plait.train.schedule import build_scheduler
+from plait.train.schedule import WarmupDecay
 from plait.train.tasks import build_task
 
 
@@ -116,7 +116,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
         resumed = self._resume()
-        self.scheduler = build_scheduler(self.optimizer, t, done=self.step)
+        self.scheduler = WarmupDecay(self.optimizer, t, done=self.step)
         self.log = RunLog(cfg.run.out_dir, cfg.run.name, resume_step=self.step if resumed else None,
                           tensorboard=cfg.run.tensorboard) if info.is_main else None
         self.skipped, self.pipeline_report = 0, {}
@@ -144,7 +144,7 @@ class Trainer:
             return known
         if self.info.world_size > 1:
             barrier("peak FLOP/s measurement")  # ranks that share a host share its cores, as in training
-        return measured_peak(self.device, bf16)
+        return measured_peak(self.device, bf16, torch.get_num_threads())
 
     # -- checkpoints ------------------------------------------------------------------------
     def _resume(self) -> bool:
@@ -379,6 +379,7 @@ class Trainer:
             **report, **self.parallel.report(self.optimizer),
             "time_breakdown": self._efficiency(self.breakdown.whole_fields()), "flops_per_sample": self.flops_per_sample,
             "peak_flops_per_s": self.peak_flops[0], "peak_flops_source": self.peak_flops[1],
+            "tensorboard": cfg.run.tensorboard, "trace": bool(self._traced_steps(t.steps - steps_run)),
         }
         summary["mfu"] = summary["time_breakdown"].get("mfu")
         if self.log:
@@ -439,5 +440,21 @@ def format_summary(s: dict, out_dir: str) -> str:
         lost = "; ".join(f"rank {r} ({why})" for r, why in s["lost_workers"].items()) or "none"
         lines.append(f"  parameter server, {s['ps_mode']}: {sum(s['ps_updates'])} shard updates, {gaps}, "
                      f"largest staleness {s['ps_max_staleness']}; lost workers: {lost}")
-    lines.append(f"  outputs: {out_dir}/{s['name']}/ (metrics.jsonl, summary.json, loss.png)")
+    if "time_breakdown" in s:
+        lines.append("  " + format_breakdown(s))
+    lines.append(f"  outputs: {out_dir}/{s['name']}/ (metrics.jsonl, summary.json, loss.png"
+                 f"{', TensorBoard events' if s.get('tensorboard', True) else ''}"
+                 f"{', trace.json' if s.get('trace') else ''})")
     return "\n".join(lines)
+
+
+def format_breakdown(s: dict) -> str:
+    """'per step (rank 0): 8.8 ms = forward 3.4, ...; MFU 10.6% (peak 90.1 GFLOP/s, measured)'."""
+    b = s["time_breakdown"]
+    parts = sorted(((p, b[f"time_{p}_s"]) for p in PARTS if p != "other" and b[f"time_{p}_s"] > 0),
+                   key=lambda kv: -kv[1]) + [("other", b["time_other_s"])]
+    text = f"per step (rank 0): {b['step_time_s'] * 1e3:.1f} ms = " + ", ".join(f"{p} {v * 1e3:.1f}" for p, v in parts)
+    if s.get("mfu") is not None:
+        text += (f"; MFU {s['mfu']:.1%} (peak {s['peak_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+                 f"{s['peak_flops_source'].split(' (')[0]})")
+    return text

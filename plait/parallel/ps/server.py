@@ -64,10 +64,13 @@ class ParameterServer:
     ``make_optimizer(params)`` builds the optimizer of this server's shard (one flat tensor,
     so elementwise optimizers such as SGD with momentum and Adam behave as on the whole model).
     ``on_push(server, worker)`` is called after each gradient, for progress and logging.
+    ``lr_at(s)``: the learning rate of global step s + 1 (a schedule), set before each update;
+    sync applies one global step per update, async and ssp one per ``len(workers)`` updates.
     """
 
     def __init__(self, model: nn.Module, make_optimizer: Callable, layout: PSLayout, *, mode: str = "sync",
-                 staleness: int = 0, timeout_s: float = 60.0, on_push: Callable | None = None):
+                 staleness: int = 0, timeout_s: float = 60.0, on_push: Callable | None = None,
+                 lr_at: Callable[[int], float] | None = None):
         if mode not in MODES:
             raise PlaitError(f"ps.mode: {mode!r} is not one of {', '.join(MODES)}")
         self.rank = dist.get_rank()
@@ -80,7 +83,7 @@ class ParameterServer:
         flat = torch.cat([p.detach().reshape(-1).float().cpu() for _, p in trainable(model)])
         self.shard = nn.Parameter(gather(flat, self.segments, torch.empty(self.size)))
         self.optimizer = make_optimizer([self.shard])
-        self.on_push = on_push
+        self.on_push, self.lr_at = on_push, lr_at
         self.version = 0
         self.workers = list(layout.workers)
         self.live = set(self.workers)  # not lost
@@ -182,6 +185,10 @@ class ParameterServer:
 
     # -- applying ---------------------------------------------------------------------------
     def _apply(self, grad: torch.Tensor) -> None:
+        if self.lr_at is not None:
+            step = self.version if self.mode == "sync" else self.version // len(self.workers)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(step)
         self.shard.grad = grad
         self.optimizer.step()
         self.version += 1
