@@ -47,6 +47,9 @@ def test_demo_trains_the_seed_cnn_on_two_workers(tmp_path):
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert (tmp_path / "digits_cnn" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "test accuracy" in done.stdout  # the summary
+    assert re.search(r"per step \(rank 0\): [\d.]+ ms = .*forward [\d.]+.*; MFU [\d.]+% \(peak [\d.]+ GFLOP/s, measured\)",
+                     done.stdout), done.stdout
+    assert list((tmp_path / "digits_cnn").glob("events.out.tfevents.*"))  # TensorBoard's
     assert f"{summary['steps']}/{summary['steps']}" in done.stderr  # the progress bar
 
 
@@ -160,7 +163,12 @@ def test_plain_torchrun_runs_the_hybrid_library_example(tmp_path):
     (["--nproc", "0"], "plait: error: argument --nproc/--nproc-per-node: must be at least 1, got 0"),
     (["--nnodes", "2"], "plait: error: --rdzv-endpoint HOST:PORT is required when --nnodes > 1"),
     (["--set", "parallel.strategy=ps"], "plait: error: ps.servers: 1 server(s) in a world of 1 leaves no worker"),
-], ids=["unknown-key", "mesh", "missing-dataset", "nproc-0", "nnodes-no-endpoint", "ps-no-worker"])
+    (["--set", "train.lr_schedule=step"], "plait: error: train.lr_schedule: 'step' is not one of constant, cosine, linear"),
+    (["--set", "train.lr_schedule=cosine", "--set", "train.warmup_steps=200"],
+     "plait: error: train.warmup_steps: 200 leaves none of the 200 steps to the cosine decay"),
+    (["--nproc", "2", "--set", "train.straggler=2"], "plait: error: train.straggler: rank 2 does not exist in a world of 2"),
+], ids=["unknown-key", "mesh", "missing-dataset", "nproc-0", "nnodes-no-endpoint", "ps-no-worker", "lr-schedule",
+        "warmup-too-long", "straggler-rank"])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     done = plait_train(str(EXAMPLES / "linreg.toml"), *args, out_dir=tmp_path, timeout=60)
     assert done.returncode != 0

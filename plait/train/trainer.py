@@ -142,9 +142,13 @@ class Trainer:
         known = datasheet_peak(self.device, bf16)
         if known:
             return known
-        if self.info.world_size > 1:
-            barrier("peak FLOP/s measurement")  # ranks that share a host share its cores, as in training
-        return measured_peak(self.device, bf16, torch.get_num_threads())
+        if self.info.world_size == 1:
+            return measured_peak(self.device, bf16, torch.get_num_threads())
+        barrier("peak FLOP/s measurement")  # ranks that share a host share its cores, as in training
+        flops, source = measured_peak(self.device, bf16, torch.get_num_threads())
+        best = all_reduce(torch.tensor([flops], dtype=torch.float64, device=self.device), "peak FLOP/s",
+                          op=dist.ReduceOp.MAX)  # every rank divides by the same peak: the best any saw
+        return best.item(), source
 
     # -- checkpoints ------------------------------------------------------------------------
     def _resume(self) -> bool:
@@ -284,10 +288,12 @@ class Trainer:
                     with span("optimizer", "lr schedule"):
                         self.scheduler.step()
                 self.breakdown.add(self.recorder.take())
+                writing = time.perf_counter()
                 if step == traced.stop - 1:
                     self._write_run_trace(self.recorder.stop_trace(), traced)
                 if tracing:
                     self.pipeline_report = self._write_trace()
+                interval_start += time.perf_counter() - writing  # traces are no part of throughput
                 self.step = step
                 if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == t.steps):
                     self._save()
