@@ -88,7 +88,9 @@ def test_tensorboard_reads_back_what_metrics_jsonl_holds_and_a_resume_replaces_t
         assert [s for s, _ in events[tag]] == [s for s, _ in expected], tag
         for (_, got), (_, want) in zip(events[tag], expected):
             assert got == pytest.approx(want, rel=1e-6), tag  # event files hold float32
-    assert [s for s, _ in events["test_accuracy"]] == [3]  # evaluated at step 3 (the end's is in the summary)
+    summary = json.loads((run / "summary.json").read_text())
+    assert events["test_accuracy"] == [(3, pytest.approx(records[2]["test_accuracy"], rel=1e-6)),
+                                       (6, pytest.approx(summary["test_accuracy"], rel=1e-6))]  # step 3, and the end
     assert [s for s, _ in events["time_rank1/comm"]] == list(range(1, 7))
     assert events["rank1/peak_memory_bytes"][0][1] == pytest.approx(records[0]["per_rank"]["peak_memory_bytes"][1], rel=1e-6)
     # Resumed from step 3 in the same folder: TensorBoard drops the first run's steps 4-6 for the new ones.

@@ -18,7 +18,10 @@ import functools
 import time
 
 import torch
+import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
+
+from plait.distributed.comm import all_reduce, barrier
 
 # Dense (no sparsity) peak FLOP/s per GPU from the vendors' datasheets: (bf16 tensor cores, fp32).
 # NVIDIA A100 datasheet (SXM and PCIe 80GB): 312 TFLOP/s bf16, 19.5 fp32.
@@ -50,6 +53,23 @@ def datasheet_peak(device: torch.device, bf16: bool) -> tuple[float, str] | None
         if key in name:
             return GPU_PEAKS[key][0 if bf16 else 1], f"datasheet ({name}, {'bf16' if bf16 else 'fp32'})"
     return None
+
+
+def find_peak(device: torch.device, bf16: bool, configured: float = 0.0, world_size: int = 1) -> tuple[float, str]:
+    """(FLOP/s, source) of one device: ``configured`` if set, else the datasheet's, else measured
+    on every rank at once (a collective then), every rank taking the best any saw."""
+    if configured:
+        return configured, "run.peak_flops"
+    known = datasheet_peak(device, bf16)
+    if known:
+        return known
+    if world_size == 1:
+        return measured_peak(device, bf16, torch.get_num_threads())
+    barrier("peak FLOP/s measurement")  # ranks that share a host share its cores, as in training
+    flops, source = measured_peak(device, bf16, torch.get_num_threads())
+    best = all_reduce(torch.tensor([flops], dtype=torch.float64, device=device), "peak FLOP/s",
+                      op=dist.ReduceOp.MAX)
+    return best.item(), source
 
 
 @functools.cache

@@ -33,7 +33,8 @@ def fit(model: Callable | str, data: Callable | str, config: str | Path | dict |
         overrides: ``"key=value"`` strings, as ``plait train --set``.
     """
     from plait.distributed.env import init
-    from plait.train.trainer import Trainer, format_summary
+    from plait.train.metrics import format_summary
+    from plait.train.trainer import Trainer
 
     cfg = _config(config, overrides)
     for table, value in (("model", model), ("data", data)):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from plait.observe.breakdown import PARTS
+
 
 class RunLog:
     """Writes a run's outputs under ``out_dir/name``; used on rank 0 only."""
@@ -73,6 +75,10 @@ class RunLog:
     def finish(self, summary: dict, config: dict, title: str) -> None:
         """The end of a run: summary.json, config.json, loss.png; the metrics file closed."""
         self.write_json("summary.json", summary)
+        if self.board:  # the final evaluation, at the last step, beside the ones logged on the way
+            for key, value in summary.items():
+                if key.startswith("test_") and isinstance(value, (int, float)):
+                    self.board.add_scalar(key, value, summary["steps"])
         self.write_json("config.json", config)
         self.plot_loss(title)
         self.close()
@@ -95,3 +101,43 @@ def scalars(record: dict):
     for key, values in record.get("per_rank", {}).items():
         for rank, value in enumerate(values):
             yield (f"time_rank{rank}/{key[5:-2]}" if key.startswith("time_") else f"rank{rank}/{key}"), value
+
+
+def format_summary(s: dict, out_dir: str) -> str:
+    n = s["world_size"]
+    lines = [f"plait: {s['name']}: {s['steps']} steps on {n} process{'es' if n > 1 else ''} ({s['layout']}) "
+             f"in {s['wall_time_s']:.1f} s, {s['samples_per_s']:.0f} samples/s"
+             + (f", peak memory {s['peak_rss_bytes'] / 1e9:.2f} GB (largest rank)" if "peak_rss_bytes" in s else "")]
+    figures = [f"final loss {s['final_loss']:.4g}", f"test loss {s['test_loss']:.4g}"]
+    if "test_accuracy" in s:
+        figures.append(f"test accuracy {s['test_accuracy']:.4f}")
+    if "unigram_entropy" in s:
+        figures.append(f"unigram entropy {s['unigram_entropy']:.3f} nats, {s['tokens_per_s']:.0f} tokens/s")
+    if "weights_rel_error" in s:
+        figures.append(f"weights vs closed-form least squares: relative error {s['weights_rel_error']:.2e}")
+    lines.append("  " + ", ".join(figures))
+    if "ps_mode" in s:
+        gaps = f"largest clock gap {s['ps_max_clock_gap']}"
+        if s["ps_mode"] == "ssp":
+            gaps += f" (bound {s['ps_staleness']})"
+        lost = "; ".join(f"rank {r} ({why})" for r, why in s["lost_workers"].items()) or "none"
+        lines.append(f"  parameter server, {s['ps_mode']}: {sum(s['ps_updates'])} shard updates, {gaps}, "
+                     f"largest staleness {s['ps_max_staleness']}; lost workers: {lost}")
+    if "time_breakdown" in s:
+        lines.append("  " + format_breakdown(s))
+    lines.append(f"  outputs: {out_dir}/{s['name']}/ (metrics.jsonl, summary.json, loss.png"
+                 f"{', TensorBoard events' if s.get('tensorboard', True) else ''}"
+                 f"{', trace.json' if s.get('trace') else ''})")
+    return "\n".join(lines)
+
+
+def format_breakdown(s: dict) -> str:
+    """'per step (rank 0): 8.8 ms = forward 3.4, ...; MFU 10.6% (peak 90.1 GFLOP/s, measured)'."""
+    b = s["time_breakdown"]
+    parts = sorted(((p, b[f"time_{p}_s"]) for p in PARTS if p != "other" and b[f"time_{p}_s"] > 0),
+                   key=lambda kv: -kv[1]) + [("other", b["time_other_s"])]
+    text = f"per step (rank 0): {b['step_time_s'] * 1e3:.1f} ms = " + ", ".join(f"{p} {v * 1e3:.1f}" for p, v in parts)
+    if s.get("mfu") is not None:
+        text += (f"; MFU {s['mfu']:.1%} (peak {s['peak_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+                 f"{s['peak_flops_source'].split(' (')[0]})")
+    return text

@@ -25,8 +25,8 @@ from plait.distributed.env import DistInfo
 from plait.distributed.mesh import Mesh
 from plait.errors import ConfigError, PlaitError
 from plait.models import build_model, builds_deferred
-from plait.observe.breakdown import PARTS, Breakdown
-from plait.observe.flops import count_flops, datasheet_peak, measured_peak
+from plait.observe.breakdown import Breakdown
+from plait.observe.flops import count_flops, find_peak
 from plait.observe.timing import Recorder, recording, span
 from plait.observe.trace import write_run_trace
 from plait.parallel.compose import Layout, parallelize
@@ -133,22 +133,6 @@ class Trainer:
         except Exception:  # a user's model that cannot be built there: no MFU
             return None
         return count_flops(model, self.task.sample(2))
-
-    def _find_peak_flops(self) -> tuple[float, str]:
-        """The device's peak FLOP/s: the config's, the datasheet's, or measured on every rank at once."""
-        bf16 = self.cfg.train.bf16
-        if self.cfg.run.peak_flops:
-            return self.cfg.run.peak_flops, "run.peak_flops"
-        known = datasheet_peak(self.device, bf16)
-        if known:
-            return known
-        if self.info.world_size == 1:
-            return measured_peak(self.device, bf16, torch.get_num_threads())
-        barrier("peak FLOP/s measurement")  # ranks that share a host share its cores, as in training
-        flops, source = measured_peak(self.device, bf16, torch.get_num_threads())
-        best = all_reduce(torch.tensor([flops], dtype=torch.float64, device=self.device), "peak FLOP/s",
-                          op=dist.ReduceOp.MAX)  # every rank divides by the same peak: the best any saw
-        return best.item(), source
 
     # -- checkpoints ------------------------------------------------------------------------
     def _resume(self) -> bool:
@@ -262,7 +246,7 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        self.peak_flops = self._find_peak_flops()
+        self.peak_flops = find_peak(self.device, t.bf16, cfg.run.peak_flops, self.info.world_size)
         # The bar is closed on the way out, an error included, so that its line ends before any message.
         with tqdm(total=t.steps, desc=cfg.run.name, unit="step", disable=not (self.log and cfg.run.progress),
                   dynamic_ncols=True) as bar, recording(self.recorder):
@@ -424,43 +408,3 @@ def build_loader(cfg: Config, dataset, parts: int, index: int, collate=stacked) 
     if len(loader) == 0:
         raise ConfigError(f"train.batch_size: {t.batch_size} leaves no full batch in {len(dataset)} samples")
     return sampler, loader
-
-
-def format_summary(s: dict, out_dir: str) -> str:
-    n = s["world_size"]
-    lines = [f"plait: {s['name']}: {s['steps']} steps on {n} process{'es' if n > 1 else ''} ({s['layout']}) "
-             f"in {s['wall_time_s']:.1f} s, {s['samples_per_s']:.0f} samples/s"
-             + (f", peak memory {s['peak_rss_bytes'] / 1e9:.2f} GB (largest rank)" if "peak_rss_bytes" in s else "")]
-    figures = [f"final loss {s['final_loss']:.4g}", f"test loss {s['test_loss']:.4g}"]
-    if "test_accuracy" in s:
-        figures.append(f"test accuracy {s['test_accuracy']:.4f}")
-    if "unigram_entropy" in s:
-        figures.append(f"unigram entropy {s['unigram_entropy']:.3f} nats, {s['tokens_per_s']:.0f} tokens/s")
-    if "weights_rel_error" in s:
-        figures.append(f"weights vs closed-form least squares: relative error {s['weights_rel_error']:.2e}")
-    lines.append("  " + ", ".join(figures))
-    if "ps_mode" in s:
-        gaps = f"largest clock gap {s['ps_max_clock_gap']}"
-        if s["ps_mode"] == "ssp":
-            gaps += f" (bound {s['ps_staleness']})"
-        lost = "; ".join(f"rank {r} ({why})" for r, why in s["lost_workers"].items()) or "none"
-        lines.append(f"  parameter server, {s['ps_mode']}: {sum(s['ps_updates'])} shard updates, {gaps}, "
-                     f"largest staleness {s['ps_max_staleness']}; lost workers: {lost}")
-    if "time_breakdown" in s:
-        lines.append("  " + format_breakdown(s))
-    lines.append(f"  outputs: {out_dir}/{s['name']}/ (metrics.jsonl, summary.json, loss.png"
-                 f"{', TensorBoard events' if s.get('tensorboard', True) else ''}"
-                 f"{', trace.json' if s.get('trace') else ''})")
-    return "\n".join(lines)
-
-
-def format_breakdown(s: dict) -> str:
-    """'per step (rank 0): 8.8 ms = forward 3.4, ...; MFU 10.6% (peak 90.1 GFLOP/s, measured)'."""
-    b = s["time_breakdown"]
-    parts = sorted(((p, b[f"time_{p}_s"]) for p in PARTS if p != "other" and b[f"time_{p}_s"] > 0),
-                   key=lambda kv: -kv[1]) + [("other", b["time_other_s"])]
-    text = f"per step (rank 0): {b['step_time_s'] * 1e3:.1f} ms = " + ", ".join(f"{p} {v * 1e3:.1f}" for p, v in parts)
-    if s.get("mfu") is not None:
-        text += (f"; MFU {s['mfu']:.1%} (peak {s['peak_flops_per_s'] / 1e9:.1f} GFLOP/s, "
-                 f"{s['peak_flops_source'].split(' (')[0]})")
-    return text

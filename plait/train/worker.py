@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 def _train(config: str, overrides: list[str], rank: str) -> int:
     from plait.distributed.env import init, shutdown
     from plait.train.config import load_config
-    from plait.train.trainer import Trainer, format_summary
+    from plait.train.metrics import format_summary
+    from plait.train.trainer import Trainer
 
     together = True  # leave the group with a barrier; parameter-server ranks leave on their own
     failed = False  # then leave without touching the group: main() exits the process at once

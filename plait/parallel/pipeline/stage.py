@@ -65,14 +65,17 @@ class PipelineStage:
         self.trace, self.max_in_flight, self._losses = [], 0, []
         self.t0 = time.perf_counter()
         self._microbatches = microbatches
-        for kind, i in actions:
-            if kind == "F":
-                self._forward(i, xs[i], ys[i], header=i == 0, scale=scale / microbatches)
-            else:
-                self._backward(i, sync=sync and i == last_backward)
-        for link in (self.prev, self.next):
-            if link:
-                link.flush()
+        # With neighbours, what the schedule does besides compute and communication is its bubble
+        # (waiting on them, and the bookkeeping between actions), as measured_bubble counts it.
+        with span("bubble", "pipeline schedule") if self.stages > 1 else nullcontext():
+            for kind, i in actions:
+                if kind == "F":
+                    self._forward(i, xs[i], ys[i], header=i == 0, scale=scale / microbatches)
+                else:
+                    self._backward(i, sync=sync and i == last_backward)
+            for link in (self.prev, self.next):
+                if link:
+                    link.flush()
         return torch.stack(self._losses).sum() if self.last else None
 
     def _forward(self, i: int, x, y, header: bool, scale: float) -> None:
