@@ -37,6 +37,7 @@ from plait.parallel.materialize import Materializer, is_meta
 from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, cut_points
 from plait.parallel.pipeline.chain import Chain, ModelStage, call_order, model_chain
 from plait.parallel.pipeline.cut import block_times
+from plait.parallel.recompute import recompute_blocks
 from plait.parallel.shards import (Held, checkpoint_tensors, gather_unsplit, tensor_names, tensor_pieces,
                                   unit_pieces, unsplit_names)
 from plait.parallel.tensor import parallelize as tensor_parallelize
@@ -70,6 +71,8 @@ class Layout:
     blocks: str = ""
     """The model's chain of blocks to cut (``pipeline.blocks``); empty: an ``nn.Sequential``'s
     children, or the model's ``pipeline_blocks()``."""
+    recompute: bool = False
+    """Recompute each block's activations in backward instead of keeping them (``train.recompute``)."""
 
     @classmethod
     def from_config(cls, cfg, world_size: int) -> Layout:
@@ -82,7 +85,7 @@ class Layout:
                      schedule=cfg.pipeline.schedule, accum_steps=cfg.train.accum_steps,
                      balance=cfg.pipeline.balance, cuts=tuple(cfg.pipeline.cuts),
                      bucket_mb=p.bucket_mb, allow_unused=p.allow_unused, tp_plan=tuple(p.tp_plan.items()),
-                     blocks=cfg.pipeline.blocks)
+                     blocks=cfg.pipeline.blocks, recompute=cfg.train.recompute)
         if layout.blocks and layout.balance == "time" and layout.pp > 1 and not layout.cuts:
             raise ConfigError("pipeline.balance: 'time' times blocks on their own, which a model's chain "
                               "(pipeline.blocks) does not allow; use 'params' or pipeline.cuts")
@@ -145,7 +148,7 @@ class Layout:
 
     def describe(self) -> str:
         text = f"dp={self.dp} x pp={self.pp} x tp={self.tp}"
-        return text + (f", ZeRO-{self.zero}" if self.zero else "")
+        return text + (f", ZeRO-{self.zero}" if self.zero else "") + (", recompute" if self.recompute else "")
 
 
 def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, loss_fn, device: torch.device | None = None,
@@ -196,6 +199,8 @@ class Parallelized:
         else:
             self.blocks = blocks[starts[s] : starts[s + 1]]
             self.stage_module = StageModule(self.blocks)
+        if layout.recompute:  # each block of the stage keeps only its input for backward
+            recompute_blocks(self.blocks)
         # 3. data parallel or ZeRO on dp; the stage gets memory here (ZeRO-3: unit by unit)
         dp_group = mesh.group("dp")
         if materialize is None:

@@ -131,6 +131,9 @@ class TrainConfig:
     """Steps of linear warmup from lr / (warmup_steps + 1) up to lr."""
     min_lr: float = 0.0
     """Where cosine and linear decay end."""
+    recompute: bool = False
+    """Recompute each block's activations in backward (torch.utils.checkpoint) instead of keeping
+    them: less memory, one more forward per step."""
     straggler: int = -1
     """A rank slowed down on purpose, for experiments (-1: none): it sleeps in every forward."""
     straggler_delay: float = 0.0
@@ -292,7 +295,7 @@ def _check_combinations(cfg: Config) -> None:
     unsupported = {"parallel.pp": p > 1, "parallel.tp": t > 1, "parallel.zero": z,
                    "checkpoint": cfg.checkpoint.every or cfg.checkpoint.resume, "train.grad_clip": cfg.train.grad_clip,
                    "train.skip_nonfinite": cfg.train.skip_nonfinite, "train.eval_every": cfg.train.eval_every,
-                   "run.trace": cfg.run.trace, "train.straggler (ps.straggler slows a worker here)": cfg.train.straggler >= 0}
+                   "train.recompute": cfg.train.recompute, "run.trace": cfg.run.trace, "train.straggler (ps.straggler slows a worker here)": cfg.train.straggler >= 0}
     for key, used in unsupported.items():
         _require(not used, key, "not available with parallel.strategy = 'ps' in this version")
     _require(cfg.ps.timeout < cfg.dist.timeout, "ps.timeout", f"{cfg.ps.timeout:g} s must be shorter than "
