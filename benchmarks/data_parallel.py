@@ -11,7 +11,9 @@ Modes: ``single`` (one process alone, in a world of its own while the pair's pro
 blocked on their queues: the base of scaling efficiency), ``no-sync`` (two
 processes that never communicate: the ceiling), ``sync-floor`` (no gradient traffic, one
 4-byte all-reduce per step: what any synchronous scheme pays to wait for the slower rank),
-``ddp`` (torch DDP, defaults), ``plait``.
+``ddp`` (torch DDP, defaults), ``plait``; and with gradients sent in bf16: ``ddp-bf16`` (DDP with
+the body of its ``bf16_compress_hook``, which itself refuses any backend but NCCL), ``plait-bf16``
+(``grad_dtype=torch.bfloat16``).
 Scaling efficiency = samples/s of 2 workers / (2 x samples/s of one), at the same per-worker batch.
 """
 
@@ -31,7 +33,7 @@ import plait
 from plait.models import DigitsCNN, mlp
 from plait.testing import World
 
-MODES = ("single", "no-sync", "sync-floor", "ddp", "plait")
+MODES = ("single", "no-sync", "sync-floor", "ddp", "plait", "ddp-bf16", "plait-bf16")
 
 
 def build(model_name: str) -> tuple[nn.Module, tuple[int, ...]]:
@@ -41,14 +43,31 @@ def build(model_name: str) -> tuple[nn.Module, tuple[int, ...]]:
     return mlp(784, 10, hidden=2048, depth=3), (784,)  # 10.0M parameters
 
 
+def bf16_hook(group, bucket):
+    """torch's ``bf16_compress_hook`` (ddp_comm_hooks/default_hooks.py) without its NCCL-only check:
+    the bucket cast to bf16 and divided by the world, all-reduced, cast back."""
+    group = group or dist.group.WORLD
+    compressed = bucket.buffer().to(torch.bfloat16).div_(dist.get_world_size(group))
+    future = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def decompress(fut):
+        buffer = bucket.buffer()
+        buffer.copy_(fut.value()[0])
+        return buffer
+
+    return future.then(decompress)
+
+
 def time_mode(model_name: str, mode: str, batch: int, warmup: int, steps: int) -> float:
     """Samples/s of ``mode`` over all ranks of the world it runs on."""
     rank = dist.get_rank()
     model, shape = build(model_name)
-    if mode == "ddp":
+    if mode.startswith("ddp"):
         model = DistributedDataParallel(model)
-    elif mode == "plait":
-        model = plait.DataParallel(model)
+        if mode == "ddp-bf16":
+            model.register_comm_hook(None, bf16_hook)
+    elif mode.startswith("plait"):
+        model = plait.DataParallel(model, grad_dtype=torch.bfloat16 if mode == "plait-bf16" else None)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(rank)
     x, y = torch.randn(batch, *shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
@@ -88,12 +107,13 @@ def main() -> None:
             rows.append((name, params, med, {m: (min(v), max(v)) for m, v in samples.items()}))
     print(f"\nworld size 2, 1 thread per process, per-worker batch {args.batch}, median of {args.rounds} rounds")
     print(f"{'model':6} {'params':>7} | " + " | ".join(f"{m:>10}" for m in MODES)
-          + " | plait/ddp | eff ddp | eff plait | eff floor | eff ceiling")
+          + " | plait/ddp | eff ddp | eff plait | eff floor | eff ceiling | bf16: plait/ddp | eff ddp | eff plait")
     for name, params, med, _ in rows:
         eff = {m: med[m] / (2 * med["single"]) for m in MODES[1:]}
         print(f"{name:6} {params / 1e6:6.2f}M | " + " | ".join(f"{med[m]:10.0f}" for m in MODES)
               + f" | {med['plait'] / med['ddp']:9.3f} | {eff['ddp']:7.2f} | {eff['plait']:9.2f}"
-              + f" | {eff['sync-floor']:9.2f} | {eff['no-sync']:11.2f}")
+              + f" | {eff['sync-floor']:9.2f} | {eff['no-sync']:11.2f}"
+              + f" | {med['plait-bf16'] / med['ddp-bf16']:15.3f} | {eff['ddp-bf16']:7.2f} | {eff['plait-bf16']:9.2f}")
     print("(samples/s; eff = samples/s / (2 x single))")
     for name, _, _, spread in rows:
         print(f"{name}: min-max over rounds: " + ", ".join(f"{m} {lo:.0f}-{hi:.0f}" for m, (lo, hi) in spread.items()))

@@ -48,6 +48,10 @@ from plait.parallel.tensor.plan import STYLES, check_plan
 from plait.parallel.zero import Zero
 
 
+GRAD_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+"""``parallel.grad_dtype``: what data-parallel gradients are reduced in (None: their own dtype)."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """How a run is laid out over its processes: the mesh's degrees and how a step is cut up."""
@@ -73,6 +77,8 @@ class Layout:
     children, or the model's ``pipeline_blocks()``."""
     recompute: bool = False
     """Recompute each block's activations in backward instead of keeping them (``train.recompute``)."""
+    grad_dtype: str = "fp32"
+    """The dtype data-parallel gradients are reduced in: fp32 or bf16 (``parallel.grad_dtype``)."""
 
     @classmethod
     def from_config(cls, cfg, world_size: int) -> Layout:
@@ -85,7 +91,7 @@ class Layout:
                      schedule=cfg.pipeline.schedule, accum_steps=cfg.train.accum_steps,
                      balance=cfg.pipeline.balance, cuts=tuple(cfg.pipeline.cuts),
                      bucket_mb=p.bucket_mb, allow_unused=p.allow_unused, tp_plan=tuple(p.tp_plan.items()),
-                     blocks=cfg.pipeline.blocks, recompute=cfg.train.recompute)
+                     blocks=cfg.pipeline.blocks, recompute=cfg.train.recompute, grad_dtype=p.grad_dtype)
         if layout.blocks and layout.balance == "time" and layout.pp > 1 and not layout.cuts:
             raise ConfigError("pipeline.balance: 'time' times blocks on their own, which a model's chain "
                               "(pipeline.blocks) does not allow; use 'params' or pipeline.cuts")
@@ -207,12 +213,13 @@ class Parallelized:
             self.stage_module.to(device)
         if layout.zero:
             units = [b for _, b in self.blocks] if layout.zero == 3 else None
-            self.module = Zero(self.stage_module, dp_group, stage=layout.zero, units=units, materialize=materialize)
+            self.module = Zero(self.stage_module, dp_group, stage=layout.zero, units=units, materialize=materialize,
+                               grad_dtype=GRAD_DTYPES[layout.grad_dtype])
         else:
             if materialize:
                 materialize(self.stage_module)
             self.module = DataParallel(self.stage_module, dp_group, bucket_mb=layout.bucket_mb,
-                                       allow_unused=layout.allow_unused)
+                                       allow_unused=layout.allow_unused, grad_dtype=GRAD_DTYPES[layout.grad_dtype])
         self.pipe = PipelineStage(self.module, s, layout.pp, mesh.group("pp"), loss_fn=self._loss, device=device,
                                   feed_input=bool(chain.path))
         self.has_loss = self.pipe.last  # ranks that hold a loss

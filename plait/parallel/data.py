@@ -7,6 +7,11 @@ bucket down; when it is full its all-reduce is launched asynchronously, in bucke
 autograd goes on computing earlier layers. A callback at the end of backward waits for the
 buckets, so ``loss.backward()`` returns with averaged gradients, as with DDP.
 
+``grad_dtype=torch.bfloat16`` sends gradients in bf16 (half the bytes): a bucket is cast into a
+bf16 copy that goes on the wire; small buckets come back as every rank's bf16 row and are summed
+in float32 in rank order (so only the transport rounds), large ones are all-reduced in bf16 (as
+DDP's ``bf16_compress_hook`` does) and cast back. The parameters and the optimizer stay float32.
+
     model = DataParallel(model, group=mesh.group("dp"))
     with model.no_sync():            # accumulate locally, no communication
         loss_fn(model(x0), y0).backward()
@@ -47,6 +52,7 @@ class _Bucket:
         self.pending = len(self.params)
         self.work: dist.Work | None = None
         self.gathered: torch.Tensor | None = None
+        self.wire: torch.Tensor | None = None  # what is sent, when it is not the buffer itself (bf16)
 
     @property
     def nbytes(self) -> int:
@@ -99,6 +105,7 @@ class DataParallel(nn.Module):
         first_bucket_mb: float = 1.0,
         gather_max_kb: float = 256.0,
         allow_unused: bool = False,
+        grad_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         if not dist.is_initialized():
@@ -120,8 +127,11 @@ class DataParallel(nn.Module):
         self._buckets = _make_buckets(named[::-1], int(bucket_mb * mib), int(first_bucket_mb * mib))
         gather_max = gather_max_kb * 1024 if dist.get_backend(group) == "gloo" else -1
         for bucket in self._buckets:
+            if grad_dtype is not None and grad_dtype != bucket.buffer.dtype:
+                bucket.wire = bucket.buffer.to(grad_dtype)
+            sent = bucket.buffer if bucket.wire is None else bucket.wire
             if bucket.nbytes <= gather_max:
-                bucket.gathered = bucket.buffer.new_empty(self.world * bucket.buffer.numel())
+                bucket.gathered = sent.new_empty(self.world * sent.numel())
             for i, p in enumerate(bucket.params):
                 self._slot[p] = (bucket, i)
                 p.grad = bucket.views[i]
@@ -195,10 +205,11 @@ class DataParallel(nn.Module):
     def _launch_ready(self) -> None:
         while self._next < len(self._buckets) and self._buckets[self._next].pending == 0:
             bucket = self._buckets[self._next]
+            sent = bucket.buffer if bucket.wire is None else bucket.wire.copy_(bucket.buffer)
             if bucket.gathered is not None:
-                bucket.work = all_gather_flat(bucket.gathered, bucket.buffer, self.group, async_op=True)
+                bucket.work = all_gather_flat(bucket.gathered, sent, self.group, async_op=True)
             else:
-                bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
+                bucket.work = dist.all_reduce(sent, group=self.group, async_op=True)
             self._next += 1
 
     def _wait_launched(self) -> None:
@@ -206,7 +217,9 @@ class DataParallel(nn.Module):
             if bucket.work is not None:
                 wait(bucket.work, f"gradient all-reduce (bucket {k + 1} of {len(self._buckets)})", self.group)
                 bucket.work = None
-                if bucket.gathered is not None:
+                if bucket.gathered is None and bucket.wire is not None:
+                    bucket.buffer.copy_(bucket.wire)
+                elif bucket.gathered is not None:
                     # Row by row, in rank order: every element is ((g0 + g1) + g2) + ... on every
                     # rank, whatever the CPU's vector width, so replicas stay bitwise identical.
                     rows = bucket.gathered.view(self.world, -1)

@@ -50,6 +50,7 @@ class _Unit:
         self.reduced: torch.Tensor | None = None  # this rank's reduce-scattered slice, until added
         self.grad_slice: torch.Tensor | None = None  # stages 2-3: the memory of this rank's gradient slice
         self.param_grads: list = []  # stage 3 by all-reduce: (index, gradient, its reduction) in flight
+        self.wire: torch.Tensor | None = None  # the bf16 copy of grad_full being all-reduced, if any
         self.pending, self.work, self.fresh = len(params), None, True
 
     def make_shard(self, own_storage: bool) -> None:
@@ -81,14 +82,17 @@ class Zero(nn.Module):
     """Data parallelism with ZeRO stage 1, 2 or 3 over ``group``."""
 
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None, stage: int = 1,
-                 units: list[nn.Module] | None = None, reduce_scatter: bool | None = None, materialize=None):
+                 units: list[nn.Module] | None = None, reduce_scatter: bool | None = None, materialize=None,
+                 grad_dtype: torch.dtype | None = None):
         """``reduce_scatter``: how stages 2-3 reduce gradients; None chooses by backend (see below).
+        ``grad_dtype``: the dtype gradients are reduced in (``torch.bfloat16``: half the bytes; the
+        reduced slice is cast back, so the optimizer and its state stay in the parameters' dtype).
         ``materialize(unit)``: for a module built on the meta device, give a unit's parameters
         memory just before it is sharded, so that no more than one unit is ever whole."""
         super().__init__()
         if stage not in (1, 2, 3):
             raise PlaitError(f"parallel.zero={stage}: ZeRO stages are 1, 2 and 3")
-        self.module, self.group, self.stage = module, group, stage
+        self.module, self.group, self.stage, self.grad_dtype = module, group, stage, grad_dtype
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if units is None:
             units = [m for m in module.children() if any(p.requires_grad for p in m.parameters())] \
@@ -220,13 +224,19 @@ class Zero(nn.Module):
         if u.pending == 0:
             self._reduce(u)
 
+    def _wire(self, grad: torch.Tensor) -> torch.Tensor:
+        """What is sent of ``grad``: itself, or its copy in ``grad_dtype``."""
+        return grad if self.grad_dtype in (None, grad.dtype) else grad.to(self.grad_dtype)
+
     def _reduce(self, u: _Unit) -> None:
         u.grad_full.div_(self.world)
+        sent = self._wire(u.grad_full)
         if self.stage == 1 or self._all_reduce_is_faster:
-            u.work = dist.all_reduce(u.grad_full, group=self.group, async_op=True)
+            u.wire = sent if sent is not u.grad_full else None
+            u.work = dist.all_reduce(sent, group=self.group, async_op=True)
         else:
-            u.reduced = torch.empty_like(u.shard)
-            u.work = reduce_scatter_flat(u.reduced, u.grad_full, self.group, async_op=True)
+            u.reduced = torch.empty_like(u.shard, dtype=sent.dtype)  # cast back when settled
+            u.work = reduce_scatter_flat(u.reduced, sent, self.group, async_op=True)
         if self.stage == 3:
             u.free_full()
         self._launched(u)
@@ -241,7 +251,7 @@ class Zero(nn.Module):
         copy (one whole unit's gradient less in memory); this rank's slice is taken when settled."""
         self._arm()
         grad, p.grad = p.grad.contiguous(), None
-        grad.div_(self.world)
+        grad = self._wire(grad.div_(self.world))
         u.param_grads.append((i, grad, dist.all_reduce(grad, group=self.group, async_op=True)))
         u.pending -= 1
         if u.pending == 0:
@@ -271,6 +281,9 @@ class Zero(nn.Module):
             u.param_grads = []
             return
         wait(u.work, "ZeRO gradient reduction", self.group)
+        if u.wire is not None:  # reduced in bf16: back into the gradient's own dtype
+            u.grad_full.copy_(u.wire)
+            u.wire = None
         mine = u.grad_full[self.rank * u.size : (self.rank + 1) * u.size]
         if self.stage == 1:  # gradients stay replicated; the optimizer sees this rank's slice
             u.shard.grad = mine

@@ -173,6 +173,9 @@ class ParallelConfig:
     """Allow parameters that get no gradient (otherwise an error naming them)."""
     check_consistency: bool = True
     """At the end, verify that all replicas hold bitwise identical parameters."""
+    grad_dtype: str = "fp32"
+    """The dtype data-parallel (and ZeRO) gradients are reduced in: fp32, or bf16 (half the bytes;
+    the optimizer and the parameters stay fp32)."""
     tp_plan: dict = field(default_factory=dict)
     """How tensor parallelism splits the model: {module-name pattern: style}, e.g.
     {"model.layers.*.mlp.up_proj" = "colwise"}; styles colwise, colwise_gather, qkv, rowwise,
@@ -183,6 +186,7 @@ class ParallelConfig:
         for key in ("dp", "pp", "tp", "zero"):
             _require(getattr(self, key) >= 0, f"parallel.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(self.bucket_mb > 0, "parallel.bucket_mb", f"must be positive, got {self.bucket_mb}")
+        _one_of(self.grad_dtype, ("fp32", "bf16"), "parallel.grad_dtype")
         _require(self.zero in (0, 1, 2, 3), "parallel.zero", f"ZeRO stages are 0 (off), 1, 2 and 3, got {self.zero}")
         for pattern, style in self.tp_plan.items():
             _require(isinstance(style, str) and style in TP_STYLES, f"parallel.tp_plan.{pattern!r}",
@@ -295,7 +299,8 @@ def _check_combinations(cfg: Config) -> None:
     unsupported = {"parallel.pp": p > 1, "parallel.tp": t > 1, "parallel.zero": z,
                    "checkpoint": cfg.checkpoint.every or cfg.checkpoint.resume, "train.grad_clip": cfg.train.grad_clip,
                    "train.skip_nonfinite": cfg.train.skip_nonfinite, "train.eval_every": cfg.train.eval_every,
-                   "train.recompute": cfg.train.recompute, "run.trace": cfg.run.trace, "train.straggler (ps.straggler slows a worker here)": cfg.train.straggler >= 0}
+                   "train.recompute": cfg.train.recompute, "run.trace": cfg.run.trace,
+                   "parallel.grad_dtype": cfg.parallel.grad_dtype != "fp32", "train.straggler (ps.straggler slows a worker here)": cfg.train.straggler >= 0}
     for key, used in unsupported.items():
         _require(not used, key, "not available with parallel.strategy = 'ps' in this version")
     _require(cfg.ps.timeout < cfg.dist.timeout, "ps.timeout", f"{cfg.ps.timeout:g} s must be shorter than "
