@@ -277,7 +277,7 @@ def test_report_renders_its_plots_in_headless_chromium(two_runs, tmp_path):
 
 
 def test_report_compares_the_runs_configs(two_runs):
-    from plait.observe.report import config_differences, Run
+    from plait.observe.report import Run, config_differences
 
     differences = dict(config_differences([Run(two_runs / "digits_cnn"), Run(two_runs / "mlp_pipeline")]))
     assert differences["model.name"] == ['"digits_cnn"', '"mlp"']

@@ -300,7 +300,8 @@ def _check_combinations(cfg: Config) -> None:
                    "checkpoint": cfg.checkpoint.every or cfg.checkpoint.resume, "train.grad_clip": cfg.train.grad_clip,
                    "train.skip_nonfinite": cfg.train.skip_nonfinite, "train.eval_every": cfg.train.eval_every,
                    "train.recompute": cfg.train.recompute, "run.trace": cfg.run.trace,
-                   "parallel.grad_dtype": cfg.parallel.grad_dtype != "fp32", "train.straggler (ps.straggler slows a worker here)": cfg.train.straggler >= 0}
+                   "parallel.grad_dtype": cfg.parallel.grad_dtype != "fp32",
+                   "train.straggler (ps.straggler slows a worker here)": cfg.train.straggler >= 0}
     for key, used in unsupported.items():
         _require(not used, key, "not available with parallel.strategy = 'ps' in this version")
     _require(cfg.ps.timeout < cfg.dist.timeout, "ps.timeout", f"{cfg.ps.timeout:g} s must be shorter than "
