@@ -98,9 +98,11 @@ def test_the_digits_still_train_with_bf16_gradients(world2, tmp_path):
     assert summary["test_accuracy"] >= 0.95, summary["test_accuracy"]
 
 
-def test_refused_with_the_parameter_server():
+def test_refused_with_the_parameter_server_and_unknown_dtypes():
     from plait.errors import ConfigError
     from plait.train.config import load_config
 
+    with pytest.raises(ConfigError, match="parallel.grad_dtype: 'fp16' is not one of fp32, bf16"):
+        load_config(EXAMPLES / "digits_cnn.toml", ["parallel.grad_dtype=fp16"])
     with pytest.raises(ConfigError, match="parallel.grad_dtype: not available with parallel.strategy = 'ps'"):
         load_config(EXAMPLES / "linreg.toml", ["parallel.strategy=ps", "parallel.grad_dtype=bf16"])
