@@ -20,12 +20,15 @@ PARTS = (*CATEGORIES, "other")
 FIELDS = ("step_time_s", *(f"time_{p}_s" for p in PARTS), "peak_memory_bytes")
 
 
+def peak_rss() -> int:
+    """This process's peak resident set so far, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_memory(device: torch.device) -> int:
     """This process's peak memory so far: the CUDA allocator's peak on a GPU, else the peak
-    resident set (Linux reports KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    resident set."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
 
 
 class Breakdown:

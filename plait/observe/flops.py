@@ -63,13 +63,13 @@ def find_peak(device: torch.device, bf16: bool, configured: float = 0.0, world_s
     known = datasheet_peak(device, bf16)
     if known:
         return known
-    if world_size == 1:
-        return measured_peak(device, bf16, torch.get_num_threads())
-    barrier("peak FLOP/s measurement")  # ranks that share a host share its cores, as in training
+    if world_size > 1:
+        barrier("peak FLOP/s measurement")  # ranks that share a host share its cores, as in training
     flops, source = measured_peak(device, bf16, torch.get_num_threads())
-    best = all_reduce(torch.tensor([flops], dtype=torch.float64, device=device), "peak FLOP/s",
-                      op=dist.ReduceOp.MAX)
-    return best.item(), source
+    if world_size > 1:
+        flops = all_reduce(torch.tensor([flops], dtype=torch.float64, device=device), "peak FLOP/s",
+                           op=dist.ReduceOp.MAX).item()
+    return flops, source
 
 
 @functools.cache

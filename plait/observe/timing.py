@@ -40,7 +40,7 @@ class Recorder:
         self.totals: dict[str, float] = defaultdict(float)
         self.spans: list[Span] | None = None
         self.t0 = clock()
-        self._stack: list[list] = []  # [category, seconds spent in spans nested in it]
+        self._stack: list[float] = []  # per open span: seconds spent in spans nested in it
 
     def span(self, category: str, name: str = "") -> _Span:
         return _Span(self, category, name)
@@ -74,7 +74,7 @@ class _Span:
         rec = self.recorder
         if rec.sync:
             rec.sync()
-        rec._stack.append([self.category, 0.0])
+        rec._stack.append(0.0)
         self.start = rec.clock()
 
     def __exit__(self, *exc) -> None:
@@ -83,10 +83,9 @@ class _Span:
             rec.sync()
         end = rec.clock()
         elapsed = end - self.start
-        _, nested = rec._stack.pop()
-        rec.totals[self.category] += elapsed - nested
+        rec.totals[self.category] += elapsed - rec._stack.pop()
         if rec._stack:
-            rec._stack[-1][1] += elapsed
+            rec._stack[-1] += elapsed
         if rec.spans is not None:
             rec.spans.append((self.category, self.name or self.category, self.start - rec.t0, end - rec.t0))
 

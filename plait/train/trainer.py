@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from plait.distributed.env import DistInfo
 from plait.distributed.mesh import Mesh
 from plait.errors import ConfigError, PlaitError
 from plait.models import build_model, builds_deferred
-from plait.observe.breakdown import Breakdown
+from plait.observe.breakdown import Breakdown, peak_rss
 from plait.observe.flops import count_flops, find_peak
 from plait.observe.timing import Recorder, recording, span
 from plait.observe.trace import write_run_trace
@@ -392,11 +391,6 @@ def return_freed_memory(threshold: int = 4 << 20) -> bool:
     except (AttributeError, OSError):
         return False
     return bool(mallopt(-3, threshold))  # M_MMAP_THRESHOLD
-
-
-def peak_rss() -> int:
-    """This process's peak resident set so far, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def build_loader(cfg: Config, dataset, parts: int, index: int, collate=stacked) -> tuple[PartitionSampler, DataLoader]:
