@@ -14,17 +14,23 @@ EXAMPLES = ROOT / "examples"
 STEPS = 6
 
 
-def train_example(example: str, overrides: list[str], out_dir: str, steps: int = STEPS):
-    """Run a shipped config (on every rank of a World, or in-process); return
-    (parameters, logged losses of rank 0). Importable, so World workers can run it."""
+def make_trainer(example: str, overrides: list[str], out_dir: str, steps: int = STEPS, log_every: int = 1):
+    """The trainer of a shipped config on this rank (of a World, or in-process), not yet run."""
     import plait
     from plait.train.config import load_config
     from plait.train.trainer import Trainer
 
     info = plait.init()
     cfg = load_config(EXAMPLES / f"{example}.toml", [
-        f"train.steps={steps}", "run.log_every=1", "run.progress=false", f"run.out_dir={out_dir}", *overrides])
-    trainer = Trainer(cfg, info)
+        f"train.steps={steps}", f"run.log_every={log_every}", "run.progress=false", f"run.out_dir={out_dir}",
+        *overrides])
+    return Trainer(cfg, info)
+
+
+def train_example(example: str, overrides: list[str], out_dir: str, steps: int = STEPS):
+    """Run a shipped config (on every rank of a World, or in-process); return
+    (parameters, logged losses of rank 0). Importable, so World workers can run it."""
+    trainer = make_trainer(example, overrides, out_dir, steps)
     trainer.fit()
     params = trainer.parallel.unsplit_parameters()  # the whole model, assembled from every rank's share
     return params, [r["loss"] for r in trainer.log.records] if trainer.log else None
@@ -60,6 +66,13 @@ def solo():
     import plait
 
     return plait.init(backend="gloo", device="cpu")
+
+
+def train_summary(example: str, overrides: list[str], out_dir: str, steps: int, log_every: int | None = None):
+    """Train a shipped config on every rank; (summary, rank 0's records or None)."""
+    trainer = make_trainer(example, overrides, out_dir, steps, log_every or steps)
+    summary = trainer.fit()
+    return summary, trainer.log.records if trainer.log else None
 
 
 def train_until_error(example: str, overrides: list[str], out_dir: str) -> str:

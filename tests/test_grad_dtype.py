@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, train_summary
 
 U = 2.0**-8  # bf16's unit roundoff: 8 significant bits, round to nearest
 
@@ -92,8 +92,6 @@ def test_zero_reduces_in_bf16_within_its_rounding(world2, stage, reduce_scatter)
 
 
 def test_the_digits_still_train_with_bf16_gradients(world2, tmp_path):
-    from test_observe import train_summary
-
     summary = world2.run(train_summary, "digits_cnn", ["parallel.grad_dtype=bf16"], str(tmp_path), 400, 100)[0][0]
     assert summary["test_accuracy"] >= 0.95, summary["test_accuracy"]
 

@@ -15,22 +15,7 @@ import torch
 
 from plait.train.schedule import lr_at
 
-from conftest import EXAMPLES, train_example
-
-
-def train_summary(example: str, overrides: list[str], out_dir: str, steps: int, log_every: int | None = None):
-    """Train a shipped config on every rank; (summary, rank 0's records or None)."""
-    import plait
-    from plait.train.config import load_config
-    from plait.train.trainer import Trainer
-
-    info = plait.init()
-    cfg = load_config(EXAMPLES / f"{example}.toml", [
-        f"train.steps={steps}", f"run.log_every={log_every or steps}", "run.progress=false",
-        f"run.out_dir={out_dir}", *overrides])
-    trainer = Trainer(cfg, info)
-    summary = trainer.fit()
-    return summary, trainer.log.records if trainer.log else None
+from conftest import train_example, train_summary
 
 
 # -- learning-rate schedules -------------------------------------------------------------------

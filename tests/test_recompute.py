@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import EXAMPLES, train_example
+from conftest import make_trainer, train_example
 
 GPT = ["model.args.tied=false"]  # ZeRO-3 gathers blocks one at a time: no weight tied across them
 
@@ -38,15 +38,8 @@ def test_recompute_trains_bit_for_bit_alike(case, request, tmp_path):
 
 def saved_bytes(overrides: list[str]) -> int:
     """Bytes of the tensors autograd keeps for backward during one step's forward, on this rank."""
-    import plait
-    from plait.train.config import load_config
-    from plait.train.trainer import Trainer
-
-    info = plait.init()
-    cfg = load_config(EXAMPLES / "gpt_tp.toml", ["train.steps=1", "run.progress=false", "run.tensorboard=false",
-                                                 "run.out_dir=/tmp/plait-recompute-bytes", "parallel.tp=2", *GPT,
-                                                 *overrides])
-    trainer = Trainer(cfg, info)
+    trainer = make_trainer("gpt_tp", ["run.tensorboard=false", "parallel.tp=2", *GPT, *overrides],
+                           "/tmp/plait-recompute-bytes", steps=1)
     total = 0
 
     def pack(t):
