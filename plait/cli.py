@@ -5,6 +5,8 @@
     plait train CONFIG --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29400 --nproc 8   # on each node
     plait export runs/NAME/checkpoints/step_00000100 --config CONFIG -o model.pt
     plait report runs/digits_cnn runs/mlp_pipeline -o report.html     # one HTML page comparing runs
+    plait plan examples/gpt_hybrid.toml --nproc 8 --nnodes 4 --cluster a100-80gb   # rank every layout
+    plait calibrate examples/gpt_hybrid.toml --nproc 4     # measure this machine: cluster.toml
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="continue from the newest complete checkpoint (or from PATH)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.lr=0.1 (repeatable)")
+    train.add_argument("--plan", choices=["auto"], help="auto: let the planner choose the layout (see plait plan)")
+    train.add_argument("--cluster", help="with --plan auto: the cluster file (as plait plan's --cluster)")
     export = sub.add_parser("export", help="write a checkpoint (any layout) as one torch.save state_dict")
     export.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/NAME/checkpoints/step_00000100")
     export.add_argument("--config", required=True, help="the run's config (it says which model to build)")
@@ -58,7 +62,64 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="one static HTML page comparing runs: curves, time per rank, memory")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, e.g. runs/digits_cnn")
     report.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")
+    plan = sub.add_parser("plan", help="rank every layout of a config by predicted step time and memory, and say why")
+    plan.add_argument("config", help="a TOML config")
+    plan.add_argument("--nproc", "--nproc-per-node", type=_positive, default=1, help="processes per node (default 1)")
+    plan.add_argument("--nnodes", type=_positive, default=1, help="number of nodes (default 1)")
+    plan.add_argument("--cluster", help="a cluster file, or a shipped one by name (default: ./cluster.toml from "
+                      "plait calibrate, else an estimate of this machine)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value (repeatable)")
+    plan.add_argument("--json", action="store_true", help="print every layout as JSON instead of the table")
+    plan.add_argument("--top", type=int, default=20, help="rows of the table (0: all; default 20)")
+    plan.add_argument("--measure", type=_positive, metavar="K",
+                      help="also train the K best and K worst layouts here for a few steps each and compare")
+    plan.add_argument("--measure-steps", type=_positive, default=6, help="steps of each measured run (default 6)")
+    plan.add_argument("--measure-json", metavar="FILE", help="also write the measured rows to FILE as JSON")
+    cal = sub.add_parser("calibrate", help="measure this machine's compute and links: a cluster file for plait plan")
+    cal.add_argument("config", help="the config whose model's blocks are timed")
+    cal.add_argument("--nproc", "--nproc-per-node", type=_positive, default=2, help="local processes (default 2)")
+    cal.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value (repeatable)")
+    cal.add_argument("-o", "--output", default="cluster.toml", help="the cluster file to write (default cluster.toml)")
     return parser
+
+
+def plan(args: argparse.Namespace) -> int:
+    """``plait plan``: the table (or JSON) of every layout, the reasons, and measured runs."""
+    from plait.plan import default_cluster, load_cluster, plan_config
+    from plait.plan.search import explain, shortfall, table
+    from plait.plan.search import as_json
+    from plait.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.parallel.strategy == "ps":
+        raise PlaitError("plan: parallel.strategy = 'ps' has no layouts to plan (servers and workers are a role "
+                         "split); plan with parallel.strategy = 'allreduce'")
+    world = args.nproc * args.nnodes
+    cluster = load_cluster(args.cluster) if args.cluster else default_cluster(args.nproc)
+    if args.nproc > cluster.devices_per_node:
+        raise PlaitError(f"--nproc {args.nproc}: the cluster ({cluster.name}) has {cluster.devices_per_node} devices "
+                         "per node")
+    ranked, profile = plan_config(cfg, world, cluster, args.nnodes)
+    fits = ranked[0].fits
+    if args.json:
+        print(json.dumps(as_json(ranked), indent=1))
+    else:
+        print(f"{profile.name}: {profile.params / 1e6:,.1f}M parameters, {profile.flops_per_sample / 1e9:.3g} GFLOP per "
+              f"sample, batch {cfg.train.batch_size}, on {world} process{'es' if world > 1 else ''} of "
+              f"{cluster.name} ({cluster.source})")
+        print(table(ranked, args.top or None))
+        for line in explain(ranked, cluster):
+            print(line)
+    if not fits:
+        print(f"plait: error: {shortfall(ranked, cluster)}", file=sys.stderr)
+        return 1
+    if args.measure:
+        from plait.plan.measure import compare
+
+        compare(args.config, args.overrides, ranked, args.measure, args.nproc, args.measure_steps, args.measure_json)
+    return 0
 
 
 def export(args: argparse.Namespace) -> None:
@@ -183,12 +244,40 @@ def train(args: argparse.Namespace) -> None:
     settings = {"run_id": Path(args.config).stem, **launch_defaults(),
                 **{key: value for key, value in given.items() if value is not None}}
     spec = LaunchSpec(**settings, module_args=module_args)
+    if args.plan:
+        chosen = _auto_layout(args, spec)
+        args.overrides += chosen
+        module_args += [a for o in chosen for a in ("--set", o)]
+    elif args.cluster:
+        raise PlaitError("--cluster is for --plan auto")
     cfg = _check(args.config, args.overrides, spec.world_size)
     if cfg.parallel.strategy == "ps" and cfg.ps.mode != "sync":
         # Async and ssp go on without a lost worker; torchrun alone would stop every rank.
         spec.module_args = [str(cfg.ps.servers), spec.module, *spec.module_args]
         spec.module = "plait.train.guard"
     launch(spec)
+
+
+def _auto_layout(args: argparse.Namespace, spec) -> list[str]:
+    """``--plan auto``: the planner's best layout for this world, said with its reason; the
+    ``--set`` values that train it."""
+    from plait.plan import default_cluster, load_cluster, plan_config
+    from plait.plan.search import explain, shortfall
+    from plait.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.parallel.strategy == "ps":
+        raise PlaitError("--plan auto: parallel.strategy = 'ps' has no layouts to plan")
+    cluster = load_cluster(args.cluster) if args.cluster else default_cluster(spec.nproc)
+    ranked, _ = plan_config(cfg, spec.world_size, cluster, spec.nnodes)
+    if not ranked[0].fits:
+        raise PlaitError(shortfall(ranked, cluster).removeprefix("plan: "))
+    best = ranked[0]
+    print(f"plait: plan: {best.candidate.describe()} (predicted {best.step_s:.3g} s per step, "
+          f"{best.memory_bytes / 1e9:.2f} GB per rank, on {cluster.name})", flush=True)
+    for line in explain(ranked, cluster, runners=1):
+        print(f"plait: plan: {line}", flush=True)
+    return best.candidate.overrides()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
             train(args)
         elif args.command == "export":
             export(args)
+        elif args.command == "plan":
+            return plan(args)
+        elif args.command == "calibrate":
+            from plait.plan.calibrate import calibrate
+
+            calibrate(args.config, args.overrides, args.nproc, args.output)
         elif args.command == "report":
             from plait.observe.report import write_report
 

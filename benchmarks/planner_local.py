@@ -1,0 +1,68 @@
+"""The planner against measured runs on this machine: the GPT and the 10M MLP on 4 processes,
+every valid layout trained for a few steps (``plait plan --measure``), predicted against measured.
+
+    .venv/bin/python benchmarks/planner_local.py                 # calibrate, measure all (~1.5 h on 2 cores)
+    .venv/bin/python benchmarks/planner_local.py --summarize     # only read docs/plan/*_measured.json
+
+Each model gets its own calibration (``plait calibrate CONFIG --nproc 4``, which times that
+model's blocks), written beside the measurements in docs/plan/. Printed per model: the measured
+fastest layout and its rank in the plan, the median absolute error of step time and of peak
+memory per rank, and the rows as a Markdown table for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {"gpt": "examples/gpt_hybrid.toml", "mlp": "examples/mlp_10m.toml"}
+
+
+def measure(name: str, config: str, nproc: int, steps: int) -> None:
+    out = ROOT / "docs" / "plan"
+    out.mkdir(parents=True, exist_ok=True)
+    cluster = out / f"cpu{nproc}-{name}.toml"
+    plait = [sys.executable, "-m", "plait.cli"]
+    subprocess.run([*plait, "calibrate", config, "--nproc", str(nproc), "-o", str(cluster)], check=True, cwd=ROOT)
+    subprocess.run([*plait, "plan", config, "--nproc", str(nproc), "--cluster", str(cluster), "--top", "0",
+                    "--measure", "1000", "--measure-steps", str(steps), "--measure-json",
+                    str(out / f"{name}_measured.json")], check=True, cwd=ROOT)
+
+
+def summarize(name: str) -> None:
+    rows = [r for r in json.loads((ROOT / "docs" / "plan" / f"{name}_measured.json").read_text()) if "error" not in r]
+    fastest = min(rows, key=lambda r: r["step_s"])
+    step = statistics.median(abs(r["step_error"]) for r in rows)
+    memory = statistics.median(abs(r["memory_error"]) for r in rows)
+    print(f"\n{name}: {len(rows)} layouts; measured fastest {fastest['layout']} ({fastest['step_s']:.4f} s), "
+          f"predicted #{fastest['rank']}; median |error| step time {step:.1%}, peak memory {memory:.1%}")
+    by_measured = sorted(rows, key=lambda r: r["step_s"])
+    print("| plan # | layout | predicted s | measured s (rank) | error | predicted GB | measured GB | error |")
+    print("|---|---|---|---|---|---|---|---|")
+    shown = rows[:5] + [r for r in rows[5:] if r in by_measured[:3]] + rows[-3:]
+    for r in sorted({id(r): r for r in shown}.values(), key=lambda r: r["rank"]):
+        print(f"| {r['rank']} | {r['layout']} | {r['predicted_step_s']:.3f} | {r['step_s']:.3f} "
+              f"({by_measured.index(r) + 1}) | {r['step_error']:+.0%} | {r['predicted_memory_bytes'] / 1e9:.3f} | "
+              f"{r['memory_bytes'] / 1e9:.3f} | {r['memory_error']:+.0%} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--summarize", action="store_true", help="only read the saved measurements")
+    parser.add_argument("--nproc", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    args = parser.parse_args()
+    for name in args.models:
+        if not args.summarize:
+            measure(name, MODELS[name], args.nproc, args.steps)
+        summarize(name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""``plait calibrate CONFIG --nproc N``: measure this machine and write a cluster file.
+
+Every local process measures at once, as in training (processes that share a host share its
+cores and memory bus):
+
+- compute: the config's model, built for real, forward and backward of its blocks at micro-batch
+  sizes from the whole batch down to an eighth of one rank's share, fitted (least squares) as
+  FLOPs / rate + operations x a fixed cost each: the ``[flops]`` rate and ``op_overhead_s``;
+- links: all-reduce, all-gather, reduce-scatter (as Plait runs it on the backend) and send/recv,
+  4 KiB, 1 MiB and 8 MiB, over groups of 2 consecutive ranks up to all of them, all groups at once;
+  latency and bandwidth fitted to the ring's factors (``plait.plan.cluster``), all ranks starting
+  together; and the skew: how much longer a small one takes right after a burst of compute, as
+  in a step (ranks arrive apart; on shared cores a peer may be waiting for one);
+- the optimizer step's memory bandwidth (the config's optimizer on 4M elements);
+- what a process holds besides the model (resident memory after start-up and the data), and
+  the time to fetch a batch (``step_overhead_s``).
+
+The slowest rank's figure is kept for each (a step waits for it).
+
+    python -m plait.plan.calibrate CONFIG OUTPUT [--set K=V ...]    # what each worker runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+SIZES = (4096, 2**20, 8 * 2**20)
+"""Bytes per collective: one small (latency), one large (bandwidth)."""
+
+
+def _timed(fn, repeats: int, group=None, calls: int = 1) -> float:
+    """Median over ``repeats`` of the mean seconds of ``calls`` back-to-back calls of ``fn``,
+    every rank of ``group`` starting together."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        dist.barrier(group=group)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def _between_work(fn, repeats: int, calls: int = 10) -> float:
+    """Mean seconds of ``fn`` when it follows a burst of compute, as a collective does in a
+    step (ranks then arrive apart, and on shared cores a peer may be waiting for a core), the
+    burst's own time (measured alone) taken off: median of ``repeats`` rounds of ``calls``."""
+    a = torch.randn(256, 256)
+
+    def work():
+        for _ in range(4):
+            torch.mm(a, a)
+
+    def both():
+        work()
+        fn()
+    return max(_timed(both, repeats, calls=calls) - _timed(work, repeats, calls=calls), 0.0)
+
+
+def _slowest(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares of t = a + x / rate over (x, t) points: (a, rate)."""
+    import numpy as np
+
+    x = np.array([[1.0, p[0]] for p in points])
+    t = np.array([p[1] for p in points])
+    (a, inv), *_ = np.linalg.lstsq(x, t, rcond=None)
+    return max(float(a), 0.0), 1.0 / max(float(inv), 1e-30)
+
+
+def _links(rank: int, world: int, backend: str) -> dict:
+    """{op: (latency_s, bandwidth)} fitted over every group size at hand."""
+    from plait.distributed.comm import all_gather_flat, reduce_scatter_flat
+
+    points: dict[str, list] = {op: [] for op in ("all_reduce", "all_gather", "reduce_scatter", "send_recv")}
+    skews: dict = {}
+    g = 2
+    while g <= world:
+        groups = [dist.new_group(list(range(s, s + g))) for s in range(0, world - world % g, g)]
+        mine = groups[rank // g] if rank < len(groups) * g else None
+        for nbytes in SIZES:
+            n = nbytes // 4
+            x = torch.ones(n)
+            out = torch.empty(n)
+            part = torch.empty(n // g)
+            ops = {"all_reduce": lambda: dist.all_reduce(x, group=mine),
+                   "all_gather": lambda: all_gather_flat(out, x[: n // g].contiguous(), mine),
+                   "reduce_scatter": lambda: reduce_scatter_flat(part, x, mine)}
+            factor = {"all_reduce": 2 * (g - 1) / g, "all_gather": (g - 1) / g, "reduce_scatter": (g - 1) / g}
+            for op, fn in ops.items():
+                t = _timed(fn, 3, mine, calls=10) if mine is not None else 0.0
+                dist.barrier()
+                points[op].append((g, nbytes * factor[op], _slowest(t)))
+                if nbytes == SIZES[0]:
+                    late = max(_between_work(fn, 3) - t, 0.0) if mine is not None else 0.0
+                    dist.barrier()
+                    skews[(op, g)] = _slowest(late)
+            if g == 2 and mine is not None:  # one way: a round trip between pairs, halved
+                peer = rank ^ 1
+
+                def pingpong():
+                    if rank % 2 == 0:
+                        dist.send(x, peer)
+                        dist.recv(x, peer)
+                    else:
+                        dist.recv(x, peer)
+                        dist.send(x, peer)
+                t = _timed(pingpong, 3, mine, calls=10) / 2
+            if g == 2:
+                dist.barrier()
+                points["send_recv"].append((2, nbytes, _slowest(t if mine is not None else 0.0)))
+                if nbytes == SIZES[0]:
+                    late = max(_between_work(pingpong, 3) / 2 - t, 0.0) if mine is not None else 0.0
+                    dist.barrier()
+                    skews[("send_recv", 2)] = _slowest(late)
+        g *= 2
+    return {op: {g: (*_fit([(x, t) for size, x, t in p if size == g]), skews.get((op, g), 0.0))
+                 for g in sorted({q[0] for q in p})} for op, p in points.items()}
+
+
+def _compute(cfg, rank: int, world: int):
+    """(rate FLOP/s, seconds per operation, what a process holds, seconds per batch fetched)."""
+    from torch.utils.data import DataLoader
+
+    from plait.models import build_model
+    from plait.plan.profile import profile_config
+    from plait.train.tasks import build_task
+
+    task = build_task(cfg.data.name, cfg.data.path, cfg.data.args, cfg.train.loss)
+    share = max(1, cfg.train.batch_size // world)
+    loader = DataLoader(task.train, batch_size=share, shuffle=True, collate_fn=task.collate, drop_last=True)
+    batches = iter(loader)
+    next(batches)
+    start = time.perf_counter()
+    for _ in range(3):
+        x, y = next(batches)
+    fetch = (time.perf_counter() - start) / 3
+    base = _base_memory(cfg)
+    profile, _ = profile_config(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, cfg.model.args, task.info)
+    from plait.parallel.compose import Layout
+
+    chain = Layout(blocks=cfg.pipeline.blocks).chain(model)
+    flops_per_sample = sum(b.flops for b in profile.blocks) * (1 + profile.backward_ratio)
+    ops = sum(b.ops for b in profile.blocks) * (1 + profile.backward_ops_ratio)
+    points = []
+    sizes = sorted({max(1, share // 8), max(1, share // 2), share, cfg.train.batch_size})
+    for b in sizes:
+        xs, ys = x[:b], y[:b]
+        if len(xs) < b:
+            xs, ys = torch.cat([x] * (b // len(x) + 1))[:b], torch.cat([y] * (b // len(y) + 1))[:b]
+
+        def step():
+            if chain.path:
+                out = model(xs)
+            else:
+                out = xs
+                for _, block in chain.blocks:
+                    out = block(*(out if isinstance(out, tuple) else (out,)))
+            out = out[0] if isinstance(out, tuple) else out
+            task.loss(out, ys).backward()
+        t = _slowest(_timed(step, 5))
+        points.append((flops_per_sample * b, t))
+    # t = ops * c + flops / rate: fit with the operation count as the intercept's unit
+    overhead, rate = _fit(points)
+    return rate, overhead / max(ops, 1), base, _slowest(fetch)
+
+
+def _base_memory(cfg) -> float:
+    """The resident memory of a training process before its model: what it imports (the trainer,
+    TensorBoard, the loss plot's matplotlib), the CPU's FLOP/s measurement the trainer makes for
+    MFU, with the data loaded and the process group up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter  # noqa: F401 - what the run log imports
+
+    import plait.train.trainer  # noqa: F401
+    from plait.observe.breakdown import peak_rss
+    from plait.observe.flops import measured_peak
+
+    figure = plt.figure()
+    plt.plot([0, 1])
+    figure.canvas.draw()
+    plt.close(figure)
+    if not cfg.run.peak_flops:
+        measured_peak(torch.device("cpu"), cfg.train.bf16, torch.get_num_threads())
+    return peak_rss()
+
+
+def _optimizer_bandwidth(cfg) -> float:
+    from plait.plan import workload
+    from plait.plan.cost import OPTIMIZER_BYTES
+    from plait.train.trainer import build_optimizer
+
+    n = 4 * 2**20
+    p = torch.nn.Parameter(torch.zeros(n))
+    p.grad = torch.ones(n)
+    opt = build_optimizer(cfg.train, [p])
+    t = _slowest(_timed(opt.step, 5))
+    return OPTIMIZER_BYTES[workload(cfg).optimizer] * n / t
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="plait.plan.calibrate")
+    parser.add_argument("config")
+    parser.add_argument("output")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv)
+    from plait.distributed.env import init, shutdown
+    from plait.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    info = init(cfg.dist.backend, "cpu", cfg.dist.timeout)
+    rank, world = info.rank, info.world_size
+    rate, op_cost, base, fetch = _compute(cfg, rank, world)
+    bandwidth = _optimizer_bandwidth(cfg)
+    links = _links(rank, world, dist.get_backend()) if world > 1 else {}
+    if rank == 0:
+        write(args.output, world, rate, op_cost, base, fetch, bandwidth, links, args.config)
+    shutdown()
+    return 0
+
+
+def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch: float, bandwidth: float,
+          links: dict, config: str) -> None:
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    cores = os.cpu_count() or 1
+    when = time.strftime("%Y-%m-%d %H:%M")
+    lines = [f"# Measured by plait calibrate {config} --nproc {world} on {when}: {cores} cores, "
+             f"{pages / 2**30:.0f} GiB, {world} processes at once.",
+             f'name = "this machine, {world} CPU processes (gloo over loopback)"',
+             f"devices_per_node = {world}",
+             f"memory_bytes = {pages / world:.4g}          # the host's memory shared by the processes",
+             f"base_memory_bytes = {base:.4g}     # resident after start-up and loading the data",
+             f"memory_bandwidth = {bandwidth:.4g}      # the optimizer step on 4M elements",
+             f"op_overhead_s = {op_cost:.4g}         # fitted with the rate below on the model's blocks",
+             f"step_overhead_s = {fetch:.4g}       # fetching one rank's batch",
+             "overlap = 0.0                # gloo runs on the same cores as backward",
+             f"cores = {cores if cores < world else 0}                    # the processes share these cores",
+             "",
+             "[flops]",
+             f"fp32 = {rate:.4g}                 # the model's blocks, forward and backward, every process at once",
+             ""]
+    latency, bw, skew = links["all_reduce"][max(links["all_reduce"])] if links else (100e-6, 1e9, 0.0)
+    lines += ["[intra]", f"latency_s = {latency:.4g}", f"bandwidth = {bw:.4g}", f"skew_s = {skew:.4g}"]
+    for op, sizes in links.items():
+        entries = ", ".join(f"{{ group = {g}, latency_s = {lat:.4g}, bandwidth = {b:.4g}, skew_s = {k:.4g} }}"
+                            for g, (lat, b, k) in sizes.items())
+        lines.append(f"{op} = [{entries}]")
+    lines += ["", "[inter]                      # one host: no links across nodes were measured",
+              f"latency_s = {latency:.4g}", f"bandwidth = {bw:.4g}", f"skew_s = {skew:.4g}", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    print(f"plait: calibrated {world} processes -> {path}", flush=True)
+
+
+def calibrate(config: str, overrides: list[str], nproc: int, output: str) -> None:
+    """Run the measurement on ``nproc`` local processes; the cluster file goes to ``output``."""
+    from plait.launch import LaunchSpec, launch
+    from plait.train.config import load_config
+
+    load_config(config, overrides)  # a bad config: one line before any process starts
+    module_args = [config, os.path.abspath(output)] + [a for o in overrides for a in ("--set", o)]
+    launch(LaunchSpec(nproc=nproc, run_id="calibrate", module="plait.plan.calibrate", module_args=module_args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The cost model: per-rank peak memory and step time of a layout, from a model's profile and a
+cluster, with no model built and nothing run.
+
+Ranks are laid out as the mesh lays them (``dp`` outermost, ``tp`` innermost): a tp group is tp
+consecutive ranks, a pp group strides by tp, a dp group by pp x tp; a group whose span exceeds a
+node's devices crosses nodes and pays the slower link.
+
+Memory follows what the engines hold (``plait.parallel``): parameters and gradients of the stage
+(tp's split part divided), optimizer state (divided by dp under ZeRO), ZeRO-2's transient full
+gradient and ZeRO-3's two whole units, the activations autograd keeps per micro-batch times the
+micro-batches in flight (GPipe: all of them; 1F1B: pp - stage), or with recomputation each
+block's input plus one block's activations, and the runtime's own memory.
+
+Time: each stage's forward and backward per micro-batch (FLOPs at the device's FLOP/s plus a
+fixed cost per dispatched operation), tp's collectives, the pipeline's sends, (m + pp - 1) slots
+of the slowest stage (the bubble is the pp - 1 extra), then data-parallel gradient reduction
+(DataParallel's buckets overlap backward by the cluster's ``overlap``; ZeRO reduces after it),
+ZeRO's parameter gathers, and the optimizer step at memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from plait.parallel.pipeline.cut import _balance
+from plait.plan.cluster import Cluster
+from plait.plan.profile import ModelProfile
+
+OPTIMIZER_STATE = {"sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2}
+"""fp32 tensors of state per parameter element."""
+OPTIMIZER_BYTES = {"sgd": 12, "sgd_momentum": 20, "adam": 36, "adamw": 36}
+"""Bytes an optimizer step reads and writes per element (parameter, gradient, state)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    dp: int
+    pp: int
+    tp: int
+    zero: int = 0
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    recompute: bool = False
+    precision: str = "fp32"
+
+    def describe(self) -> str:
+        text = f"dp={self.dp} pp={self.pp} tp={self.tp}"
+        if self.zero:
+            text += f" ZeRO-{self.zero}"
+        if self.pp > 1:
+            text += f" m={self.microbatches} {self.schedule}"
+        if self.recompute:
+            text += " recompute"
+        return text + (" bf16" if self.precision == "bf16" else "")
+
+    def overrides(self) -> list[str]:
+        """The ``--set`` values that train this layout."""
+        sets = [f"parallel.dp={self.dp}", f"parallel.pp={self.pp}", f"parallel.tp={self.tp}",
+                f"parallel.zero={self.zero}", f"pipeline.microbatches={self.microbatches}",
+                f'pipeline.schedule="{self.schedule}"', f"train.recompute={str(self.recompute).lower()}"]
+        if self.precision == "bf16":
+            sets += ["train.bf16=true", 'parallel.grad_dtype="bf16"']
+        return sets
+
+
+@dataclass
+class Workload:
+    """What the config fixes besides the layout."""
+
+    batch_size: int
+    accum_steps: int = 1
+    optimizer: str = "sgd"
+    bucket_mb: float = 25.0
+    nodes: int = 1
+    grad_clip: bool = False
+    """Clipping all-reduces the gradient norm over each split axis every step."""
+
+
+def _behind(link, nbytes: float, group: int, calls: int, backward: float, overlap: float) -> float:
+    """Exposed seconds of ``calls`` all-reduces launched asynchronously during a backward of
+    ``backward`` seconds: their latency waits behind the computation (it costs no core), the
+    transfer only by the cluster's ``overlap`` (on shared cores it takes the cores backward needs)."""
+    if group <= 1:
+        return 0.0
+    latency, bandwidth, skew = link.figures("all_reduce", group)
+    transfer = nbytes * 2 * (group - 1) / group / bandwidth
+    return skew + max(calls * latency - backward, latency) + transfer * (1 - overlap)
+
+
+def _stages(profile: ModelProfile, pp: int, tp: int) -> list[dict]:
+    """Each stage's sums over its blocks under tp (per sample where the blocks' are), cached on
+    the profile: thousands of layouts share a few (pp, tp) pairs."""
+    cache = profile.__dict__.setdefault("_stage_cache", {})
+    if (pp, tp) not in cache:
+        starts = stage_starts(profile, pp)
+        rows = []
+        for s in range(pp):
+            blocks = profile.blocks[starts[s] : starts[s + 1]]
+            held = [bl.params - bl.split_params + bl.split_params / tp for bl in blocks]
+            kept = [bl.saved + bl.saved_split / tp for bl in blocks]
+            rows.append({"params": sum(held), "largest": max(held, default=0.0), "ops": sum(bl.ops for bl in blocks),
+                         "flops": sum(bl.flops - bl.split_flops + bl.split_flops / tp for bl in blocks),
+                         "tp_reduce": sum(bl.tp_reduce for bl in blocks), "tp_gather": sum(bl.tp_gather for bl in blocks),
+                         "tp_calls": sum(bl.tp_calls for bl in blocks), "tensors": sum(bl.tensors for bl in blocks),
+                         "saved": sum(kept), "most_saved": max(kept, default=0.0),
+                         "inputs": sum(bl.input_bytes for bl in blocks)})
+        cache[(pp, tp)] = rows
+    return cache[(pp, tp)]
+
+
+def stage_starts(profile: ModelProfile, pp: int) -> list[int]:
+    """Where each stage starts and the end, as the trainer's parameter balance cuts."""
+    return [0, *_balance(profile.weights, pp), len(profile.blocks)] if pp > 1 else [0, len(profile.blocks)]
+
+
+@dataclass
+class Estimate:
+    candidate: Candidate
+    memory: dict
+    """Bytes per part on the rank that holds the most."""
+    time: dict
+    """Seconds per part of a step (the slowest stage's)."""
+    fits: bool
+    flops_per_step: float
+    world: int
+    notes: dict
+    """What the explanations quote: bytes moved per link, bubble share."""
+    stages: list
+    """Each pipeline stage's memory parts (``memory`` is the largest)."""
+
+    @property
+    def memory_bytes(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def step_s(self) -> float:
+        return sum(self.time.values())
+
+    @property
+    def tflops_per_device(self) -> float:
+        return self.flops_per_step / self.step_s / self.world / 1e12
+
+
+def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candidate) -> Estimate:
+    world = c.dp * c.pp * c.tp
+    b = work.batch_size / (c.dp * work.accum_steps * c.microbatches)  # samples per micro-batch
+    m = c.microbatches
+    starts = stage_starts(profile, c.pp)
+    rate = cluster.flops.get(c.precision) or cluster.flops.get("fp32") or next(iter(cluster.flops.values()))
+    act_scale = 0.5 if c.precision == "bf16" else 1.0
+    grad_bytes = 2 if c.precision == "bf16" else 4
+    tp_link = cluster.link(c.tp)
+    pp_link = cluster.link(c.tp * c.pp)
+    dp_link = cluster.link(world)
+    state_per = OPTIMIZER_STATE[work.optimizer]
+    # On cores shared by the node's processes (CPUs), the pipeline's fill and drain, where half
+    # the stages idle on average, compute faster than the rate measured with all of them busy.
+    local = min(world, cluster.devices_per_node)
+    busy = max(1.0, local / 2) if c.pp > 1 else local
+    speedup = local / max(busy, cluster.cores) if 0 < cluster.cores < local else 1.0
+    worst_mem: dict = {}
+    stages: list = []
+    worst_time: dict = {}
+    notes: dict = {}
+    for s, st in enumerate(_stages(profile, c.pp, c.tp)):
+        blocks = profile.blocks[starts[s] : starts[s + 1]]
+        params, largest, ops = st["params"], st["largest"], st["ops"]
+        flops = st["flops"] * b
+        t_f = flops / rate + ops * cluster.op_overhead_s
+        t_b = flops * profile.backward_ratio / rate + ops * profile.backward_ops_ratio * cluster.op_overhead_s
+        if c.recompute:
+            t_b += t_f
+        tp_bytes = st["tp_reduce"] * b * act_scale
+        tp_gather = st["tp_gather"] * b * act_scale
+        tp_calls = st["tp_calls"]
+        t_tp = 0.0
+        if c.tp > 1:
+            t_tp = tp_link.time("all_reduce", tp_bytes, c.tp, tp_calls) + tp_link.time("all_gather", tp_gather, c.tp, 0)
+        sent = 0.0
+        if c.pp > 1:  # activations forward to the next stage, gradients back to the previous
+            out = profile.blocks[starts[s + 1]].input_bytes if s < c.pp - 1 else 0.0
+            into = blocks[0].input_bytes if s > 0 else 0.0
+            sent = (out + into) * b * act_scale  # whole on every tp rank
+        t_p2p = pp_link.time("send_recv", sent, 2, 2 * ((s > 0) + (s < c.pp - 1)), skewed=0)
+        slot = t_f + t_b + t_tp + t_p2p
+        # data-parallel gradient reduction and ZeRO's gathers, once per step (ZeRO-3: per micro-batch)
+        grad = params * grad_bytes
+        t_dp = t_gather = 0.0
+        if c.dp > 1:
+            if c.zero == 0:
+                buckets = max(1, math.ceil(grad / (work.bucket_mb * 2**20)))
+                t_dp = _behind(dp_link, grad, c.dp, buckets, t_b, cluster.overlap)
+            elif c.zero in (1, 2):
+                t_dp = dp_link.time("all_reduce", grad, c.dp)
+                t_gather = dp_link.time("all_gather", params * 4, c.dp)
+            else:
+                tensors = st["tensors"]  # on gloo each reduced where autograd left it
+                t_dp = m * _behind(dp_link, grad, c.dp, tensors, t_b, cluster.overlap)
+                t_gather = 2 * m * dp_link.time("all_gather", params * 4, c.dp, len(blocks))
+        # the trainer's own per step: the loss over every rank, the gradient norm over each split axis
+        t_step = cluster.link(world).time("all_reduce", 8, world)
+        if work.grad_clip:
+            for size, span in ((c.tp, c.tp), (c.pp, c.tp * c.pp), (c.dp if c.zero else 1, world)):
+                t_step += cluster.link(span).time("all_reduce", 8, size)
+        shard = c.dp if c.zero else 1
+        t_opt = params / shard * OPTIMIZER_BYTES[work.optimizer] / cluster.memory_bandwidth
+        in_flight = m if c.schedule == "gpipe" else min(m, c.pp - s)
+        if c.pp == 1:
+            in_flight = 1
+        saved = st["saved"] * b * act_scale
+        if c.recompute:
+            saved_peak = (st["inputs"] * in_flight + st["most_saved"]) * b * act_scale
+        else:
+            saved_peak = saved * in_flight
+        if s == c.pp - 1:  # the loss reads the output (a vocabulary slice under tp)
+            saved_peak += profile.output_bytes * b * act_scale / (c.tp if blocks[-1].split else 1)
+        mem = {
+            "params": (params / c.dp + 2 * largest if c.zero == 3 else params) * 4,
+            "grads": {0: params, 1: params, 2: params + params / c.dp, 3: 2 * largest + params / c.dp}[c.zero] * 4,
+            "optimizer": params * state_per * 4 / shard,
+            "activations": saved_peak,
+            "buffers": (sent * 2 + (min(grad, work.bucket_mb * 2**20) if c.precision == "bf16" else 0)
+                        + (2 * params * 2 if c.precision == "bf16" else 0)),
+            "runtime": cluster.base_memory_bytes,
+        }
+        time = {
+            "compute": (t_f + t_b) * m,
+            "tp": t_tp * m,
+            "p2p": t_p2p * m,
+            "bubble": (c.pp - 1) * slot / speedup,
+            "dp": t_dp,
+            "zero_gather": t_gather,
+            "optimizer": t_opt,
+            "other": t_step + cluster.step_overhead_s,
+        }
+        stages.append(mem)
+        if sum(mem.values()) > sum(worst_mem.values()):
+            worst_mem = mem
+        if sum(time.values()) > sum(worst_time.values()):
+            worst_time = time
+            notes = {"tp_bytes": (tp_bytes + tp_gather) * m, "tp_link": tp_link, "dp_bytes": grad, "dp_link": dp_link,
+                     "p2p_bytes": sent * m, "pp_link": pp_link, "stage": s, "flops": flops * m}
+    fits = sum(worst_mem.values()) <= cluster.memory_bytes
+    per_step = profile.flops_per_sample * work.batch_size
+    return Estimate(c, worst_mem, worst_time, fits, per_step, world, notes, stages)

@@ -1,0 +1,229 @@
+"""The planner: its memory model against what the engines hold, its profile against counted
+FLOPs, the CLI (table, JSON, --plan auto, --measure, calibrate), and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from plait.cli import main as cli
+from plait.errors import ConfigError
+from plait.plan.cluster import parse_cluster
+
+from conftest import EXAMPLES, make_trainer
+
+SMALL = {"name": "test", "devices_per_node": 4, "memory_bytes": 8e9, "flops": {"fp32": 1e11},
+         "intra": {"latency_s": 1e-4, "bandwidth": 1e9}, "inter": {"latency_s": 1e-4, "bandwidth": 1e9}}
+
+
+def _cluster_file(tmp_path, **changes):
+    import tomllib  # noqa: F401 - the file is read back as TOML
+
+    data = {**SMALL, **changes}
+    lines = []
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {json.dumps(value)}")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"[{key}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in value.items()]
+    path = tmp_path / "cluster.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def held_while_training(example: str, overrides: list[str], out_dir: str) -> dict:
+    """On this rank, one training step of a shipped config: the most bytes autograd held for
+    backward at once (every saved tensor's storage counted once while any holds it), the
+    optimizer's state and the parameters this rank trains, in bytes."""
+    trainer = make_trainer(example, [*overrides, "train.eval_every=0", "run.tensorboard=false"], out_dir, steps=1)
+    live: dict[int, list] = {}
+    state = {"now": 0, "peak": 0}
+
+    class Held:
+        def __init__(self, t):
+            self.t, self.key = t, t.untyped_storage()._cdata
+            entry = live.setdefault(self.key, [0, t.untyped_storage().nbytes()])
+            if entry[0] == 0:
+                state["now"] += entry[1]
+                state["peak"] = max(state["peak"], state["now"])
+            entry[0] += 1
+
+        def __del__(self):
+            entry = live[self.key]
+            entry[0] -= 1
+            if entry[0] == 0:
+                state["now"] -= entry[1]
+
+    params = {p.untyped_storage()._cdata for p in trainer.parallel.stage_module.parameters()}
+    params |= {p.untyped_storage()._cdata for p in trainer.parallel.parameters()}
+
+    def pack(t):
+        return t if t.untyped_storage()._cdata in params else Held(t)
+
+    def unpack(h):
+        return h.t if isinstance(h, Held) else h
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        trainer.fit()
+    optimizer = sum(v.numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
+                    if torch.is_tensor(v) and v.numel() > 1)
+    trained = sum(p.numel() * p.element_size() for p in trainer.parallel.parameters())
+    return {"activations": state["peak"], "optimizer": optimizer, "trained": trained, "stage": trainer.parallel.pipe.stage}
+
+
+def _predicted(example: str, overrides: list[str], world: int):
+    from plait.plan import plan_config
+    from plait.plan.cluster import Cluster, Link
+    from plait.train.config import load_config
+
+    cfg = load_config(EXAMPLES / f"{example}.toml", overrides)
+    cluster = Cluster("test", world, 1e12, {"fp32": 1e11}, Link(1e-4, 1e9), Link(1e-4, 1e9))
+    ranked, _ = plan_config(cfg, world, cluster)
+    p = cfg.parallel
+    want = (p.dp or world // (p.pp * p.tp), p.pp, p.tp, p.zero, cfg.pipeline.microbatches if p.pp > 1 else 1,
+            cfg.pipeline.schedule if p.pp > 1 else "1f1b", cfg.train.recompute)
+    return next(e for e in ranked if (e.candidate.dp, e.candidate.pp, e.candidate.tp, e.candidate.zero,
+                                      e.candidate.microbatches, e.candidate.schedule, e.candidate.recompute) == want)
+
+
+GPT = ["model.args.layers=2", "train.batch_size=16", "pipeline.microbatches=4", "parallel.tp=1"]
+LAYOUTS = {
+    "dp2": ("gpt_hybrid", [*GPT, "parallel.pp=1"]),
+    "dp2-zero1": ("gpt_hybrid", [*GPT, "parallel.pp=1", "parallel.zero=1"]),
+    "dp2-zero2": ("gpt_hybrid", [*GPT, "parallel.pp=1", "parallel.zero=2"]),
+    "dp2-zero3": ("gpt_hybrid", [*GPT, "parallel.pp=1", "parallel.zero=3"]),
+    "dp2-recompute": ("gpt_hybrid", [*GPT, "parallel.pp=1", "train.recompute=true"]),
+    "tp2": ("gpt_hybrid", [*GPT, "parallel.pp=1", "parallel.tp=2"]),
+    "pp2-gpipe": ("gpt_hybrid", [*GPT, "parallel.pp=2", 'pipeline.schedule="gpipe"']),
+    "pp2-1f1b": ("gpt_hybrid", [*GPT, "parallel.pp=2", 'pipeline.schedule="1f1b"']),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_memory_model_matches_what_the_engines_hold(name, world2, tmp_path):
+    """On each rank, against its stage's prediction: the activations autograd keeps for backward
+    (under each schedule, recomputed or not, split by tp or not) within 10%; the optimizer state
+    and the parameters it trains within a part in a thousand (ZeRO pads its slices)."""
+    example, overrides = LAYOUTS[name]
+    measured = world2.run(held_while_training, example, overrides, str(tmp_path))
+    e = _predicted(example, overrides, 2)
+    for rank, got in enumerate(measured):
+        model = e.stages[got["stage"]]
+        what = (name, rank, got, model)
+        assert got["activations"] == pytest.approx(model["activations"], rel=0.10), what
+        assert got["optimizer"] == pytest.approx(model["optimizer"], rel=1e-3), what
+        assert got["trained"] == pytest.approx(model["optimizer"] / 2, rel=1e-3), what  # AdamW: 2 per element
+
+
+def test_profile_counts_what_torch_counts():
+    """The GPT's profile: FLOPs equal FlopCounterMode's count of the whole model, parameters
+    the model's, and each block all-reduces twice forward and twice backward under tp."""
+    from plait.observe.flops import count_flops
+    from plait.plan.profile import profile_config
+    from plait.train.config import load_config
+    from plait.train.tasks import build_task
+
+    cfg = load_config(EXAMPLES / "gpt_hybrid.toml", [])
+    profile, model = profile_config(cfg)
+    task = build_task(cfg.data.name, cfg.data.path, cfg.data.args, cfg.train.loss)
+    assert profile.flops_per_sample == pytest.approx(count_flops(model, task.sample(2)), rel=1e-9)
+    assert profile.params == sum(p.numel() for p in model.parameters())
+    assert [b.tp_calls for b in profile.blocks[1:-1]] == [4] * 4
+    assert profile.blocks[-1].tp_calls == 1 + 3  # the head's input gradient; the vocab-parallel loss
+
+
+def test_plan_json_lists_every_layout_and_marks_one(tmp_path, capsys):
+    path = _cluster_file(tmp_path)
+    assert cli(["plan", str(EXAMPLES / "gpt_hybrid.toml"), "--nproc", "4", "--cluster", str(path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    keys = {"dp", "pp", "tp", "zero", "microbatches", "schedule", "recompute", "fits", "memory_bytes", "step_s",
+            "tflops_per_device", "chosen"}
+    assert all(keys <= set(r) for r in rows)
+    assert [r["chosen"] for r in rows].count(True) == 1 and rows[0]["chosen"]
+    assert {(r["dp"], r["pp"], r["tp"]) for r in rows} == {(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2),
+                                                         (1, 1, 4)}
+    assert all(r["dp"] * r["pp"] * r["tp"] == 4 for r in rows)
+    assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)  # all fit: fastest first
+
+
+def test_plan_table_explains_and_crosses_nodes(capsys):
+    """A GPT too wide for one node's tp: the shipped A100 file, the reasons under the table."""
+    args = ["plan", str(EXAMPLES / "gpt_hybrid.toml"), "--nproc", "8", "--nnodes", "2", "--cluster", "a100-80gb",
+            "--set", "model.args.dim=256", "--set", "model.args.heads=16", "--top", "0"]
+    assert cli(args) == 0
+    out = capsys.readouterr().out
+    assert " wins: " in out and "slower, mostly" in out
+    assert "pp=1 tp=16" in out
+
+
+def test_a_model_that_fits_no_layout_says_what_is_short(tmp_path, capsys):
+    path = _cluster_file(tmp_path, memory_bytes=1e5)
+    assert cli(["plan", str(EXAMPLES / "gpt_hybrid.toml"), "--nproc", "2", "--cluster", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("plait: error: plan: no layout fits in 0.1 MB of memory per device")
+    assert " short, most of it " in err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"memory_bytes": None}, "missing field 'memory_bytes'"),
+    ({"devices_per_node": -8}, "devices_per_node must be positive, got -8"),
+    ({"intra": {"latency_s": 1e-5}}, "[intra]: missing field 'bandwidth'"),
+    ({"inter": {"latency_s": -1, "bandwidth": 1e9}}, "latency_s must be >= 0, got -1"),
+    ({"flops": {"efficiency": 0.5}}, "missing table [flops] with fp32 and/or bf16"),
+    ({"overlap": 2}, "overlap must be between 0 and 1, got 2"),
+    ({"bandwith": 1}, "unknown field 'bandwith'"),
+])
+def test_bad_cluster_file_is_one_line_naming_the_field(change, message, tmp_path, capsys):
+    data = {k: v for k, v in {**SMALL, **change}.items() if v is not None}
+    with pytest.raises(ConfigError, match=None) as err:
+        parse_cluster(data, "cluster file X")
+    assert message in str(err.value)
+    path = _cluster_file(tmp_path, **{k: v for k, v in change.items() if v is not None})
+    if change.get("memory_bytes", 0) is None:
+        path.write_text(path.read_text().replace("memory_bytes = 8000000000.0\n", ""))
+    assert cli(["plan", str(EXAMPLES / "linreg.toml"), "--nproc", "2", "--cluster", str(path)]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_plan_auto_trains_the_chosen_layout(tmp_path):
+    """``plait train --plan auto``: the layout is printed with its reason, then trained."""
+    path = _cluster_file(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "plait.cli", "train", str(EXAMPLES / "mlp_pipeline.toml"), "--nproc",
+                           "2", "--plan", "auto", "--cluster", str(path), "--set", "train.steps=4", "--set",
+                           "run.progress=false", "--set", f'run.out_dir="{tmp_path}"', "--set", "pipeline.trace=false"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("plait: plan: ")]
+    assert len(lines) >= 2 and " wins: " in lines[1]
+    summary = json.loads((tmp_path / "mlp_pipeline" / "summary.json").read_text())
+    chosen = lines[0].removeprefix("plait: plan: ").split(" (")[0]
+    dp, pp = (int(part.split("=")[1]) for part in chosen.split()[:2])
+    assert summary["layout"].startswith(f"dp={dp} x pp={pp}"), (summary["layout"], chosen)
+
+
+def test_calibrate_then_measure(tmp_path):
+    """``plait calibrate`` writes a cluster file the planner reads; ``--measure 1`` trains the best
+    and the worst layout and prints each error."""
+    out = tmp_path / "cluster.toml"
+    linreg = str(EXAMPLES / "linreg.toml")
+    done = subprocess.run([sys.executable, "-m", "plait.cli", "calibrate", linreg, "--nproc", "2", "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    from plait.plan.cluster import load_cluster
+
+    cluster = load_cluster(str(out))
+    assert cluster.devices_per_node == 2 and cluster.flops["fp32"] > 0 and cluster.base_memory_bytes > 1e8
+    assert set(cluster.intra.ops) == {"all_reduce", "all_gather", "reduce_scatter", "send_recv"}
+    rows = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, "-m", "plait.cli", "plan", linreg, "--nproc", "2", "--cluster", str(out),
+                           "--measure", "1", "--measure-steps", "4", "--measure-json", str(rows)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(rows.read_text())
+    assert len(measured) == 2 and all(r["step_s"] > 0 and r["memory_bytes"] > 1e8 for r in measured)
+    assert "median |error|" in done.stdout
