@@ -3,6 +3,7 @@ every valid layout trained for a few steps (``plait plan --measure``), predicted
 
     .venv/bin/python benchmarks/planner_local.py                 # calibrate, measure all (~1.5 h on 2 cores)
     .venv/bin/python benchmarks/planner_local.py --summarize     # only read docs/plan/*_measured.json
+    .venv/bin/python benchmarks/planner_local.py --rescore       # predict them again (a changed model)
 
 Each model gets its own calibration (``plait calibrate CONFIG --nproc 4``, which times that
 model's blocks), written beside the measurements in docs/plan/. Printed per model: the measured
@@ -34,6 +35,26 @@ def measure(name: str, config: str, nproc: int, steps: int) -> None:
                     str(out / f"{name}_measured.json")], check=True, cwd=ROOT)
 
 
+def rescore(name: str, nproc: int) -> None:
+    """Predict the measured layouts again with the cost model as it is now and the model's
+    cluster file as it is now (the measured figures stay as they were)."""
+    from plait.plan import load_cluster, plan_config
+    from plait.train.config import load_config
+
+    path = ROOT / "docs" / "plan" / f"{name}_measured.json"
+    rows = json.loads(path.read_text())
+    ranked, _ = plan_config(load_config(ROOT / MODELS[name], []), nproc,
+                            load_cluster(str(ROOT / "docs" / "plan" / f"cpu{nproc}-{name}.toml")))
+    where = {e.candidate.describe(): (i, e) for i, e in enumerate(ranked)}
+    for r in rows:
+        i, e = where[r["layout"]]
+        r.update(rank=i + 1, predicted_step_s=e.step_s, predicted_memory_bytes=e.memory_bytes)
+        if "error" not in r:
+            r.update(step_error=e.step_s / r["step_s"] - 1, memory_error=e.memory_bytes / r["memory_bytes"] - 1)
+    rows.sort(key=lambda r: r["rank"])
+    path.write_text(json.dumps(rows, indent=1))
+
+
 def summarize(name: str) -> None:
     rows = [r for r in json.loads((ROOT / "docs" / "plan" / f"{name}_measured.json").read_text()) if "error" not in r]
     fastest = min(rows, key=lambda r: r["step_s"])
@@ -54,12 +75,16 @@ def summarize(name: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--summarize", action="store_true", help="only read the saved measurements")
+    parser.add_argument("--rescore", action="store_true",
+                        help="predict the saved measurements again with the current model and cluster files")
     parser.add_argument("--nproc", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
     for name in args.models:
-        if not args.summarize:
+        if args.rescore:
+            rescore(name, args.nproc)
+        elif not args.summarize:
             measure(name, MODELS[name], args.nproc, args.steps)
         summarize(name)
 

@@ -83,4 +83,4 @@ def default_cluster(nproc: int) -> Cluster:
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return Cluster("this machine (estimated; run plait calibrate)", nproc, pages / nproc, {"fp32": flops},
                    Link(100e-6, 1e9), Link(100e-6, 1e9), base_memory_bytes=350e6, memory_bandwidth=5e9 * share,
-                   op_overhead_s=20e-6, source="estimate")
+                   op_overhead_s=20e-6, cores=cores if cores < nproc else 0, source="estimate")

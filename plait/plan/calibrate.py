@@ -11,6 +11,7 @@ cores and memory bus):
   latency and bandwidth fitted to the ring's factors (``plait.plan.cluster``), all ranks starting
   together; and the skew: how much longer a small one takes right after a burst of compute, as
   in a step (ranks arrive apart; on shared cores a peer may be waiting for one);
+- a pipeline stage's own cost per micro-batch (the schedule, its sends and receives);
 - the optimizer step's memory bandwidth (the config's optimizer on 4M elements);
 - what a process holds besides the model (resident memory after start-up and the data), and
   the time to fetch a batch (``step_overhead_s``).
@@ -131,6 +132,28 @@ def _links(rank: int, world: int, backend: str) -> dict:
                  for g in sorted({q[0] for q in p})} for op, p in points.items()}
 
 
+def _pipeline_overhead(rank: int, world: int) -> float:
+    """Seconds a pipeline stage spends per micro-batch beyond its blocks' compute: the
+    schedule's own work and its sends and receives (their latency, and on shared cores the wait
+    for a peer to be scheduled). Pairs of ranks run a two-stage pipeline of one tiny layer at 1
+    and at 16 micro-batches; the difference per micro-batch."""
+    from torch import nn
+
+    from plait.parallel.pipeline import PipelineStage, StageModule
+
+    pairs = [dist.new_group([r, r + 1]) for r in range(0, world - 1, 2)]
+    if rank >= len(pairs) * 2:
+        dist.barrier()
+        return _slowest(0.0)
+    torch.manual_seed(0)
+    stage = PipelineStage(StageModule([("layer", nn.Linear(4, 4))]), rank % 2, 2, pairs[rank // 2],
+                          loss_fn=lambda out, y: (out - y).square().mean())
+    x, y = torch.randn(16, 4), torch.randn(16, 4)
+    times = {m: _timed(lambda m=m: stage.step(x, y, m), 5, pairs[rank // 2]) for m in (1, 16)}
+    dist.barrier()
+    return _slowest(max(times[16] - times[1], 0.0) / 15)
+
+
 def _compute(cfg, rank: int, world: int):
     """(rate FLOP/s, seconds per operation, what a process holds, seconds per batch fetched)."""
     from torch.utils.data import DataLoader
@@ -142,11 +165,15 @@ def _compute(cfg, rank: int, world: int):
     task = build_task(cfg.data.name, cfg.data.path, cfg.data.args, cfg.train.loss)
     share = max(1, cfg.train.batch_size // world)
     loader = DataLoader(task.train, batch_size=share, shuffle=True, collate_fn=task.collate, drop_last=True)
-    batches = iter(loader)
-    next(batches)
-    start = time.perf_counter()
-    for _ in range(3):
-        x, y = next(batches)
+    if not len(loader):
+        loader = DataLoader(task.train, batch_size=len(task.train), collate_fn=task.collate)
+    x, y = next(iter(loader))  # warm-up
+    fetched, start = 0, time.perf_counter()
+    while fetched < 3:  # a fresh pass when a small dataset runs out
+        for x, y in loader:
+            fetched += 1
+            if fetched == 3:
+                break
     fetch = (time.perf_counter() - start) / 3
     base = _base_memory(cfg)
     profile, _ = profile_config(cfg)
@@ -231,14 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     rate, op_cost, base, fetch = _compute(cfg, rank, world)
     bandwidth = _optimizer_bandwidth(cfg)
     links = _links(rank, world, dist.get_backend()) if world > 1 else {}
+    per_micro = _pipeline_overhead(rank, world) if world > 1 else 0.0
     if rank == 0:
-        write(args.output, world, rate, op_cost, base, fetch, bandwidth, links, args.config)
+        write(args.output, world, rate, op_cost, base, fetch, bandwidth, links, args.config, per_micro)
     shutdown()
     return 0
 
 
 def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch: float, bandwidth: float,
-          links: dict, config: str) -> None:
+          links: dict, config: str, per_micro: float) -> None:
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     cores = os.cpu_count() or 1
     when = time.strftime("%Y-%m-%d %H:%M")
@@ -251,6 +279,7 @@ def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch
              f"memory_bandwidth = {bandwidth:.4g}      # the optimizer step on 4M elements",
              f"op_overhead_s = {op_cost:.4g}         # fitted with the rate below on the model's blocks",
              f"step_overhead_s = {fetch:.4g}       # fetching one rank's batch",
+             f"microbatch_overhead_s = {per_micro:.4g}  # a pipeline stage's own cost per micro-batch (two tiny stages)",
              "overlap = 0.0                # gloo runs on the same cores as backward",
              f"cores = {cores if cores < world else 0}                    # the processes share these cores",
              "",

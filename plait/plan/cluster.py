@@ -7,6 +7,7 @@
     memory_bandwidth = 2.0e12    # bytes/s, what an optimizer step streams at
     op_overhead_s = 5e-6         # fixed cost of each dispatched operation (launch, Python)
     step_overhead_s = 0.0        # fixed cost of each step (data, bookkeeping)
+    microbatch_overhead_s = 0.0  # a pipeline stage's own cost per micro-batch (schedule, send latency)
     overlap = 0.9                # share of a bucketed all-reduce that backward hides (0..1)
     cores = 0                    # cores the node's processes share (0: none shared; CPUs)
 
@@ -87,6 +88,7 @@ class Cluster:
     memory_bandwidth: float = 1e12
     op_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
+    microbatch_overhead_s: float = 0.0
     overlap: float = 0.0
     cores: int = 0
     """Cores a node's processes share (0: each device computes on its own). Fewer than the
@@ -134,7 +136,7 @@ def _link(table: dict, key: str, where: str) -> Link:
 
 
 FIELDS = {"name", "devices_per_node", "cores", "memory_bytes", "base_memory_bytes", "memory_bandwidth", "op_overhead_s",
-          "step_overhead_s", "overlap", "flops", "intra", "inter"}
+          "step_overhead_s", "microbatch_overhead_s", "overlap", "flops", "intra", "inter"}
 
 
 def parse_cluster(data: dict, where: str) -> Cluster:
@@ -165,6 +167,7 @@ def parse_cluster(data: dict, where: str) -> Cluster:
         memory_bandwidth=_number(data, "memory_bandwidth", where, default=1e12),
         op_overhead_s=_number(data, "op_overhead_s", where, positive=False, default=0.0),
         step_overhead_s=_number(data, "step_overhead_s", where, positive=False, default=0.0),
+        microbatch_overhead_s=_number(data, "microbatch_overhead_s", where, positive=False, default=0.0),
         overlap=overlap, cores=int(_number(data, "cores", where, positive=False, default=0.0)), source=where)
 
 

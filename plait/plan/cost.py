@@ -182,7 +182,9 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
             out = profile.blocks[starts[s + 1]].input_bytes if s < c.pp - 1 else 0.0
             into = blocks[0].input_bytes if s > 0 else 0.0
             sent = (out + into) * b * act_scale  # whole on every tp rank
-        t_p2p = pp_link.time("send_recv", sent, 2, 2 * ((s > 0) + (s < c.pp - 1)), skewed=0)
+        t_p2p = 0.0
+        if c.pp > 1:  # the bytes, and the stage's own cost per micro-batch (which holds the sends' latency)
+            t_p2p = pp_link.time("send_recv", sent, 2, 0) + cluster.microbatch_overhead_s
         slot = t_f + t_b + t_tp + t_p2p
         # data-parallel gradient reduction and ZeRO's gathers, once per step (ZeRO-3: per micro-batch)
         grad = params * grad_bytes
@@ -213,8 +215,6 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
             saved_peak = (st["inputs"] * in_flight + st["most_saved"]) * b * act_scale
         else:
             saved_peak = saved * in_flight
-        if s == c.pp - 1:  # the loss reads the output (a vocabulary slice under tp)
-            saved_peak += profile.output_bytes * b * act_scale / (c.tp if blocks[-1].split else 1)
         mem = {
             "params": (params / c.dp + 2 * largest if c.zero == 3 else params) * 4,
             "grads": {0: params, 1: params, 2: params + params / c.dp, 3: 2 * largest + params / c.dp}[c.zero] * 4,

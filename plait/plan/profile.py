@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -152,21 +154,46 @@ def profile_model(model: nn.Module, chain, plan: dict[str, str] | None, inputs: 
                                      if not (keep_bias and pname == "bias"))
         cost.split_params = sum(p.numel() for p in params if id(p) in split_ids)
 
-    state = {"block": 0, "split": False}
-    kept: dict[int, int] = {}  # storage -> block it was first kept in (and split or not, by sign)
+    state = {"block": 0, "split": False, "attention": False}
+    kept: dict = {}  # storage -> the block it was first kept in
+    alive: list = []
+
+    def keep(t: torch.Tensor, size: float | None = None) -> None:
+        key = t.untyped_storage()._cdata if size is None else object()
+        if id(t) in param_ids or key in param_storages or key in kept:
+            return
+        kept[key] = state["block"]
+        alive.append(t)  # a freed storage's address may come back for another tensor
+        cost = blocks[state["block"]]
+        size = t.untyped_storage().nbytes() if size is None else size
+        if state["split"]:
+            cost.saved_split += size
+        else:
+            cost.saved += size
 
     def pack(t: torch.Tensor):
-        if id(t) not in param_ids:
-            key = t.untyped_storage()._cdata
-            if key not in param_storages and key not in kept:
-                kept[key] = state["block"]
-                cost = blocks[state["block"]]
-                size = t.untyped_storage().nbytes()
-                if state["split"]:
-                    cost.saved_split += size
-                else:
-                    cost.saved += size
+        if not state["attention"]:
+            keep(t)
         return t
+
+    class Attention(TorchFunctionMode):
+        """Attention as the fused kernels run it (CPU and CUDA alike): the meta device has only
+        the math path, which would keep the [T, T] weights; the fused kernels keep q, k, v, the
+        output and one float per query and head (the log-sum-exp)."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is not F.scaled_dot_product_attention:
+                return func(*args, **(kwargs or {}))
+            state["attention"] = True
+            try:
+                out = func(*args, **(kwargs or {}))
+            finally:
+                state["attention"] = False
+            if torch.is_grad_enabled():
+                for t in (*args[:3], out):
+                    keep(t)
+                keep(out, size=out[..., 0].numel() * 4)
+            return out
 
     hooks = []
 
@@ -209,7 +236,7 @@ def profile_model(model: nn.Module, chain, plan: dict[str, str] | None, inputs: 
         for m in modules:
             hooks.append(m.register_forward_pre_hook(enter(i)))
     try:
-        with flops, counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with flops, counter, Attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             if chain.path:
                 out = model(inputs)
             else:
