@@ -4,6 +4,7 @@ every valid layout trained for a few steps (``plait plan --measure``), predicted
     .venv/bin/python benchmarks/planner_local.py                 # calibrate, measure all (~1.5 h on 2 cores)
     .venv/bin/python benchmarks/planner_local.py --summarize     # only read docs/plan/*_measured.json
     .venv/bin/python benchmarks/planner_local.py --rescore       # predict them again (a changed model)
+    .venv/bin/python benchmarks/planner_local.py --settle 8      # the contenders for fastest: 3 more runs each
 
 Each model gets its own calibration (``plait calibrate CONFIG --nproc 4``, which times that
 model's blocks), written beside the measurements in docs/plan/. Printed per model: the measured
@@ -55,6 +56,34 @@ def rescore(name: str, nproc: int) -> None:
     path.write_text(json.dumps(rows, indent=1))
 
 
+def settle(name: str, nproc: int, steps: int, count: int, repeats: int) -> None:
+    """Run again, ``repeats`` times each, the ``count`` layouts measured fastest and the plan's
+    first two: which is fastest is decided by medians, not by one noisy run."""
+    import tempfile
+
+    from plait.plan import load_cluster, plan_config
+    from plait.plan.measure import measured
+    from plait.train.config import load_config
+
+    path = ROOT / "docs" / "plan" / f"{name}_measured.json"
+    rows = json.loads(path.read_text())
+    ranked, _ = plan_config(load_config(ROOT / MODELS[name], []), nproc,
+                            load_cluster(str(ROOT / "docs" / "plan" / f"cpu{nproc}-{name}.toml")))
+    where = {e.candidate.describe(): e for e in ranked}
+    ok = sorted((r for r in rows if "error" not in r), key=lambda r: r["step_s"])
+    picks = {r["layout"] for r in ok[:count]} | {r["layout"] for r in rows if r["rank"] <= 2}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in rows:
+            if r["layout"] in picks:
+                got = measured(str(ROOT / MODELS[name]), [], where[r["layout"]], nproc, steps, Path(tmp), "s", repeats)
+                if "error" not in got:
+                    runs = [r["step_s"], *got["runs_step_s"]]
+                    r.update(step_s=statistics.median(runs), runs_step_s=runs)
+                    r.update(step_error=r["predicted_step_s"] / r["step_s"] - 1)
+                print(f"  {r['layout']}: {r.get('runs_step_s')}", flush=True)
+    path.write_text(json.dumps(rows, indent=1))
+
+
 def summarize(name: str) -> None:
     rows = [r for r in json.loads((ROOT / "docs" / "plan" / f"{name}_measured.json").read_text()) if "error" not in r]
     fastest = min(rows, key=lambda r: r["step_s"])
@@ -77,12 +106,16 @@ def main() -> None:
     parser.add_argument("--summarize", action="store_true", help="only read the saved measurements")
     parser.add_argument("--rescore", action="store_true",
                         help="predict the saved measurements again with the current model and cluster files")
+    parser.add_argument("--settle", type=int, metavar="N", default=0,
+                        help="run the N measured fastest and the plan's first two 3 more times each (medians)")
     parser.add_argument("--nproc", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
     for name in args.models:
-        if args.rescore:
+        if args.settle:
+            settle(name, args.nproc, args.steps, args.settle, 3)
+        elif args.rescore:
             rescore(name, args.nproc)
         elif not args.summarize:
             measure(name, MODELS[name], args.nproc, args.steps)

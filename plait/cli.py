@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--measure", type=_positive, metavar="K",
                       help="also train the K best and K worst layouts here for a few steps each and compare")
     plan.add_argument("--measure-steps", type=_positive, default=6, help="steps of each measured run (default 6)")
+    plan.add_argument("--measure-repeats", type=_positive, default=1, help="runs of each measured layout (their median)")
     plan.add_argument("--measure-json", metavar="FILE", help="also write the measured rows to FILE as JSON")
     cal = sub.add_parser("calibrate", help="measure this machine's compute and links: a cluster file for plait plan")
     cal.add_argument("config", help="the config whose model's blocks are timed")
@@ -118,7 +119,8 @@ def plan(args: argparse.Namespace) -> int:
     if args.measure:
         from plait.plan.measure import compare
 
-        compare(args.config, args.overrides, ranked, args.measure, args.nproc, args.measure_steps, args.measure_json)
+        compare(args.config, args.overrides, ranked, args.measure, args.nproc, args.measure_steps, args.measure_json,
+                args.measure_repeats)
     return 0
 
 

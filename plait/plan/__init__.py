@@ -30,10 +30,10 @@ def layout_check(cfg, model):
 
     cache: dict = {}
 
-    def check(c: Candidate) -> None:
-        key = (c.pp, c.tp, c.zero == 3)
+    def one(key) -> None:  # each degree is checked on its own: tp's plan, pp's cut, ZeRO-3's units
         if key not in cache:
-            layout = Layout(dp=c.dp, pp=c.pp, tp=c.tp, zero=3 if c.zero == 3 else 0, blocks=cfg.pipeline.blocks,
+            tp, pp, zero = key
+            layout = Layout(pp=pp, tp=tp, zero=zero, blocks=cfg.pipeline.blocks,
                             tp_plan=tuple(cfg.parallel.tp_plan.items()))
             try:
                 layout.check_model(model)
@@ -42,6 +42,12 @@ def layout_check(cfg, model):
                 cache[key] = exc
         if cache[key] is not None:
             raise cache[key]
+
+    def check(c: Candidate) -> None:
+        one((c.tp, 1, 0))
+        one((1, c.pp, 0))
+        if c.zero == 3:
+            one((1, 1, 3))
     return check
 
 

@@ -202,9 +202,11 @@ def _compute(cfg, rank: int, world: int):
             task.loss(out, ys).backward()
         t = _slowest(_timed(step, 5))
         points.append((flops_per_sample * b, t))
-    # t = ops * c + flops / rate: fit with the operation count as the intercept's unit
+    # t = flops / rate + the intercept: the weights streamed from memory once forward and twice
+    # backward (whatever the batch), and a fixed cost per operation (what is left of it)
     overhead, rate = _fit(points)
-    return rate, overhead / max(ops, 1), base, _slowest(fetch)
+    weights = 3 * 4 * profile.params / _optimizer_bandwidth(cfg)
+    return rate, max(overhead - weights, 0.0) / max(ops, 1), base, _slowest(fetch)
 
 
 def _base_memory(cfg) -> float:
@@ -277,7 +279,7 @@ def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch
              f"memory_bytes = {pages / world:.4g}          # the host's memory shared by the processes",
              f"base_memory_bytes = {base:.4g}     # resident after start-up and loading the data",
              f"memory_bandwidth = {bandwidth:.4g}      # the optimizer step on 4M elements",
-             f"op_overhead_s = {op_cost:.4g}         # fitted with the rate below on the model's blocks",
+             f"op_overhead_s = {op_cost:.4g}         # fitted with the rate below on the model's blocks, less the weights' reads",
              f"step_overhead_s = {fetch:.4g}       # fetching one rank's batch",
              f"microbatch_overhead_s = {per_micro:.4g}  # a pipeline stage's own cost per micro-batch (two tiny stages)",
              "overlap = 0.0                # gloo runs on the same cores as backward",

@@ -11,8 +11,8 @@ gradient and ZeRO-3's two whole units, the activations autograd keeps per micro-
 micro-batches in flight (GPipe: all of them; 1F1B: pp - stage), or with recomputation each
 block's input plus one block's activations, and the runtime's own memory.
 
-Time: each stage's forward and backward per micro-batch (FLOPs at the device's FLOP/s plus a
-fixed cost per dispatched operation), tp's collectives, the pipeline's sends, (m + pp - 1) slots
+Time: each stage's forward and backward per micro-batch (FLOPs at the device's FLOP/s, its
+weights read from memory once forward and twice backward, a fixed cost per dispatched operation), tp's collectives, the pipeline's sends, (m + pp - 1) slots
 of the slowest stage (the bubble is the pp - 1 extra), then data-parallel gradient reduction
 (DataParallel's buckets overlap backward by the cluster's ``overlap``; ZeRO reduces after it),
 ZeRO's parameter gathers, and the optimizer step at memory bandwidth.
@@ -110,8 +110,12 @@ def _stages(profile: ModelProfile, pp: int, tp: int) -> list[dict]:
 
 
 def stage_starts(profile: ModelProfile, pp: int) -> list[int]:
-    """Where each stage starts and the end, as the trainer's parameter balance cuts."""
-    return [0, *_balance(profile.weights, pp), len(profile.blocks)] if pp > 1 else [0, len(profile.blocks)]
+    """Where each stage starts and the end, as the trainer's parameter balance cuts (cached on
+    the profile: every layout of a pp shares its cut)."""
+    cache = profile.__dict__.setdefault("_cut_cache", {})
+    if pp not in cache:
+        cache[pp] = [0, *_balance(profile.weights, pp), len(profile.blocks)] if pp > 1 else [0, len(profile.blocks)]
+    return cache[pp]
 
 
 @dataclass
@@ -145,7 +149,7 @@ class Estimate:
 def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candidate) -> Estimate:
     world = c.dp * c.pp * c.tp
     b = work.batch_size / (c.dp * work.accum_steps * c.microbatches)  # samples per micro-batch
-    m = c.microbatches
+    m, k = c.microbatches, work.accum_steps
     starts = stage_starts(profile, c.pp)
     rate = cluster.flops.get(c.precision) or cluster.flops.get("fp32") or next(iter(cluster.flops.values()))
     act_scale = 0.5 if c.precision == "bf16" else 1.0
@@ -167,8 +171,9 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
         blocks = profile.blocks[starts[s] : starts[s + 1]]
         params, largest, ops = st["params"], st["largest"], st["ops"]
         flops = st["flops"] * b
-        t_f = flops / rate + ops * cluster.op_overhead_s
-        t_b = flops * profile.backward_ratio / rate + ops * profile.backward_ops_ratio * cluster.op_overhead_s
+        reads = params * (2 if c.precision == "bf16" else 4) / cluster.memory_bandwidth  # the weights, per pass
+        t_f = flops / rate + ops * cluster.op_overhead_s + reads
+        t_b = flops * profile.backward_ratio / rate + ops * profile.backward_ops_ratio * cluster.op_overhead_s + 2 * reads
         if c.recompute:
             t_b += t_f
         tp_bytes = st["tp_reduce"] * b * act_scale
@@ -198,8 +203,8 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
                 t_gather = dp_link.time("all_gather", params * 4, c.dp)
             else:
                 tensors = st["tensors"]  # on gloo each reduced where autograd left it
-                t_dp = m * _behind(dp_link, grad, c.dp, tensors, t_b, cluster.overlap)
-                t_gather = 2 * m * dp_link.time("all_gather", params * 4, c.dp, len(blocks))
+                t_dp = m * k * _behind(dp_link, grad, c.dp, tensors, t_b, cluster.overlap)
+                t_gather = 2 * m * k * dp_link.time("all_gather", params * 4, c.dp, len(blocks))
         # the trainer's own per step: the loss over every rank, the gradient norm over each split axis
         t_step = cluster.link(world).time("all_reduce", 8, world)
         if work.grad_clip:
@@ -225,10 +230,10 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
             "runtime": cluster.base_memory_bytes,
         }
         time = {
-            "compute": (t_f + t_b) * m,
-            "tp": t_tp * m,
-            "p2p": t_p2p * m,
-            "bubble": (c.pp - 1) * slot / speedup,
+            "compute": (t_f + t_b) * m * k,
+            "tp": t_tp * m * k,
+            "p2p": t_p2p * m * k,
+            "bubble": (c.pp - 1) * slot / speedup * k,  # each accumulation step is a schedule
             "dp": t_dp,
             "zero_gather": t_gather,
             "optimizer": t_opt,
@@ -239,8 +244,8 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
             worst_mem = mem
         if sum(time.values()) > sum(worst_time.values()):
             worst_time = time
-            notes = {"tp_bytes": (tp_bytes + tp_gather) * m, "tp_link": tp_link, "dp_bytes": grad, "dp_link": dp_link,
-                     "p2p_bytes": sent * m, "pp_link": pp_link, "stage": s, "flops": flops * m}
+            notes = {"tp_bytes": (tp_bytes + tp_gather) * m * k, "tp_link": tp_link, "dp_bytes": grad, "dp_link": dp_link,
+                     "p2p_bytes": sent * m * k, "pp_link": pp_link, "stage": s, "flops": flops * m * k}
     fits = sum(worst_mem.values()) <= cluster.memory_bytes
     per_step = profile.flops_per_sample * work.batch_size
     return Estimate(c, worst_mem, worst_time, fits, per_step, world, notes, stages)

@@ -1,5 +1,6 @@
 """``plait plan ... --measure K``: train the K best and the K worst layouts here for a few steps
-each and set what was measured beside what was predicted.
+each (``--measure-repeats R``: R runs each, their median) and set what was measured beside what
+was predicted.
 
 Each layout is one ``plait train`` of the config with the layout's ``--set`` values (no
 checkpoints, no evaluation between steps, no progress bar). Step time: the slowest rank's mean
@@ -48,23 +49,40 @@ def run_layout(config: str, overrides: list[str], e: Estimate, nproc: int, steps
     return {"step_s": max(per_rank["step_time_s"]), "memory_bytes": max(per_rank["peak_memory_bytes"])}
 
 
+def measured(config: str, overrides: list[str], e: Estimate, nproc: int, steps: int, out: Path, name: str,
+             repeats: int) -> dict:
+    """The median step time and memory of ``repeats`` runs of one layout (a crash is said and
+    tried once more: one crash should not lose the comparison)."""
+    runs = []
+    for r in range(repeats):
+        got = run_layout(config, overrides, e, nproc, steps, out, f"{name}_{r}")
+        if "error" in got:
+            print(f"  {e.candidate.describe()} failed ({got['error']}); once more", flush=True)
+            first = got["error"]
+            got = run_layout(config, overrides, e, nproc, steps, out, f"{name}_{r}b")
+            got["first_try"] = first
+        if "error" in got:
+            return got
+        runs.append(got)
+    row = {k: statistics.median(g[k] for g in runs) for k in ("step_s", "memory_bytes")}
+    if repeats > 1:
+        row["runs_step_s"] = [g["step_s"] for g in runs]
+    return row
+
+
 def compare(config: str, overrides: list[str], ranked: list[Estimate], k: int, nproc: int, steps: int,
-            save: str | None = None) -> list[dict]:
+            save: str | None = None, repeats: int = 1) -> list[dict]:
     """Run the chosen layouts, print predicted against measured, return the rows."""
     rows = []
     picks = chosen(ranked, k)
     if not picks:
         raise PlaitError("plan --measure: no layout fits, none to run")
-    print(f"\nmeasuring {len(picks)} layouts here, {steps} steps each:", flush=True)
+    times = f", {repeats} runs each (their median)" if repeats > 1 else ""
+    print(f"\nmeasuring {len(picks)} layouts here, {steps} steps each{times}:", flush=True)
     with tempfile.TemporaryDirectory(prefix="plait-measure-") as tmp:
         for n, i in enumerate(picks):
             e = ranked[i]
-            got = run_layout(config, overrides, e, nproc, steps, Path(tmp), f"layout{i}")
-            if "error" in got:  # said, and tried once more: one crash should not lose the comparison
-                print(f"  {e.candidate.describe()} failed ({got['error']}); once more", flush=True)
-                failed = got["error"]
-                got = run_layout(config, overrides, e, nproc, steps, Path(tmp), f"layout{i}b")
-                got["first_try"] = failed
+            got = measured(config, overrides, e, nproc, steps, Path(tmp), f"layout{i}", repeats)
             row = {"rank": i + 1, "layout": e.candidate.describe(), "predicted_step_s": e.step_s,
                    "predicted_memory_bytes": e.memory_bytes, **got}
             if "error" not in got:
