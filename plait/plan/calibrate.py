@@ -159,7 +159,7 @@ def _compute(cfg, rank: int, world: int):
     from torch.utils.data import DataLoader
 
     from plait.models import build_model
-    from plait.plan.profile import profile_config
+    from plait.plan.profile import profile_config, run_chain
     from plait.train.tasks import build_task
 
     task = build_task(cfg.data.name, cfg.data.path, cfg.data.args, cfg.train.loss)
@@ -192,14 +192,7 @@ def _compute(cfg, rank: int, world: int):
             xs, ys = torch.cat([x] * (b // len(x) + 1))[:b], torch.cat([y] * (b // len(y) + 1))[:b]
 
         def step():
-            if chain.path:
-                out = model(xs)
-            else:
-                out = xs
-                for _, block in chain.blocks:
-                    out = block(*(out if isinstance(out, tuple) else (out,)))
-            out = out[0] if isinstance(out, tuple) else out
-            task.loss(out, ys).backward()
+            task.loss(run_chain(model, chain, xs), ys).backward()
         t = _slowest(_timed(step, 5))
         points.append((flops_per_sample * b, t))
     # t = flops / rate + the intercept: the weights streamed from memory once forward and twice

@@ -121,6 +121,18 @@ def _styles(model: nn.Module, plan: dict[str, str] | None) -> dict[str, str]:
     return found
 
 
+def run_chain(model: nn.Module, chain, x: torch.Tensor) -> torch.Tensor:
+    """The model's output on ``x`` as a pipeline runs it: its own forward around a named chain,
+    else the blocks one after another (a tuple output unpacked into the next)."""
+    if chain.path:
+        out = model(x)
+    else:
+        out = x
+        for _, block in chain.blocks:
+            out = block(*(out if isinstance(out, tuple) else (out,)))
+    return out[0] if isinstance(out, tuple) else out
+
+
 def profile_model(model: nn.Module, chain, plan: dict[str, str] | None, inputs: torch.Tensor,
                   targets: torch.Tensor, loss_fn, label: str = "") -> ModelProfile:
     """Profile ``model`` (on the meta device) cut into ``chain``'s blocks, on one batch of
@@ -237,13 +249,7 @@ def profile_model(model: nn.Module, chain, plan: dict[str, str] | None, inputs: 
             hooks.append(m.register_forward_pre_hook(enter(i)))
     try:
         with flops, counter, Attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            if chain.path:
-                out = model(inputs)
-            else:
-                out = inputs
-                for _, block in chain.blocks:
-                    out = block(*(out if isinstance(out, tuple) else (out,)))
-            out = out[0] if isinstance(out, tuple) else out
+            out = run_chain(model, chain, inputs)
             state["block"] = len(blocks) - 1
             marks.append((len(blocks) - 1, flops.get_total_flops(), counter.count))
             if state["split"]:  # vocab-parallel cross-entropy: max, sum of exponentials, target logit
