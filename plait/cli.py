@@ -89,8 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 def plan(args: argparse.Namespace) -> int:
     """``plait plan``: the table (or JSON) of every layout, the reasons, and measured runs."""
     from plait.plan import default_cluster, load_cluster, plan_config
-    from plait.plan.search import explain, shortfall, table
-    from plait.plan.search import as_json
+    from plait.plan.search import as_json, explain, shortfall, table
     from plait.train.config import load_config
 
     cfg = load_config(args.config, args.overrides)

@@ -124,6 +124,9 @@ def explain(ranked: list[Estimate], cluster: Cluster, runners: int = 3) -> list[
         if not e.fits:
             break
         worse = max(e.time, key=lambda k: e.time[k] - best.time.get(k, 0.0))
+        if e.step_s < best.step_s * 1.005:
+            lines.append(f"{e.candidate.describe()}: as fast within 0.5%; it holds {gb(e.memory_bytes)} per rank.")
+            continue
         lines.append(f"{e.candidate.describe()}: {e.step_s / best.step_s:.2f}x slower, mostly "
                      f"{cost_phrase(e, worse, cluster)}.")
     return lines
