@@ -83,7 +83,7 @@ def rate(bps: float) -> str:
 
 PARTS = {"compute": "compute", "tp": "tp collectives", "p2p": "pipeline sends", "bubble": "pipeline bubble",
          "dp": "gradient reduction", "zero_gather": "ZeRO gathers", "optimizer": "optimizer",
-         "other": "per-step collectives"}
+         "other": "per-step fixed cost"}
 
 
 def cost_phrase(e: Estimate, part: str, cluster: Cluster) -> str:
@@ -107,7 +107,7 @@ def cost_phrase(e: Estimate, part: str, cluster: Cluster) -> str:
         extra = ", one more forward for recomputation" if c.recompute else ""
         return f"compute: {n['flops'] / 1e9:.3g} GFLOP on the slowest rank ({t:.3g} s{extra})"
     if part == "other":
-        return f"the loss and gradient-norm all-reduces of every step ({t:.3g} s)"
+        return f"each step's fixed cost: the cluster's step overhead, the loss and gradient-norm all-reduces ({t:.3g} s)"
     return f"the optimizer step ({t:.3g} s)"
 
 
