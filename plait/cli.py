@@ -88,20 +88,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def plan(args: argparse.Namespace) -> int:
     """``plait plan``: the table (or JSON) of every layout, the reasons, and measured runs."""
-    from plait.plan import default_cluster, load_cluster, plan_config
     from plait.plan.search import as_json, explain, shortfall, table
-    from plait.train.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
-    if cfg.parallel.strategy == "ps":
-        raise PlaitError("plan: parallel.strategy = 'ps' has no layouts to plan (servers and workers are a role "
-                         "split); plan with parallel.strategy = 'allreduce'")
     world = args.nproc * args.nnodes
-    cluster = load_cluster(args.cluster) if args.cluster else default_cluster(args.nproc)
-    if args.nproc > cluster.devices_per_node:
-        raise PlaitError(f"--nproc {args.nproc}: the cluster ({cluster.name}) has {cluster.devices_per_node} devices "
-                         "per node")
-    ranked, profile = plan_config(cfg, world, cluster, args.nnodes)
+    cfg, cluster, ranked, profile = _planned(args.config, args.overrides, args.nproc, args.nnodes, args.cluster)
     fits = ranked[0].fits
     if args.json:
         print(json.dumps(as_json(ranked), indent=1))
@@ -121,6 +111,24 @@ def plan(args: argparse.Namespace) -> int:
         compare(args.config, args.overrides, ranked, args.measure, args.nproc, args.measure_steps, args.measure_json,
                 args.measure_repeats)
     return 0
+
+
+def _planned(config: str, overrides: list[str], nproc: int, nnodes: int, cluster_name: str | None):
+    """The config, the cluster (``--cluster``, else the default) and every layout ranked, for
+    ``plait plan`` and ``plait train --plan auto`` alike."""
+    from plait.plan import default_cluster, load_cluster, plan_config
+    from plait.train.config import load_config
+
+    cfg = load_config(config, overrides)
+    if cfg.parallel.strategy == "ps":
+        raise PlaitError("plan: parallel.strategy = 'ps' has no layouts to plan (servers and workers are a role "
+                         "split); plan with parallel.strategy = 'allreduce'")
+    cluster = load_cluster(cluster_name) if cluster_name else default_cluster(nproc)
+    if nproc > cluster.devices_per_node:
+        raise PlaitError(f"--nproc {nproc}: the cluster ({cluster.name}) has {cluster.devices_per_node} devices "
+                         "per node")
+    ranked, profile = plan_config(cfg, nproc * nnodes, cluster, nnodes)
+    return cfg, cluster, ranked, profile
 
 
 def export(args: argparse.Namespace) -> None:
@@ -262,15 +270,9 @@ def train(args: argparse.Namespace) -> None:
 def _auto_layout(args: argparse.Namespace, spec) -> list[str]:
     """``--plan auto``: the planner's best layout for this world, said with its reason; the
     ``--set`` values that train it."""
-    from plait.plan import default_cluster, load_cluster, plan_config
     from plait.plan.search import explain, shortfall
-    from plait.train.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
-    if cfg.parallel.strategy == "ps":
-        raise PlaitError("--plan auto: parallel.strategy = 'ps' has no layouts to plan")
-    cluster = load_cluster(args.cluster) if args.cluster else default_cluster(spec.nproc)
-    ranked, _ = plan_config(cfg, spec.world_size, cluster, spec.nnodes)
+    _, cluster, ranked, _ = _planned(args.config, args.overrides, spec.nproc, spec.nnodes, args.cluster)
     if not ranked[0].fits:
         raise PlaitError(shortfall(ranked, cluster).removeprefix("plan: "))
     best = ranked[0]

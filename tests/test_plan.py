@@ -21,8 +21,6 @@ SMALL = {"name": "test", "devices_per_node": 4, "memory_bytes": 8e9, "flops": {"
 
 
 def _cluster_file(tmp_path, **changes):
-    import tomllib  # noqa: F401 - the file is read back as TOML
-
     data = {**SMALL, **changes}
     lines = []
     for key, value in data.items():

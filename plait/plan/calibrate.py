@@ -155,7 +155,8 @@ def _pipeline_overhead(rank: int, world: int) -> float:
 
 
 def _compute(cfg, rank: int, world: int):
-    """(rate FLOP/s, seconds per operation, what a process holds, seconds per batch fetched)."""
+    """(rate FLOP/s, seconds per operation, what a process holds, seconds per batch fetched,
+    the optimizer step's memory bandwidth)."""
     from torch.utils.data import DataLoader
 
     from plait.models import build_model
@@ -198,8 +199,9 @@ def _compute(cfg, rank: int, world: int):
     # t = flops / rate + the intercept: the weights streamed from memory once forward and twice
     # backward (whatever the batch), and a fixed cost per operation (what is left of it)
     overhead, rate = _fit(points)
-    weights = 3 * 4 * profile.params / _optimizer_bandwidth(cfg)
-    return rate, max(overhead - weights, 0.0) / max(ops, 1), base, _slowest(fetch)
+    bandwidth = _optimizer_bandwidth(cfg)  # measured after the base memory: its tensors are not the runtime's
+    weights = 3 * 4 * profile.params / bandwidth
+    return rate, max(overhead - weights, 0.0) / max(ops, 1), base, _slowest(fetch), bandwidth
 
 
 def _base_memory(cfg) -> float:
@@ -250,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     info = init(cfg.dist.backend, "cpu", cfg.dist.timeout)
     rank, world = info.rank, info.world_size
-    rate, op_cost, base, fetch = _compute(cfg, rank, world)
-    bandwidth = _optimizer_bandwidth(cfg)
+    rate, op_cost, base, fetch, bandwidth = _compute(cfg, rank, world)
     links = _links(rank, world, dist.get_backend()) if world > 1 else {}
     per_micro = _pipeline_overhead(rank, world) if world > 1 else 0.0
     if rank == 0:

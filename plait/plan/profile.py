@@ -71,8 +71,6 @@ class ModelProfile:
     backward_ratio: float
     """Backward FLOPs per forward FLOP (2 for linear layers; less when the first layer's input
     needs no gradient)."""
-    output_bytes: float
-    """Bytes of the model's output per sample (what the last stage's loss reads)."""
     backward_ops_ratio: float = 1.0
     """Operations backward dispatches per forward operation."""
     weights: list[float] = field(default_factory=list)
@@ -273,7 +271,7 @@ def profile_model(model: nn.Module, chain, plan: dict[str, str] | None, inputs: 
         b.split_flops = b.flops if b.split else 0.0
         for key in ("flops", "split_flops", "saved", "saved_split", "input_bytes", "tp_reduce", "tp_gather"):
             setattr(b, key, getattr(b, key) / n)
-    return ModelProfile(label or type(model).__name__, blocks, backward / total_forward, _nbytes(out) / n,
+    return ModelProfile(label or type(model).__name__, blocks, backward / total_forward,
                         (counter.count - forward_ops) / max(forward_ops, 1), chain.weights(), bool(plan))
 
 
