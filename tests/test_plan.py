@@ -55,8 +55,9 @@ def held_while_training(example: str, overrides: list[str], out_dir: str) -> dic
         def __del__(self):
             entry = live[self.key]
             entry[0] -= 1
-            if entry[0] == 0:
+            if entry[0] == 0:  # forgotten: a later storage may be given this one's address
                 state["now"] -= entry[1]
+                del live[self.key]
 
     params = {p.untyped_storage()._cdata for p in trainer.parallel.stage_module.parameters()}
     params |= {p.untyped_storage()._cdata for p in trainer.parallel.parameters()}
@@ -104,7 +105,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_memory_model_matches_what_the_engines_hold(name, world2, tmp_path):
     """On each rank, against its stage's prediction: the activations autograd keeps for backward
-    (under each ZeRO stage and schedule, split by tp or not; a pipeline's first stage) within 10%; the optimizer state and
+    (under each ZeRO stage and schedule, split by tp or not; on every pipeline stage) within 10%; the optimizer state and
     the parameters it trains within a part in a thousand (ZeRO pads its slices). Recomputation is
     not measured here: torch.utils.checkpoint's own hooks hide what it keeps from this one."""
     example, overrides = LAYOUTS[name]
@@ -113,9 +114,7 @@ def test_memory_model_matches_what_the_engines_hold(name, world2, tmp_path):
     for rank, got in enumerate(measured):
         model = e.stages[got["stage"]]
         what = (name, rank, got, model)
-        if got["stage"] == 0:  # the last stage of 1F1B measured 2.54, 2.94 and 3.85 MB in three runs
-            # (the model: 2.67): what outlives a micro-batch there varies run to run (see the note)
-            assert got["activations"] == pytest.approx(model["activations"], rel=0.10), what
+        assert got["activations"] == pytest.approx(model["activations"], rel=0.10), what
         assert got["optimizer"] == pytest.approx(model["optimizer"], rel=1e-3), what
         assert got["trained"] == pytest.approx(model["optimizer"] / 2, rel=1e-3), what  # AdamW: 2 per element
 
