@@ -37,8 +37,9 @@ from plait.parallel.materialize import Materializer, is_meta
 from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, cut_points
 from plait.parallel.pipeline.chain import Chain, ModelStage, call_order, model_chain
 from plait.parallel.pipeline.cut import block_times
+from plait.parallel.compress import Compression
 from plait.parallel.recompute import recompute_blocks
-from plait.parallel.shards import (Held, checkpoint_tensors, gather_unsplit, tensor_names, tensor_pieces,
+from plait.parallel.shards import (Held, as_checkpointable, checkpoint_tensors, gather_unsplit, tensor_names, tensor_pieces,
                                   unit_pieces, unsplit_names)
 from plait.parallel.tensor import parallelize as tensor_parallelize
 from plait.parallel.tensor import vocab_parallel_cross_entropy
@@ -79,6 +80,8 @@ class Layout:
     """Recompute each block's activations in backward instead of keeping them (``train.recompute``)."""
     grad_dtype: str = "fp32"
     """The dtype data-parallel gradients are reduced in: fp32 or bf16 (``parallel.grad_dtype``)."""
+    compress: Compression = Compression()
+    """Gradient compression with error feedback on dp (``parallel.compress``), or none."""
 
     @classmethod
     def from_config(cls, cfg, world_size: int) -> Layout:
@@ -91,7 +94,8 @@ class Layout:
                      schedule=cfg.pipeline.schedule, accum_steps=cfg.train.accum_steps,
                      balance=cfg.pipeline.balance, cuts=tuple(cfg.pipeline.cuts),
                      bucket_mb=p.bucket_mb, allow_unused=p.allow_unused, tp_plan=tuple(p.tp_plan.items()),
-                     blocks=cfg.pipeline.blocks, recompute=cfg.train.recompute, grad_dtype=p.grad_dtype)
+                     blocks=cfg.pipeline.blocks, recompute=cfg.train.recompute, grad_dtype=p.grad_dtype,
+                     compress=Compression(p.compress, p.compress_rank, p.compress_ratio, p.compress_start))
         if layout.blocks and layout.balance == "time" and layout.pp > 1 and not layout.cuts:
             raise ConfigError("pipeline.balance: 'time' times blocks on their own, which a model's chain "
                               "(pipeline.blocks) does not allow; use 'params' or pipeline.cuts")
@@ -214,18 +218,21 @@ class Parallelized:
         if layout.zero:
             units = [b for _, b in self.blocks] if layout.zero == 3 else None
             self.module = Zero(self.stage_module, dp_group, stage=layout.zero, units=units, materialize=materialize,
-                               grad_dtype=GRAD_DTYPES[layout.grad_dtype])
+                               grad_dtype=GRAD_DTYPES[layout.grad_dtype], compress=layout.compress)
         else:
             if materialize:
                 materialize(self.stage_module)
             self.module = DataParallel(self.stage_module, dp_group, bucket_mb=layout.bucket_mb,
-                                       allow_unused=layout.allow_unused, grad_dtype=GRAD_DTYPES[layout.grad_dtype])
+                                       allow_unused=layout.allow_unused, grad_dtype=GRAD_DTYPES[layout.grad_dtype],
+                                       compress=layout.compress)
         self.pipe = PipelineStage(self.module, s, layout.pp, mesh.group("pp"), loss_fn=self._loss, device=device,
                                   feed_input=bool(chain.path))
         self.has_loss = self.pipe.last  # ranks that hold a loss
         self.loss_copies = layout.tp  # each tp rank of a last stage holds the same loss
         names, buffer_names = tensor_names(modules)  # now that the stage's parameters are real
         self.held = self._holdings(names)
+        self._names = names  # parameter id -> unsplit name
+        self._compression_loading: list = []
         self.buffers = {buffer_names[id(b)]: b for b in self.stage_module.buffers() if id(b) in buffer_names}
         self.norm_axes = [a for a, on in (("tp", layout.tp > 1), ("pp", layout.pp > 1), ("dp", bool(layout.zero))) if on]
 
@@ -323,13 +330,63 @@ class Parallelized:
         return bool(finite.item())
 
     # -- state ----------------------------------------------------------------------------
-    def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> dict:
-        """This rank's share of the model and optimizer state, keyed by the unsplit model's names."""
-        return checkpoint_tensors(self.held, self.buffers, optimizer)
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer, available: dict | None = None) -> dict:
+        """This rank's share of the model and optimizer state, keyed by the unsplit model's names;
+        ``available``: loading, what the checkpoint holds (its DCP metadata)."""
+        tensors = checkpoint_tensors(self.held, self.buffers, optimizer)
+        tensors.update(self._compression_state(available))
+        return tensors
 
     def loaded(self) -> None:
-        """After a checkpoint was loaded into the trained tensors (ZeRO 1-2 gather their slices)."""
+        """After a checkpoint was loaded into the trained tensors (ZeRO 1-2 gather their slices;
+        compression takes its residuals and factors)."""
         self.module.loaded()
+        dp, d = self.mesh.size("dp"), self.mesh.coord("dp")
+        for codec, rows, own, factors, steps in self._compression_loading:
+            if rows:  # the dp rank's own residual, or (another dp degree) the sum's share
+                codec.error = rows[d] if own else sum(rows.values()) / dp
+            codec.set_factors(factors)
+            codec.steps = int(steps)
+        self._compression_loading = []
+
+    def _compression_state(self, available: dict | None) -> dict:
+        """Gradient compression's state by unsplit name: each dp rank's residual
+        (``compress.error.dp<d>.<name>``, in the boxes of the parameter this rank holds, so it
+        loads under another pp or tp; under another dp degree each rank takes 1/dp of the saved
+        ranks' sum, which keeps what is owed to the mean gradient), PowerSGD's Q
+        (``compress.q.<name>``; a tp-split parameter's per tp rank, loaded only where the tp
+        degree and its shape agree, else Q starts afresh) and the step count."""
+        codecs = getattr(self.module, "codecs", [])
+        if not codecs:
+            return {}
+        d = self.mesh.coord("dp")
+        tp = f"tp{self.tp_rank}of{self.layout.tp}." if self.layout.tp > 1 else ""
+        saved = None if available is None else sorted(
+            {int(k.split(".")[2][2:]) for k in available if k.startswith("compress.error.dp")})
+        own = saved == list(range(self.mesh.size("dp")))  # saved under this dp degree
+        steps = torch.tensor(codecs[0][0].steps)  # the same for every buffer
+        out: dict = {"compress.steps": steps} if available is None or "compress.steps" in available else {}
+        for codec, params, offsets in codecs:
+            names = [self._names[id(p)] for p in params]
+            pieces = unit_pieces(names, params, offsets, 0, codec.numel)
+            split = {names[i] for i, p in enumerate(params) if getattr(p, "plait_tp", None) is not None}
+            q_key = {i: f"compress.q.{tp if names[i] in split else ''}{names[i]}" for i in codec.factors()}
+            if available is None:
+                error = codec.error if codec.error is not None else params[0].new_zeros(codec.numel)
+                for name, part in as_checkpointable(pieces, error).items():
+                    out[f"compress.error.dp{d}.{name}"] = part
+                out.update({q_key[i]: q for i, q in codec.factors().items()})
+                continue
+            rows = {}
+            for k in [d] if own else saved:
+                rows[k] = params[0].new_zeros(codec.numel)
+                for name, part in as_checkpointable(pieces, rows[k]).items():
+                    out[f"compress.error.dp{k}.{name}"] = part
+            factors = {i: q.clone() for i, q in codec.factors().items()
+                       if q_key[i] in available and tuple(available[q_key[i]].size) == tuple(q.shape)}
+            out.update({q_key[i]: q for i, q in factors.items()})
+            self._compression_loading.append((codec, rows, own, factors, steps))
+        return out
 
     def unsplit_parameters(self) -> dict[str, torch.Tensor]:
         """The whole model's parameters, assembled on every rank (sends everything: small models only)."""

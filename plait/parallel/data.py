@@ -29,6 +29,7 @@ from torch import nn
 
 from plait.distributed.comm import all_gather_flat, broadcast_tensors, wait
 from plait.errors import PlaitError
+from plait.parallel.compress import Codec, Compression, make_codec
 from plait.parallel.consistency import check_consistency
 
 
@@ -44,15 +45,18 @@ class _Bucket:
         self.params = [p for _, p in named]
         first = self.params[0]
         self.buffer = torch.zeros(sum(p.numel() for p in self.params), dtype=first.dtype, device=first.device)
-        self.views, offset = [], 0
+        self.views, self.offsets, offset = [], [], 0
         for p in self.params:
             self.views.append(self.buffer[offset : offset + p.numel()].view_as(p))
+            self.offsets.append(offset)
             offset += p.numel()
         self.ready = [False] * len(self.params)
         self.pending = len(self.params)
         self.work: dist.Work | None = None
         self.gathered: torch.Tensor | None = None
         self.wire: torch.Tensor | None = None  # what is sent, when it is not the buffer itself (bf16)
+        self.codec: Codec | None = None  # compressed reduction (parallel.compress), if asked for
+        self.compressed = False  # this step's reduction went through the codec
 
     @property
     def nbytes(self) -> int:
@@ -62,6 +66,7 @@ class _Bucket:
         self.ready = [False] * len(self.params)
         self.pending = len(self.params)
         self.work = None
+        self.compressed = False
 
 
 def _make_buckets(named: list[tuple[str, nn.Parameter]], cap_bytes: int, first_cap_bytes: int) -> list[_Bucket]:
@@ -94,6 +99,7 @@ class DataParallel(nn.Module):
             ones by the ring all-reduce (bandwidth decides). NCCL always uses all-reduce.
         allow_unused: let parameters get no gradient in a backward (their gradient counts as
             zero); otherwise that is an error naming them.
+        compress: reduce each bucket compressed, with error feedback (``plait.parallel.compress``).
     """
 
     def __init__(
@@ -106,6 +112,7 @@ class DataParallel(nn.Module):
         gather_max_kb: float = 256.0,
         allow_unused: bool = False,
         grad_dtype: torch.dtype | None = None,
+        compress: Compression | None = None,
     ):
         super().__init__()
         if not dist.is_initialized():
@@ -132,6 +139,7 @@ class DataParallel(nn.Module):
             sent = bucket.buffer if bucket.wire is None else bucket.wire
             if bucket.nbytes <= gather_max:
                 bucket.gathered = sent.new_empty(self.world * sent.numel())
+            bucket.codec = make_codec(compress, bucket.params, bucket.offsets, bucket.buffer.numel(), group)
             for i, p in enumerate(bucket.params):
                 self._slot[p] = (bucket, i)
                 p.grad = bucket.views[i]
@@ -172,6 +180,11 @@ class DataParallel(nn.Module):
     def num_buckets(self) -> int:
         return len(self._buckets)
 
+    @property
+    def codecs(self) -> list[tuple[Codec, list[nn.Parameter], list[int]]]:
+        """Each compressed buffer: (its codec, the parameters whose gradients it holds, their offsets)."""
+        return [(b.codec, b.params, b.offsets) for b in self._buckets if b.codec is not None]
+
     # -- the gradient path ------------------------------------------------------------------
     def _grad_ready(self, p: nn.Parameter) -> None:
         if not self._sync:
@@ -205,15 +218,22 @@ class DataParallel(nn.Module):
     def _launch_ready(self) -> None:
         while self._next < len(self._buckets) and self._buckets[self._next].pending == 0:
             bucket = self._buckets[self._next]
+            self._next += 1
+            if bucket.codec is not None and bucket.codec.active:
+                bucket.codec.launch(bucket.buffer)
+                bucket.compressed = True
+                continue
             sent = bucket.buffer if bucket.wire is None else bucket.wire.copy_(bucket.buffer)
             if bucket.gathered is not None:
                 bucket.work = all_gather_flat(bucket.gathered, sent, self.group, async_op=True)
             else:
                 bucket.work = dist.all_reduce(sent, group=self.group, async_op=True)
-            self._next += 1
 
     def _wait_launched(self) -> None:
         for k, bucket in enumerate(self._buckets):
+            if bucket.compressed:
+                bucket.codec.finish(bucket.buffer)
+                bucket.compressed = False
             if bucket.work is not None:
                 wait(bucket.work, f"gradient all-reduce (bucket {k + 1} of {len(self._buckets)})", self.group)
                 bucket.work = None
@@ -246,6 +266,9 @@ class DataParallel(nn.Module):
                 b.pending -= 1
             self._launch_ready()
             self._wait_launched()
+            for bucket in self._buckets:
+                if bucket.codec is not None:
+                    bucket.codec.steps += 1
         finally:
             for bucket in self._buckets:
                 bucket.reset()

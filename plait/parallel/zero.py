@@ -28,6 +28,7 @@ from torch import nn
 
 from plait.distributed.comm import all_gather_flat, broadcast_tensors, reduce_scatter_flat, wait
 from plait.errors import PlaitError
+from plait.parallel.compress import Codec, Compression, make_codec
 from plait.parallel.consistency import check_consistency
 
 
@@ -51,6 +52,8 @@ class _Unit:
         self.grad_slice: torch.Tensor | None = None  # stages 2-3: the memory of this rank's gradient slice
         self.param_grads: list = []  # stage 3 by all-reduce: (index, gradient, its reduction) in flight
         self.wire: torch.Tensor | None = None  # the bf16 copy of grad_full being all-reduced, if any
+        self.codec: Codec | None = None  # stage 1's compressed reduction (parallel.compress), if asked for
+        self.compressed = False  # this step's reduction went through the codec
         self.pending, self.work, self.fresh = len(params), None, True
 
     def make_shard(self, own_storage: bool) -> None:
@@ -83,15 +86,20 @@ class Zero(nn.Module):
 
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None, stage: int = 1,
                  units: list[nn.Module] | None = None, reduce_scatter: bool | None = None, materialize=None,
-                 grad_dtype: torch.dtype | None = None):
+                 grad_dtype: torch.dtype | None = None, compress: Compression | None = None):
         """``reduce_scatter``: how stages 2-3 reduce gradients; None chooses by backend (see below).
         ``grad_dtype``: the dtype gradients are reduced in (``torch.bfloat16``: half the bytes; the
         reduced slice is cast back, so the optimizer and its state stay in the parameters' dtype).
         ``materialize(unit)``: for a module built on the meta device, give a unit's parameters
-        memory just before it is sharded, so that no more than one unit is ever whole."""
+        memory just before it is sharded, so that no more than one unit is ever whole.
+        ``compress``: stage 1 reduces its gradient compressed, with error feedback
+        (``plait.parallel.compress``); stages 2-3 reduce slices, which it does not serve."""
         super().__init__()
         if stage not in (1, 2, 3):
             raise PlaitError(f"parallel.zero={stage}: ZeRO stages are 1, 2 and 3")
+        if compress is not None and compress.on and stage > 1:
+            raise PlaitError(f"parallel.compress={compress.method!r} serves ZeRO stage 1 and plain data parallel, "
+                             f"not stage {stage} (it reduces slices); parallel.grad_dtype = 'bf16' halves its bytes")
         self.module, self.group, self.stage, self.grad_dtype = module, group, stage, grad_dtype
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if units is None:
@@ -114,6 +122,7 @@ class Zero(nn.Module):
             u = _Unit(m, params, self.world, self.rank)
             u.make_shard(own_storage=stage == 3)
             u.bind_params()
+            u.codec = make_codec(compress, u.params, u.offsets, u.numel, group)
             if stage == 3:
                 u.free_full()
             self.units.append(u)
@@ -230,6 +239,11 @@ class Zero(nn.Module):
 
     def _reduce(self, u: _Unit) -> None:
         u.grad_full.div_(self.world)
+        if u.codec is not None and u.codec.active:
+            u.codec.launch(u.grad_full[: u.numel])  # the padding stays zero on every rank
+            u.compressed = True
+            self._launched(u)
+            return
         sent = self._wire(u.grad_full)
         if self.stage == 1 or self._all_reduce_is_faster:
             u.wire = sent if sent is not u.grad_full else None
@@ -280,7 +294,14 @@ class Zero(nn.Module):
                     u.shard.grad[a - start : b - start].add_(grad.reshape(-1)[a - offset : b - offset])
             u.param_grads = []
             return
-        wait(u.work, "ZeRO gradient reduction", self.group)
+        if u.compressed:
+            u.codec.finish(u.grad_full[: u.numel])
+            u.codec.steps += 1
+            u.compressed = False
+        else:
+            wait(u.work, "ZeRO gradient reduction", self.group)
+            if u.codec is not None:
+                u.codec.steps += 1
         if u.wire is not None:  # reduced in bf16: back into the gradient's own dtype
             u.grad_full.copy_(u.wire)
             u.wire = None
@@ -327,6 +348,11 @@ class Zero(nn.Module):
         """The whole model's state, gathered (every rank gets it; rank 0 may save it)."""
         with self.gathered() as module:
             return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @property
+    def codecs(self) -> list[tuple[Codec, list[nn.Parameter], list[int]]]:
+        """Each compressed buffer: (its codec, the parameters whose gradients it holds, their offsets)."""
+        return [(u.codec, u.params, u.offsets) for u in self.units if u.codec is not None]
 
     def memory(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
         """Bytes this rank holds now in parameters, gradients and optimizer state."""

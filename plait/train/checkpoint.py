@@ -138,7 +138,7 @@ class _Whole:
         self.model_names = unsplit_names(model)
         self.buffers = dict(model.named_buffers())
 
-    def checkpoint_state(self, optimizer) -> dict:
+    def checkpoint_state(self, optimizer, available: dict | None = None) -> dict:
         return checkpoint_tensors(self.held, self.buffers, optimizer)
 
     def loaded(self) -> None:
@@ -242,9 +242,9 @@ class Checkpointer:
         if manifest is None:  # the ranks share the hashing
             manifest = read_manifest(path, verify=(self.rank, dist.get_world_size(self.group)))
         init_optimizer_state(optimizer)
-        tensors = self._state(source, optimizer)
         metadata = SafeReader(path).read_metadata()
         available = metadata.state_dict_metadata
+        tensors = self._state(source, optimizer, available)
         tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.") or k in available}
         _check_matches(path, tensors, available, source.model_names)
         try:
@@ -257,8 +257,9 @@ class Checkpointer:
             set_rng_state(mine)
         return manifest
 
-    def _state(self, source, optimizer) -> dict:
-        tensors = source.checkpoint_state(optimizer)
+    def _state(self, source, optimizer, available: dict | None = None) -> dict:
+        """What this rank saves, or (``available``: the checkpoint's metadata) loads."""
+        tensors = source.checkpoint_state(optimizer, available)
         tensors.update({f"rng.rank{self.rank}.{k}": v for k, v in rng_state().items()})
         return tensors
 

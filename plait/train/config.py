@@ -176,6 +176,14 @@ class ParallelConfig:
     grad_dtype: str = "fp32"
     """The dtype data-parallel (and ZeRO) gradients are reduced in: fp32, or bf16 (half the bytes;
     the optimizer and the parameters stay fp32)."""
+    compress: str = "none"
+    """Gradient compression with error feedback on dp and ZeRO-1: none, powersgd (rank
+    ``compress_rank`` factors of each gradient matrix) or topk (each rank sends the
+    ``compress_ratio`` largest elements); see plait.parallel.compress."""
+    compress_rank: int = 2
+    compress_ratio: float = 0.01
+    compress_start: int = 10
+    """Steps reduced uncompressed before compression starts."""
     tp_plan: dict = field(default_factory=dict)
     """How tensor parallelism splits the model: {module-name pattern: style}, e.g.
     {"model.layers.*.mlp.up_proj" = "colwise"}; styles colwise, colwise_gather, qkv, rowwise,
@@ -187,6 +195,15 @@ class ParallelConfig:
             _require(getattr(self, key) >= 0, f"parallel.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(self.bucket_mb > 0, "parallel.bucket_mb", f"must be positive, got {self.bucket_mb}")
         _one_of(self.grad_dtype, ("fp32", "bf16"), "parallel.grad_dtype")
+        _one_of(self.compress, ("none", "powersgd", "topk"), "parallel.compress")
+        _require(self.compress_rank >= 1, "parallel.compress_rank", f"must be >= 1, got {self.compress_rank}")
+        _require(0 < self.compress_ratio <= 1, "parallel.compress_ratio", f"must be in (0, 1], got {self.compress_ratio}")
+        _require(self.compress_start >= 0, "parallel.compress_start", f"must be >= 0, got {self.compress_start}")
+        if self.compress != "none":
+            _require(self.zero <= 1, "parallel.compress", f"{self.compress!r} serves plain data parallel and ZeRO-1, "
+                     f"not parallel.zero={self.zero} (it reduces slices); parallel.grad_dtype = 'bf16' halves its bytes")
+            _require(self.grad_dtype == "fp32", "parallel.compress", f"{self.compress!r} and parallel.grad_dtype = "
+                     f"{self.grad_dtype!r} both shrink the reduction; choose one")
         _require(self.zero in (0, 1, 2, 3), "parallel.zero", f"ZeRO stages are 0 (off), 1, 2 and 3, got {self.zero}")
         for pattern, style in self.tp_plan.items():
             _require(isinstance(style, str) and style in TP_STYLES, f"parallel.tp_plan.{pattern!r}",
@@ -301,6 +318,7 @@ def _check_combinations(cfg: Config) -> None:
                    "train.skip_nonfinite": cfg.train.skip_nonfinite, "train.eval_every": cfg.train.eval_every,
                    "train.recompute": cfg.train.recompute, "run.trace": cfg.run.trace,
                    "parallel.grad_dtype": cfg.parallel.grad_dtype != "fp32",
+                   "parallel.compress": cfg.parallel.compress != "none",
                    "train.straggler (ps.straggler slows a worker here)": cfg.train.straggler >= 0}
     for key, used in unsupported.items():
         _require(not used, key, "not available with parallel.strategy = 'ps' in this version")
