@@ -30,7 +30,7 @@ _LAZY = {
     "DistInfo": "plait.distributed.env", "init": "plait.distributed.env", "shutdown": "plait.distributed.env",
     "Mesh": "plait.distributed.mesh",
     "check_consistency": "plait.parallel.consistency",
-    "DataParallel": "plait.parallel.data",
+    "DataParallel": "plait.parallel.data", "Compression": "plait.parallel.compress",
     "Layout": "plait.parallel.compose", "parallelize": "plait.parallel.compose",
     "fit": "plait.train.api",
 }
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from plait.data.partition import PartitionSampler
     from plait.distributed.env import DistInfo, init, shutdown
     from plait.distributed.mesh import Mesh
+    from plait.parallel.compress import Compression
     from plait.parallel.consistency import check_consistency
     from plait.parallel.compose import Layout, parallelize
     from plait.parallel.data import DataParallel

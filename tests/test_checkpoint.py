@@ -320,3 +320,100 @@ def test_resume_refuses_what_cannot_carry_over_before_any_worker(linreg_checkpoi
     with pytest.raises(plait.PlaitError, match=re.escape(message)):
         _check(str(EXAMPLES / "linreg.toml"), [f"checkpoint.resume={linreg_checkpoint}",
                                                f"run.out_dir={tmp_path}", change], 1)
+
+
+# -- asynchronous saves (checkpoint.async) ------------------------------------------------------
+def _small(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_async_save_writes_the_state_of_its_step_while_training_changes_it(solo, tmp_path):
+    """The state is copied when save() returns: parameters and momentum changed in place right
+    after (as the next step would) do not reach the checkpoint, which holds the step's values."""
+    model, opt = _small()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    ckpt = Checkpointer(tmp_path, asynchronous=True)
+    path = ckpt.save(1, model, opt, {})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+            opt.state[p]["momentum_buffer"].mul_(-1)
+    ckpt.wait()
+    assert ckpt.latest() == path
+    fresh, fresh_opt = _small(seed=1)
+    Checkpointer(tmp_path).load(path, fresh, fresh_opt)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    for p, m in zip(fresh.parameters(), momentum):
+        assert torch.equal(fresh_opt.state[p]["momentum_buffer"], m)
+
+
+def test_failed_async_save_is_an_error_naming_the_rank_and_keeps_the_last_checkpoint(solo, tmp_path, monkeypatch):
+    import plait.train.checkpoint as module
+
+    model, opt = _small()
+    ckpt = Checkpointer(tmp_path, asynchronous=True)
+    ckpt.save(4, model, opt, {})
+    ckpt.wait()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module.dcp, "save", full_disk)
+    ckpt.save(8, model, opt, {})
+    with pytest.raises(module.CheckpointError, match=r"rank 0: the asynchronous checkpoint save of step 8 failed: "
+                                                     r".*No space left on device"):
+        while True:  # the training thread's per-step check
+            ckpt.poll()
+            time.sleep(0.01)
+    assert ckpt.latest().name == "step_00000004"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000008.partial"]
+
+
+def async_save_then_die_while_writing(out_dir: str):
+    import plait.train.checkpoint as module
+
+    model, opt = _small()
+    plait.init()
+    ckpt = Checkpointer(out_dir, asynchronous=True)
+    ckpt.save(4, model, opt, {})
+    ckpt.wait()
+    real = module.dcp.save
+
+    def dies_on_rank_1(*args, **kwargs):
+        if dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # mid-write, in the writing thread
+        return real(*args, **kwargs)
+
+    module.dcp.save = dies_on_rank_1
+    ckpt.save(8, model, opt, {})
+    ckpt.wait()
+
+
+def test_crash_during_an_async_save_keeps_the_last_checkpoint(tmp_path):
+    with World(2, timeout_s=10) as world, pytest.raises(WorkerError):
+        world.run(async_save_then_die_while_writing, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000008.partial"]
+    from plait.train.checkpoint import complete_checkpoints
+
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000004"]
+
+
+def test_async_checkpoints_resume_bitwise_exact(world2, uninterrupted, tmp_path):
+    """checkpoint.async through the trainer: saved at steps 4 and 8 while training went on,
+    resumed at 8, the run ends where the uninterrupted one does, bit for bit."""
+    out = tmp_path / "run"
+    sets = [*EVERY, f"checkpoint.dir={out}/ck", "checkpoint.async=true"]
+    world2.run(train_example, "digits_cnn", sets, str(out), 8)
+    assert sorted(p.name for p in (out / "ck").iterdir()) == ["step_00000004", "step_00000008"]
+    params, losses = world2.run(train_example, "digits_cnn", [*sets, "checkpoint.resume=latest"], str(out), 12)[0]
+    expected_params, expected_losses = uninterrupted
+    for name in expected_params:
+        assert torch.equal(params[name], expected_params[name]), name
+    assert losses == expected_losses

@@ -24,6 +24,7 @@ import os
 import pickle
 import random
 import shutil
+import threading
 import zlib
 from pathlib import Path, PosixPath, PurePosixPath
 
@@ -179,43 +180,92 @@ class Checkpointer:
     every rank holds whole. Tensors are keyed by the unsplit model's names, each rank writing the
     boxes of them that it holds, so a checkpoint loads under any other layout and world size."""
 
-    def __init__(self, root: str | Path, group: dist.ProcessGroup | None = None, keep: int = 2):
+    def __init__(self, root: str | Path, group: dist.ProcessGroup | None = None, keep: int = 2,
+                 asynchronous: bool = False):
+        """``asynchronous``: ``save`` copies the state and returns; a thread of each rank writes
+        and commits it on a process group of its own (gloo), so that its collectives never
+        interleave with training's. One save is in flight at most: the next waits for it."""
         self.root, self.group, self.keep = Path(root), group, keep
         self.rank = dist.get_rank(group)
+        self.asynchronous = asynchronous
+        self.io_group = group
+        if asynchronous:
+            ranks = dist.get_process_group_ranks(group) if group is not None else None
+            self.io_group = dist.new_group(ranks, backend="gloo")
+        self._writer: threading.Thread | None = None
+        self._failed: BaseException | None = None
+        self._writing_step = -1
 
     # -- saving ---------------------------------------------------------------------------
     def save(self, step: int, model, optimizer: torch.optim.Optimizer, info: dict) -> Path:
-        """Write and commit the checkpoint of ``step``; ``info`` goes into the manifest."""
-        partial = self.write(step, model, optimizer)
-        return self.commit(partial, step, optimizer, info)
+        """Write and commit the checkpoint of ``step``; ``info`` goes into the manifest. With
+        ``asynchronous``: stage it and return (the path it will have once committed)."""
+        if not self.asynchronous:
+            partial = self.write(step, model, optimizer)
+            return self.commit(partial, step, optimizer, info)
+        self.wait()
+        state = _staged(self._state(_source(model), optimizer))  # copied now: training goes on
+        extras = _hyperparameters(optimizer)
+        self._writing_step = step
+        self._writer = threading.Thread(target=self._write_and_commit, args=(step, state, extras, info),
+                                        name=f"plait-checkpoint-{step}", daemon=True)
+        self._writer.start()
+        return self.root / f"step_{step:08d}"
+
+    def _write_and_commit(self, step: int, state: dict, extras: dict, info: dict) -> None:
+        try:
+            self.commit(self._write_state(step, state), step, extras, info)
+        except BaseException as exc:  # told in the training thread by poll() or wait()
+            self._failed = exc
+
+    def poll(self) -> None:
+        """Raise now if an asynchronous save failed (the training thread calls it every step)."""
+        if self._failed is not None:
+            self.wait()
+
+    def wait(self) -> None:
+        """Wait until the save in flight, if any, is committed; raise if it failed."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._failed is not None:
+            exc, self._failed = self._failed, None
+            raise CheckpointError(f"rank {dist.get_rank()}: the asynchronous checkpoint save of step "
+                                  f"{self._writing_step} failed: {first_line(exc)}") from exc
 
     def write(self, step: int, model, optimizer: torch.optim.Optimizer) -> Path:
         """Every rank writes its share into ``step_N.partial``; nothing is visible yet."""
+        return self._write_state(step, self._state(_source(model), optimizer))
+
+    def _write_state(self, step: int, state: dict) -> Path:
         partial = self.root / f"step_{step:08d}.partial"
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # left by a crash at this step
             partial.mkdir(parents=True)
-        barrier(f"checkpoint save of step {step}", self.group)
-        dcp.save(self._state(_source(model), optimizer), storage_writer=dcp.FileSystemWriter(partial),
-                 planner=_SavePlanner(), process_group=self.group)
+        barrier(f"checkpoint save of step {step}", self.io_group)
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(partial), planner=_SavePlanner(),
+                 process_group=self.io_group)
         return partial
 
-    def commit(self, partial: Path, step: int, optimizer: torch.optim.Optimizer, info: dict) -> Path:
-        """Rank 0 writes the manifest and renames the folder once every rank has written.
+    def commit(self, partial: Path, step: int, optimizer: torch.optim.Optimizer | dict, info: dict) -> Path:
+        """Rank 0 writes the manifest and renames the folder once every rank has written
+        (``optimizer``: the optimizer, or its hyperparameters taken when the state was staged).
 
         The manifest records each file's size and CRC-32 (the ranks share the hashing), and a
         CRC-32 of itself, so a truncated or bit-flipped file is refused on load."""
-        barrier(f"checkpoint commit of step {step}", self.group)
+        group = self.io_group
+        barrier(f"checkpoint commit of step {step}", group)
         final = partial.with_name(f"step_{step:08d}")
-        world = dist.get_world_size(self.group)
+        world = dist.get_world_size(group)
         names = sorted(f.name for f in partial.iterdir() if f.name != MANIFEST)
         files = {name: _file_record(partial / name) for name in names[self.rank :: world]}
         everyone = [None] * world
-        dist.all_gather_object(everyone, files, group=self.group)
+        dist.all_gather_object(everyone, files, group=group)
         if self.rank == 0:
             files = dict(sorted((k, v) for part in everyone for k, v in part.items()))
+            extras = optimizer if isinstance(optimizer, dict) else _hyperparameters(optimizer)
             manifest = {"format": FORMAT, "step": step, "world_size": world,
-                        "optimizer_extras": _hyperparameters(optimizer), "files": files, **info}
+                        "optimizer_extras": extras, "files": files, **info}
             manifest["crc32"] = _manifest_crc(manifest)
             _write_synced(partial / MANIFEST, json.dumps(manifest, indent=1))
             shutil.rmtree(final, ignore_errors=True)
@@ -223,7 +273,7 @@ class Checkpointer:
             _fsync_dir(self.root)
             for old in self.complete()[: -self.keep or None]:
                 shutil.rmtree(old, ignore_errors=True)
-        barrier(f"checkpoint commit of step {step}", self.group)
+        barrier(f"checkpoint commit of step {step}", group)
         return final
 
     # -- finding and loading --------------------------------------------------------------
@@ -238,6 +288,7 @@ class Checkpointer:
     def load(self, path: str | Path, model, optimizer: torch.optim.Optimizer, manifest: dict | None = None) -> dict:
         """Load a checkpoint, saved under any layout and world size, into ``model`` and
         ``optimizer``; return its manifest (``manifest``: one already read with ``read_manifest``)."""
+        self.wait()
         path, source = Path(path), _source(model)
         if manifest is None:  # the ranks share the hashing
             manifest = read_manifest(path, verify=(self.rank, dist.get_world_size(self.group)))
@@ -279,6 +330,15 @@ def load_unsplit(path: str | Path, model: nn.Module) -> dict:
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} could not be read: {first_line(exc)}") from None
     return manifest
+
+
+def _staged(state: dict) -> dict:
+    """A copy of ``state`` in host memory (each box of a ``Chunks`` too) that training cannot touch."""
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", copy=True)
+
+    return {k: Chunks(v.shape, [(o, copy(t)) for o, t in v.boxes]) if isinstance(v, Chunks) else
+            copy(v) if torch.is_tensor(v) else v for k, v in state.items()}
 
 
 def _source(model):

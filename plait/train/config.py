@@ -7,6 +7,7 @@ One way in: ``load_config(path, ["train.lr=0.1", ...])``. Unknown keys and bad v
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -245,6 +246,8 @@ class CheckpointConfig:
     """How many complete checkpoints to keep; older ones are deleted."""
     resume: str = ""
     """'' starts fresh; 'latest' continues from the newest complete checkpoint; or a checkpoint folder."""
+    async_: bool = False
+    """``checkpoint.async``: copy the state at the step and write it while training goes on."""
 
     def __post_init__(self):
         _require(self.every >= 0, "checkpoint.every", f"must be >= 0, got {self.every}")
@@ -346,10 +349,12 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from nested ``data``, rejecting unknown keys by their full name."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name.rstrip("_") for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if keyword.iskeyword(key):  # checkpoint.async: the field is async_
+            key = f"{key}_"
         if key not in hints:
             raise ConfigError(f"{full}: unknown key (known here: {', '.join(names)})")
         kind = hints[key]

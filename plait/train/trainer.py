@@ -113,7 +113,8 @@ class Trainer:
         self.sampler, self.loader = build_loader(cfg, self.task.train, self.dp, self.dp_rank, self.task.collate)
         # Position: the next step to run, and where its batch lies (in global batches of the epoch).
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
+        self.ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
+                                 asynchronous=cfg.checkpoint.async_ and cfg.checkpoint.every > 0)
         resumed = self._resume()
         self.scheduler = WarmupDecay(self.optimizer, t, done=self.step)
         self.log = RunLog(cfg.run.out_dir, cfg.run.name, resume_step=self.step if resumed else None,
@@ -280,6 +281,7 @@ class Trainer:
                 self.step = step
                 if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == t.steps):
                     self._save()
+                self.ckpt.poll()  # an asynchronous save that failed ends the run now
                 bar.update(1)
                 if step % cfg.run.log_every == 0 or step == t.steps:
                     loss = self._global_mean(local_loss)
@@ -345,6 +347,8 @@ class Trainer:
         metrics = self._evaluate()
         if cfg.parallel.check_consistency and self.dp > 1:
             self.parallel.check_consistency()
+        self.where = "the last checkpoint save"
+        self.ckpt.wait()  # an asynchronous one was written during the evaluation
         report = {}
         if self.task.kind == "regression" and self.pp == self.tp == 1:
             with self.parallel.whole_model():  # ZeRO-3 gathers the (one-layer) model for the while
