@@ -7,6 +7,12 @@ The state is a model of ``layers`` square linear layers and its SGD-momentum sta
 tensors per parameter). Plait: both ranks write their share in parallel and rank 0 commits;
 loading reads it back on both ranks. Peer: ``torch.save`` of the same state from rank 0 (the
 usual "gather to one rank and save"), and ``torch.load`` of it. Files are fsync'd on both sides.
+
+Then ``checkpoint.async``: each rank trains its replica (forward, backward, SGD step on a batch of
+``--batch``; no gradient sync, so that only the save's interference is timed) and saves
+asynchronously at one step: how long ``save`` holds the step (the copy), how long until the
+checkpoint is committed, and the step time while it is written against the median step without
+a save, both with and without the copy's share.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from torch import nn
 
 from plait.testing import World
 from plait.train.checkpoint import Checkpointer
+
+
+BATCH = 32
 
 
 def build(width: int, layers: int):
@@ -62,7 +71,39 @@ def measure(width: int, layers: int, root: str, rounds: int) -> dict[str, list[f
             torch.load(file, weights_only=True)
             times["torch.load"].append(time.perf_counter() - start)
         dist.barrier()
+    times.update(during_async_save(model, opt, Path(root) / "async", rounds))
     return times
+
+
+def during_async_save(model, opt, root: Path, rounds: int) -> dict[str, list[float]]:
+    x = torch.randn(BATCH, model[0].in_features)
+    ckpt = Checkpointer(root, keep=1, asynchronous=True)
+
+    def step() -> float:
+        start = time.perf_counter()
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        return time.perf_counter() - start
+
+    out = {"async: save() returns": [], "async: committed": [], "step, no save": [], "step while writing": [],
+           "step while writing, copy included": []}
+    for r in range(rounds):
+        dist.barrier()
+        out["step, no save"].append(statistics.median(step() for _ in range(6)))
+        dist.barrier()
+        start = time.perf_counter()
+        ckpt.save(r + 1, model, opt, {})
+        staged = time.perf_counter() - start
+        during = []
+        while ckpt._writer.is_alive() or not during:
+            during.append(step())
+        ckpt.wait()
+        out["async: save() returns"].append(staged)
+        out["async: committed"].append(time.perf_counter() - start)
+        out["step while writing"].append(statistics.mean(during))
+        out["step while writing, copy included"].append((sum(during) + staged) / len(during))
+    return out
 
 
 def main() -> None:
@@ -83,10 +124,14 @@ def main() -> None:
           f"median of {args.rounds} rounds")
     print(f"{'operation':12} | {'seconds':>8} | {'MB/s':>8}")
     med = {k: statistics.median(v) for k, v in times.items()}
-    for op, seconds in med.items():
+    for op, seconds in list(med.items())[:4]:
         print(f"{op:12} | {seconds:8.2f} | {megabytes / seconds:8.0f}")
     print(f"save: plait / torch.save speed ratio {med['torch.save'] / med['plait save']:.2f}; "
           f"load: {med['torch.load'] / med['plait load']:.2f}")
+    base = med["step, no save"]
+    print(f"async save: step while writing / step without a save {med['step while writing'] / base:.2f} "
+          f"({med['step while writing, copy included'] / base:.2f} with the copy's share); save() held the step "
+          f"{med['async: save() returns']:.2f} s, committed after {med['async: committed']:.2f} s")
 
 
 if __name__ == "__main__":

@@ -74,16 +74,30 @@ def _split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch
     return order[n_test:], order[:n_test]
 
 
+def _bundled_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits file, read as ``sklearn.datasets.load_digits`` reads it (the same
+    values) without importing scikit-learn, which would cost each process about a second."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise PlaitError("data.name = 'digits' reads the digits bundled with scikit-learn: pip install scikit-learn, "
+                         "or give data.path an .npz of images and labels")
+    file = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(file, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def digits(path: str | None = None, size: int = 28, test_fraction: float = 0.2, seed: int = 0):
     """scikit-learn's bundled handwritten digits (1,797 images, 8x8), upsampled to ``size``.
 
     With ``path``: an ``.npz`` holding ``images`` (N, H, W) and integer ``labels`` (N,).
     """
     if path is None:
-        from sklearn.datasets import load_digits
-
-        bunch = load_digits()
-        images, labels = bunch.images / 16.0, bunch.target
+        images, labels = _bundled_digits()
+        images = images / 16.0
     else:
         images, labels = _load_npz(path, "digits")
     x = torch.as_tensor(np.asarray(images, dtype=np.float32)).unsqueeze(1)  # [N, 1, h, w]
