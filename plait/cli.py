@@ -181,7 +181,8 @@ def _check(config_path: str, overrides: list[str], world_size: int):
 
         _check_model(cfg, Layout.from_config(cfg, world_size))
     if cfg.checkpoint.resume:
-        from plait.train.checkpoint import SafeReader, complete_checkpoints, read_manifest
+        from plait.train.checkpoint import complete_checkpoints, read_manifest
+        from plait.train.dcp_io import SafeReader
 
         path = Path(cfg.checkpoint.resume)
         if cfg.checkpoint.resume == "latest":

@@ -209,7 +209,7 @@ def test_loading_never_runs_code_from_the_checkpoint(attack, linreg_checkpoint, 
 def test_metadata_admits_exactly_the_classes_dcp_writes(linreg_checkpoint):
     """The allowlist is neither short (every class DCP writes loads) nor wide (a neighbour of an
     allowed name, a dotted name, or a module's other names are refused)."""
-    from plait.train.checkpoint import SafeReader, _MetadataUnpickler
+    from plait.train.dcp_io import SafeReader, _MetadataUnpickler
 
     assert SafeReader(linreg_checkpoint).read_metadata().state_dict_metadata
     for module, name in [("torch.distributed.checkpoint.metadata", "os"), ("torch", "load"),
@@ -356,6 +356,7 @@ def test_async_save_writes_the_state_of_its_step_while_training_changes_it(solo,
 
 def test_failed_async_save_is_an_error_naming_the_rank_and_keeps_the_last_checkpoint(solo, tmp_path, monkeypatch):
     import plait.train.checkpoint as module
+    from plait.train import dcp_io
 
     model, opt = _small()
     ckpt = Checkpointer(tmp_path, asynchronous=True)
@@ -365,7 +366,7 @@ def test_failed_async_save_is_an_error_naming_the_rank_and_keeps_the_last_checkp
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(module.dcp, "save", full_disk)
+    monkeypatch.setattr(dcp_io.dcp, "save", full_disk)
     ckpt.save(8, model, opt, {})
     with pytest.raises(module.CheckpointError, match=r"rank 0: the asynchronous checkpoint save of step 8 failed: "
                                                      r".*No space left on device"):
@@ -377,21 +378,21 @@ def test_failed_async_save_is_an_error_naming_the_rank_and_keeps_the_last_checkp
 
 
 def async_save_then_die_while_writing(out_dir: str):
-    import plait.train.checkpoint as module
+    from plait.train import dcp_io
 
     model, opt = _small()
     plait.init()
     ckpt = Checkpointer(out_dir, asynchronous=True)
     ckpt.save(4, model, opt, {})
     ckpt.wait()
-    real = module.dcp.save
+    real = dcp_io.dcp.save
 
     def dies_on_rank_1(*args, **kwargs):
         if dist.get_rank() == 1:
             os.kill(os.getpid(), signal.SIGKILL)  # mid-write, in the writing thread
         return real(*args, **kwargs)
 
-    module.dcp.save = dies_on_rank_1
+    dcp_io.dcp.save = dies_on_rank_1
     ckpt.save(8, model, opt, {})
     ckpt.wait()
 

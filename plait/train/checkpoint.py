@@ -14,26 +14,23 @@ altered file is refused on load.
 
 Loading runs no code from the checkpoint: tensors are read with ``weights_only`` loading, DCP's
 pickled metadata through an unpickler that admits an explicit list of DCP's metadata classes
-(``_allowed_globals``), and everything else is JSON.
+(``plait.train.dcp_io._allowed_globals``), and everything else is JSON.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import shutil
 import threading
 import zlib
-from pathlib import Path, PosixPath, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 from plait.distributed.comm import barrier
 from plait.errors import PlaitError, first_line
@@ -47,62 +44,6 @@ class CheckpointError(PlaitError):
     """A checkpoint that is corrupt, unsafe, or made for another model."""
 
 
-# -- safe loading of DCP's metadata --------------------------------------------------------
-def _allowed_globals() -> dict[tuple[str, str], object]:
-    """Every global that DCP's pickled metadata names, and nothing else: its dataclasses, torch
-    sizes, dtypes and layouts, and the folder path it records. Names are matched whole (no
-    dotted lookups inside a module), and the objects come from this table, not from importing."""
-    from torch.distributed.checkpoint import metadata as md
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-
-    classes = (md.Metadata, md.MetadataIndex, md.TensorStorageMetadata, md.BytesStorageMetadata,
-               md.ChunkStorageMetadata, md.TensorProperties, md.StorageMeta, md._MEM_FORMAT_ENCODING)
-    allowed = {("torch.distributed.checkpoint.metadata", c.__name__): c for c in classes}
-    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = _StorageInfo
-    allowed[("torch", "Size")] = torch.Size
-    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # a name -> layout table
-    allowed.update({("pathlib", c.__name__): c for c in (PosixPath, PurePosixPath)})  # builds a path, opens nothing
-    allowed.update({("torch", name): v for name, v in vars(torch).items() if isinstance(v, torch.dtype)})
-    return allowed
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's metadata; any global outside ``_allowed_globals()`` is refused."""
-
-    allowed: dict[tuple[str, str], object] = {}
-
-    def find_class(self, module: str, name: str):
-        if not self.allowed:
-            type(self).allowed = _allowed_globals()
-        found = self.allowed.get((module, name))
-        if found is None:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
-        return found
-
-
-class SafeReader(dcp.FileSystemReader):
-    """DCP's file reader with the metadata read by ``_MetadataUnpickler`` instead of pickle."""
-
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as stream:
-            try:
-                metadata = _MetadataUnpickler(stream).load()
-            except Exception as exc:  # a refused class, or bytes that are no pickle at all
-                raise CheckpointError(f"checkpoint {self.path}: unreadable or unsafe metadata: {first_line(exc)}") from None
-        if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
-            raise CheckpointError(f"checkpoint {self.path}: metadata is not DCP metadata")
-        for info in (metadata.storage_data or {}).values():  # DCP opens these names inside the folder
-            name = getattr(info, "relative_path", None)
-            if not isinstance(name, str) or name != Path(name).name or name in ("", ".", ".."):
-                raise CheckpointError(f"checkpoint {self.path}: metadata names a file outside the checkpoint: {name!r}")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-# -- RNG state as tensors --------------------------------------------------------------------
 def rng_state() -> dict[str, torch.Tensor]:
     """This process's RNG states (torch CPU and CUDA, Python, NumPy) as tensors."""
     version, words, gauss = random.getstate()
@@ -146,33 +87,6 @@ class _Whole:
         pass
 
 
-class _SavePlanner(dcp.DefaultSavePlanner):
-    """DCP's planner, finding the boxes of ``Chunks`` (DCP looks up plain tensors only). Our
-    state is flat already: DCP's flattening would take a ``Chunks`` apart."""
-
-    def __init__(self):
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-
-    def lookup_object(self, index):
-        obj = self.state_dict[index.fqn]
-        return obj.__get_tensor_shard__(index) if isinstance(obj, Chunks) else super().lookup_object(index)
-
-
-class _LoadPlanner(dcp.DefaultLoadPlanner):
-    def __init__(self):
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-
-    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
-        # DCP's own set-up would also materialise meta tensors, and drops any value it does not
-        # know (a ``Chunks`` becomes None); ours holds real tensors only.
-        self.original_state_dict = self.state_dict = state_dict
-        self.metadata, self.is_coordinator = metadata, is_coordinator
-
-    def lookup_tensor(self, index):
-        obj = self.state_dict[index.fqn]
-        return obj.__get_tensor_shard__(index) if isinstance(obj, Chunks) else super().lookup_tensor(index)
-
-
 class Checkpointer:
     """Save and load (model, optimizer, trainer position, RNG) under ``root``, on ``group``.
 
@@ -193,6 +107,7 @@ class Checkpointer:
             ranks = dist.get_process_group_ranks(group) if group is not None else None
             self.io_group = dist.new_group(ranks, backend="gloo")
         self._writer: threading.Thread | None = None
+        self._written: dict[str, dict] = {}  # this rank's files of the save being committed, by name
         self._failed: BaseException | None = None
         self._writing_step = -1
 
@@ -243,8 +158,11 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)  # left by a crash at this step
             partial.mkdir(parents=True)
         barrier(f"checkpoint save of step {step}", self.io_group)
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(partial), planner=_SavePlanner(),
-                 process_group=self.io_group)
+        from plait.train.dcp_io import HashingWriter, SavePlanner, dcp
+
+        writer = HashingWriter(partial)
+        dcp.save(state, storage_writer=writer, planner=SavePlanner(), process_group=self.io_group)
+        self._written = writer.fs.records
         return partial
 
     def commit(self, partial: Path, step: int, optimizer: torch.optim.Optimizer | dict, info: dict) -> Path:
@@ -257,12 +175,15 @@ class Checkpointer:
         barrier(f"checkpoint commit of step {step}", group)
         final = partial.with_name(f"step_{step:08d}")
         world = dist.get_world_size(group)
-        names = sorted(f.name for f in partial.iterdir() if f.name != MANIFEST)
-        files = {name: _file_record(partial / name) for name in names[self.rank :: world]}
+        files, self._written = self._written, {}  # hashed as they were written
         everyone = [None] * world
         dist.all_gather_object(everyone, files, group=group)
         if self.rank == 0:
-            files = dict(sorted((k, v) for part in everyone for k, v in part.items()))
+            files = {k: v for part in everyone for k, v in part.items()}
+            for name in sorted(f.name for f in partial.iterdir() if f.name != MANIFEST):
+                if name not in files:  # not written by this save's writers (cannot happen with DCP's)
+                    files[name] = _file_record(partial / name)
+            files = dict(sorted(files.items()))
             extras = optimizer if isinstance(optimizer, dict) else _hyperparameters(optimizer)
             manifest = {"format": FORMAT, "step": step, "world_size": world,
                         "optimizer_extras": extras, "files": files, **info}
@@ -293,13 +214,15 @@ class Checkpointer:
         if manifest is None:  # the ranks share the hashing
             manifest = read_manifest(path, verify=(self.rank, dist.get_world_size(self.group)))
         init_optimizer_state(optimizer)
+        from plait.train.dcp_io import LoadPlanner, SafeReader, dcp
+
         metadata = SafeReader(path).read_metadata()
         available = metadata.state_dict_metadata
         tensors = self._state(source, optimizer, available)
         tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.") or k in available}
         _check_matches(path, tensors, available, source.model_names)
         try:
-            dcp.load(tensors, storage_reader=SafeReader(path), planner=_LoadPlanner(), process_group=self.group)
+            dcp.load(tensors, storage_reader=SafeReader(path), planner=LoadPlanner(), process_group=self.group)
         except Exception as exc:  # DCP reports a short or damaged file in many ways
             raise CheckpointError(f"checkpoint {path} could not be read: {first_line(exc)}") from None
         source.loaded()
@@ -323,10 +246,12 @@ def load_unsplit(path: str | Path, model: nn.Module) -> dict:
     names = unsplit_names(model)  # a tied weight once, as saved (state_dict() would name it twice)
     own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     tensors = {f"model.{n}": own[n].detach() for n in names}  # the model's own memory: loaded in place
+    from plait.train.dcp_io import LoadPlanner, SafeReader, dcp
+
     metadata = SafeReader(path).read_metadata()
     _check_matches(path, tensors, metadata.state_dict_metadata, names)
     try:
-        dcp.load(tensors, storage_reader=SafeReader(path), planner=_LoadPlanner(), no_dist=True)
+        dcp.load(tensors, storage_reader=SafeReader(path), planner=LoadPlanner(), no_dist=True)
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} could not be read: {first_line(exc)}") from None
     return manifest
@@ -461,6 +386,8 @@ def _manifest_crc(manifest: dict) -> int:
 def _check_matches(path: Path, tensors: dict, available: dict, model_names: list[str]) -> None:
     """The checkpoint holds what this rank loads, of the same unsplit shapes, and nothing of a
     model that this one is not."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
     for key, tensor in tensors.items():
         if key.startswith("rng."):
             continue
