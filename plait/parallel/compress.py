@@ -154,15 +154,14 @@ class PowerSGD(Codec):
 
     def launch(self, flat: torch.Tensor) -> None:
         error = self._residual(flat)
-        flat.add_(error)
-        error.copy_(flat)  # M, this rank's; the approximation's share is taken off in finish
+        error.add_(flat)  # M, what this rank has, in one pass; finish takes the approximation's share off
         self._init_q(flat)
         r = self.spec.rank
         sizes = [n for _, n in self.vectors] + [rows * r for _, _, rows, _ in self.matrices]
         self.wire = flat.new_empty(sum(sizes))
         parts = list(self.wire.split(sizes))
         for (offset, n), part in zip(self.vectors, parts):
-            part.copy_(flat[offset : offset + n])
+            part.copy_(error[offset : offset + n])
         self.p = []
         for (i, offset, rows, cols), part in zip(self.matrices, parts[len(self.vectors):]):
             p = part.view(rows, r)
