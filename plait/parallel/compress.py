@@ -132,11 +132,11 @@ class PowerSGD(Codec):
                 self.matrices.append((i, offset, rows, cols))
             else:
                 self.vectors.append((offset, n))
-        self.q: dict[int, torch.Tensor] = {}
+        self.q: dict[int, torch.Tensor] = {}  # Q transposed, [r, cols]: both products then read M row by row
         self.seed = seed
 
     def factors(self) -> dict[int, torch.Tensor]:
-        return {i: self.q.get(i, torch.zeros(cols, self.spec.rank)) for i, _, _, cols in self.matrices}
+        return {i: self.q.get(i, torch.zeros(self.spec.rank, cols)) for i, _, _, cols in self.matrices}
 
     def set_factors(self, factors: dict[int, torch.Tensor]) -> None:
         self.q.update(factors)
@@ -150,7 +150,7 @@ class PowerSGD(Codec):
         for i, _, _, cols in self.matrices:
             if i not in self.q:
                 q = torch.randn(cols, self.spec.rank, generator=gen, dtype=torch.float32)
-                self.q[i] = torch.linalg.qr(q).Q.to(device=flat.device, dtype=flat.dtype)
+                self.q[i] = torch.linalg.qr(q).Q.t().contiguous().to(device=flat.device, dtype=flat.dtype)
 
     def launch(self, flat: torch.Tensor) -> None:
         error = self._residual(flat)
@@ -165,7 +165,7 @@ class PowerSGD(Codec):
         self.p = []
         for (i, offset, rows, cols), part in zip(self.matrices, parts[len(self.vectors):]):
             p = part.view(rows, r)
-            torch.matmul(self._m(error, offset, rows, cols), self.q[i], out=p)
+            torch.matmul(self._m(error, offset, rows, cols), self.q[i].t(), out=p)
             self.p.append(p)
         self.work = dist.all_reduce(self.wire, group=self.group, async_op=True)
 
@@ -181,12 +181,12 @@ class PowerSGD(Codec):
             ps = [torch.linalg.qr(p).Q for p in self.p]  # orthonormal columns, the same on every rank
             qs = flat.new_empty(sum(cols * r for _, _, _, cols in self.matrices))
             for (i, offset, rows, cols), p, q in zip(self.matrices, ps, qs.split([c * r for *_, c in self.matrices])):
-                torch.matmul(self._m(error, offset, rows, cols).t(), p, out=q.view(cols, r))
+                torch.matmul(p.t(), self._m(error, offset, rows, cols), out=q.view(r, cols))  # (Mᵀ P)ᵀ
             wait(dist.all_reduce(qs, group=self.group, async_op=True), "PowerSGD all-reduce of Q", self.group)
             for (i, offset, rows, cols), p, q in zip(self.matrices, ps, qs.split([c * r for *_, c in self.matrices])):
-                self.q[i] = q.view(cols, r).clone()
+                self.q[i] = q.view(r, cols).clone()
                 approx = self._m(flat, offset, rows, cols)
-                torch.matmul(p, self.q[i].t(), out=approx)  # the sum's approximation
+                torch.matmul(p, self.q[i], out=approx)  # the sum's approximation, P Qᵀ
                 self._m(error, offset, rows, cols).sub_(approx, alpha=1.0 / self.world)
         self.wire = self.p = self.work = None
 
