@@ -98,7 +98,8 @@ class Checkpointer:
                  asynchronous: bool = False):
         """``asynchronous``: ``save`` copies the state and returns; a thread of each rank writes
         and commits it on a process group of its own (gloo), so that its collectives never
-        interleave with training's. One save is in flight at most: the next waits for it."""
+        interleave with training's. One save is in flight at most: the next waits for it. The
+        copy's memory (this rank's share of the state) is kept for the next save."""
         self.root, self.group, self.keep = Path(root), group, keep
         self.rank = dist.get_rank(group)
         self.asynchronous = asynchronous
@@ -107,6 +108,7 @@ class Checkpointer:
             ranks = dist.get_process_group_ranks(group) if group is not None else None
             self.io_group = dist.new_group(ranks, backend="gloo")
         self._writer: threading.Thread | None = None
+        self._kept: dict = {}  # the staging buffers, reused by the next save
         self._written: dict[str, dict] = {}  # this rank's files of the save being committed, by name
         self._failed: BaseException | None = None
         self._writing_step = -1
@@ -119,7 +121,7 @@ class Checkpointer:
             partial = self.write(step, model, optimizer)
             return self.commit(partial, step, optimizer, info)
         self.wait()
-        state = _staged(self._state(_source(model), optimizer))  # copied now: training goes on
+        state = _staged(self._state(_source(model), optimizer), self._kept)  # copied now: training goes on
         extras = _hyperparameters(optimizer)
         self._writing_step = step
         self._writer = threading.Thread(target=self._write_and_commit, args=(step, state, extras, info),
@@ -128,6 +130,10 @@ class Checkpointer:
         return self.root / f"step_{step:08d}"
 
     def _write_and_commit(self, step: int, state: dict, extras: dict, info: dict) -> None:
+        try:  # the lowest CPU priority for this thread alone (Linux: a thread id is a process id here),
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # so that training keeps the cores
+        except (AttributeError, OSError):
+            pass
         try:
             self.commit(self._write_state(step, state), step, extras, info)
         except BaseException as exc:  # told in the training thread by poll() or wait()
@@ -257,13 +263,19 @@ def load_unsplit(path: str | Path, model: nn.Module) -> dict:
     return manifest
 
 
-def _staged(state: dict) -> dict:
-    """A copy of ``state`` in host memory (each box of a ``Chunks`` too) that training cannot touch."""
-    def copy(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to("cpu", copy=True)
+def _staged(state: dict, kept: dict) -> dict:
+    """A copy of ``state`` in host memory (each box of a ``Chunks`` too) that training cannot
+    touch, in the buffers of the previous save where they fit (``kept``, updated): copying into
+    memory already mapped is ~8x faster here than into fresh pages."""
+    def copy(key, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        mine = kept.get(key)
+        if mine is None or mine.shape != t.shape or mine.dtype != t.dtype:
+            mine = kept[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+        return mine.copy_(t)
 
-    return {k: Chunks(v.shape, [(o, copy(t)) for o, t in v.boxes]) if isinstance(v, Chunks) else
-            copy(v) if torch.is_tensor(v) else v for k, v in state.items()}
+    return {k: Chunks(v.shape, [(o, copy((k, o), t)) for o, t in v.boxes]) if isinstance(v, Chunks) else
+            copy(k, v) if torch.is_tensor(v) else v for k, v in state.items()}
 
 
 def _source(model):
