@@ -74,6 +74,7 @@ def test_checkpoint_of_two_ranks_resumes_on_one_and_four(world_name, request, un
 def save_then_die_before_commit(out_dir: str):
     from conftest import EXAMPLES
     from plait.train.config import load_config
+    from plait.train.checkpoint import _hyperparameters
     from plait.train.trainer import Trainer
 
     cfg = load_config(EXAMPLES / "linreg.toml", ["train.steps=4", "checkpoint.every=4", "run.progress=false",
@@ -83,7 +84,7 @@ def save_then_die_before_commit(out_dir: str):
     partial = trainer.ckpt.write(8, trainer.parallel, trainer.optimizer)
     if dist.get_rank() == 1:
         os.kill(os.getpid(), signal.SIGKILL)  # between write and commit
-    trainer.ckpt.commit(partial, 8, trainer.optimizer, {})
+    trainer.ckpt.commit(partial, 8, _hyperparameters(trainer.optimizer), {})
 
 
 def test_crash_between_write_and_commit_keeps_last_checkpoint(solo, tmp_path):

@@ -5,6 +5,8 @@ name, the digits still train, and bad settings are refused in one line."""
 from __future__ import annotations
 
 
+import math
+
 import pytest
 import torch
 
@@ -12,13 +14,13 @@ from conftest import EXAMPLES, make_trainer, train_summary
 
 EPS = 2.0**-24  # float32's unit roundoff
 SHAPES = [(48, 40), (40,), (16, 4, 3, 3), (7, 5), (3,)]  # a linear, its bias, a conv, a small matrix, a norm
+SIZES = [math.prod(s) for s in SHAPES]
+OFFSETS = [sum(SIZES[:i]) for i in range(len(SHAPES))]  # where each lies in the flat buffer
 
 
 def one_reduction(method: str, rank_r: int, low_rank: bool) -> dict:
     """One compressed reduction of a flat buffer of SHAPES on this rank, with a residual from
     before: what the rank had (gradient + residual), its new residual, and what came back."""
-    import math
-
     import torch.distributed as dist
 
     import plait
@@ -28,15 +30,14 @@ def one_reduction(method: str, rank_r: int, low_rank: bool) -> dict:
     rank = dist.get_rank()
     gen = torch.Generator().manual_seed(1 + rank)
     parts = []
-    for shape in SHAPES:
+    for shape, n in zip(SHAPES, SIZES):
         if low_rank and len(shape) >= 2:  # a batch-of-one linear gradient: an outer product, rank 1
             parts.append((torch.randn(shape[0], 1, generator=gen) @ torch.randn(1, math.prod(shape[1:]), generator=gen)).reshape(-1))
         else:
-            parts.append(torch.randn(math.prod(shape), generator=gen))
+            parts.append(torch.randn(n, generator=gen))
     flat = torch.cat(parts)
-    offsets = [sum(math.prod(s) for s in SHAPES[:i]) for i in range(len(SHAPES))]
     params = [torch.empty(s) for s in SHAPES]
-    codec = make_codec(Compression(method, rank=rank_r, ratio=0.1, start=0), params, offsets, flat.numel(), None)
+    codec = make_codec(Compression(method, rank=rank_r, ratio=0.1, start=0), params, OFFSETS, flat.numel(), None)
     if not low_rank:
         codec.error = torch.randn(flat.numel(), generator=gen) * 0.1  # held back by an earlier step
     had = flat + (codec.error if codec.error is not None else 0)
@@ -78,10 +79,8 @@ def test_power_sgd_approximation_plus_residuals_is_the_sum(world2):
     bound = 4 * EPS * (a["had"].abs() + b["had"].abs() + a["sum"].abs())
     assert ((a["residual"] + b["residual"] + a["sum"] - total).abs() <= bound).all()
     whole = torch.zeros_like(total, dtype=torch.bool)
-    import math
-    offsets = [sum(math.prod(s) for s in SHAPES[:i]) for i in range(len(SHAPES))]
     for i in (1, 3, 4):
-        whole[offsets[i] : offsets[i] + math.prod(SHAPES[i])] = True
+        whole[OFFSETS[i] : OFFSETS[i] + SIZES[i]] = True
     assert torch.equal(a["sum"][whole], total[whole]) and not a["residual"][whole].any()
     assert (a["residual"][~whole].abs() > 0).any()  # full-rank matrices: something is held back
 

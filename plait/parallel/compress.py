@@ -180,11 +180,12 @@ class PowerSGD(Codec):
         if self.matrices:
             ps = [torch.linalg.qr(p).Q for p in self.p]  # orthonormal columns, the same on every rank
             qs = flat.new_empty(sum(cols * r for _, _, _, cols in self.matrices))
-            for (i, offset, rows, cols), p, q in zip(self.matrices, ps, qs.split([c * r for *_, c in self.matrices])):
-                torch.matmul(p.t(), self._m(error, offset, rows, cols), out=q.view(r, cols))  # (Mᵀ P)ᵀ
+            parts = [q.view(r, cols) for q, (*_, cols) in zip(qs.split([c * r for *_, c in self.matrices]), self.matrices)]
+            for (i, offset, rows, cols), p, q in zip(self.matrices, ps, parts):
+                torch.matmul(p.t(), self._m(error, offset, rows, cols), out=q)  # (Mᵀ P)ᵀ
             wait(dist.all_reduce(qs, group=self.group, async_op=True), "PowerSGD all-reduce of Q", self.group)
-            for (i, offset, rows, cols), p, q in zip(self.matrices, ps, qs.split([c * r for *_, c in self.matrices])):
-                self.q[i] = q.view(r, cols).clone()
+            for (i, offset, rows, cols), p, q in zip(self.matrices, ps, parts):
+                self.q[i] = q.clone()
                 approx = self._m(flat, offset, rows, cols)
                 torch.matmul(p, self.q[i], out=approx)  # the sum's approximation, P Qᵀ
                 self._m(error, offset, rows, cols).sub_(approx, alpha=1.0 / self.world)

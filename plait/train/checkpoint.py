@@ -44,6 +44,7 @@ class CheckpointError(PlaitError):
     """A checkpoint that is corrupt, unsafe, or made for another model."""
 
 
+# -- RNG state as tensors --------------------------------------------------------------------
 def rng_state() -> dict[str, torch.Tensor]:
     """This process's RNG states (torch CPU and CUDA, Python, NumPy) as tensors."""
     version, words, gauss = random.getstate()
@@ -119,7 +120,7 @@ class Checkpointer:
         ``asynchronous``: stage it and return (the path it will have once committed)."""
         if not self.asynchronous:
             partial = self.write(step, model, optimizer)
-            return self.commit(partial, step, optimizer, info)
+            return self.commit(partial, step, _hyperparameters(optimizer), info)
         self.wait()
         state = _staged(self._state(_source(model), optimizer), self._kept)  # copied now: training goes on
         extras = _hyperparameters(optimizer)
@@ -171,9 +172,9 @@ class Checkpointer:
         self._written = writer.fs.records
         return partial
 
-    def commit(self, partial: Path, step: int, optimizer: torch.optim.Optimizer | dict, info: dict) -> Path:
+    def commit(self, partial: Path, step: int, extras: dict, info: dict) -> Path:
         """Rank 0 writes the manifest and renames the folder once every rank has written
-        (``optimizer``: the optimizer, or its hyperparameters taken when the state was staged).
+        (``extras``: the optimizer's hyperparameters, ``_hyperparameters(optimizer)``, taken with the state).
 
         The manifest records each file's size and CRC-32 (the ranks share the hashing), and a
         CRC-32 of itself, so a truncated or bit-flipped file is refused on load."""
@@ -190,7 +191,6 @@ class Checkpointer:
                 if name not in files:  # not written by this save's writers (cannot happen with DCP's)
                     files[name] = _file_record(partial / name)
             files = dict(sorted(files.items()))
-            extras = optimizer if isinstance(optimizer, dict) else _hyperparameters(optimizer)
             manifest = {"format": FORMAT, "step": step, "world_size": world,
                         "optimizer_extras": extras, "files": files, **info}
             manifest["crc32"] = _manifest_crc(manifest)

@@ -77,9 +77,7 @@ class SafeReader(dcp.FileSystemReader):
         return metadata
 
 
-# -- RNG state as tensors --------------------------------------------------------------------
-
-
+# -- DCP's planners and writer, for our flat state ---------------------------------------------
 class SavePlanner(dcp.DefaultSavePlanner):
     """DCP's planner, finding the boxes of ``Chunks`` (DCP looks up plain tensors only). Our
     state is flat already: DCP's flattening would take a ``Chunks`` apart."""
