@@ -6,8 +6,9 @@
 World size 2 (pp=2), one thread per process, a 10M-parameter MLP (8 layers of 1024 + ends) cut
 into the same two halves for both, global batch 64, SGD. Median step time over rounds (each
 round: a few warm-up steps, then timed steps) for Plait's GPipe and 1F1B and torch's
-ScheduleGPipe and Schedule1F1B, interleaved; and Plait's measured bubble (from its own trace of
-one step) beside the theoretical (p-1)/(m+p-1).
+ScheduleGPipe and Schedule1F1B, and Plait's ZB-H1 beside torch's ScheduleInterleavedZeroBubble with one stage per
+rank (the same ZB-H1 order of passes), interleaved; and Plait's measured bubble (from its own
+trace of one step) beside the theoretical (p-1)/(m+p-1), (p-1)/(3m+p-1) for ZB-H1.
 """
 
 from __future__ import annotations
@@ -56,11 +57,14 @@ def time_steps(impl: str, schedule: str, m: int, warmup: int, steps: int) -> tup
         def run():
             stage.step(x, y, m, schedule)
     else:
-        from torch.distributed.pipelining import PipelineStage as TorchStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import PipelineStage as TorchStage
+        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleavedZeroBubble
 
         tstage = TorchStage(module, rank, 2, torch.device("cpu"))
-        kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
-        sched = kind(tstage, m, loss_fn=F.cross_entropy)
+        if schedule == "zbh1":
+            sched = ScheduleInterleavedZeroBubble([tstage], m, loss_fn=F.cross_entropy)
+        else:
+            sched = (ScheduleGPipe if schedule == "gpipe" else Schedule1F1B)(tstage, m, loss_fn=F.cross_entropy)
 
         def run():
             if rank == 0:
@@ -92,13 +96,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
-    cases = [(impl, sched) for sched in ("gpipe", "1f1b") for impl in ("plait", "torch")]
+    schedules = ("gpipe", "1f1b", "zbh1")
+    cases = [(impl, sched) for sched in schedules for impl in ("plait", "torch")]
     table = {}
     with World(2, timeout_s=300) as world:
         params = world.run(lambda_params)[0]
         for m in args.microbatches:
             samples = {c: [] for c in cases}
-            bubbles = {s: [] for s in ("gpipe", "1f1b")}
+            bubbles = {s: [] for s in schedules}
             for _ in range(args.rounds):
                 for impl, sched in cases:
                     seconds, bubble = world.run(time_steps, impl, sched, m, 2, args.steps)[0]
@@ -111,10 +116,10 @@ def main() -> None:
           f"median of {args.rounds} rounds x {args.steps} steps (ms per step)")
     print(f"{'m':>2} | {'schedule':8} | {'plait':>7} | {'torch':>7} | {'torch/plait':>11} | {'bubble measured':>15} | {'theory':>6}")
     for m, (med, bubble) in table.items():
-        for sched in ("gpipe", "1f1b"):
+        for sched in schedules:
             p, t = med[("plait", sched)], med[("torch", sched)]
             print(f"{m:>2} | {sched:8} | {p * 1e3:7.1f} | {t * 1e3:7.1f} | {t / p:11.3f} | "
-                  f"{bubble[sched]:15.3f} | {bubble_fraction(m, 2):6.3f}")
+                  f"{bubble[sched]:15.3f} | {bubble_fraction(m, 2, sched):6.3f}")
     print("(torch/plait > 1: Plait is faster)")
 
 

@@ -62,6 +62,9 @@ def _serve(rank: int, size: int, port: int, inbox, outbox, timeout_s: float) -> 
     os._exit(0)
 
 
+FAILED_GRACE_S = 10.0
+
+
 class World:
     """``size`` worker processes in one gloo process group on 127.0.0.1.
 
@@ -89,22 +92,29 @@ class World:
         self._collect("start", deadline=time.monotonic() + 120, expect="ready")
 
     def _collect(self, what: str, deadline: float, expect: str = "ok") -> list[Any]:
+        """Every rank's answer; once one rank has failed, the others get ``FAILED_GRACE_S`` to
+        report theirs (a peer blocked on it would otherwise wait out the collective timeout)."""
         results: dict[int, tuple[str, Any]] = {}
         while len(results) < self.size:
             try:
                 rank, status, value = self._outbox.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
                 results[rank] = (status, value)
+                if status != expect:
+                    deadline = min(deadline, time.monotonic() + FAILED_GRACE_S)
             except queue.Empty:
                 dead = [p.name for p in self._procs if not p.is_alive()]
                 if time.monotonic() > deadline or dead:
-                    self.close()
-                    missing = sorted(set(range(self.size)) - set(results))
-                    raise WorkerError(f"{what}: ranks {missing} gave no answer (dead processes: {dead})") from None
+                    break
+        missing = sorted(set(range(self.size)) - set(results))
         failed = {r: v for r, (s, v) in results.items() if s != expect}
-        if failed:
+        if failed or missing:
+            dead = [p.name for p in self._procs if not p.is_alive()]
             self.close()
             report = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failed.items()))
-            raise WorkerError(f"{what} failed on ranks {sorted(failed)}:\n{report}")
+            silent = f"ranks {missing} gave no answer (dead processes: {dead})" if missing else ""
+            if not failed:
+                raise WorkerError(f"{what}: {silent}")
+            raise WorkerError(f"{what} failed on ranks {sorted(failed)}{'; ' + silent if silent else ''}:\n{report}")
         return [results[r][1] for r in range(self.size)]
 
     def run(self, fn: Callable, *args, timeout: float = 300.0, **kwargs) -> list[Any]:

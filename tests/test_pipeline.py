@@ -10,16 +10,21 @@ from torch import nn
 
 import plait
 from plait.parallel.pipeline import SCHEDULES, PipelineStage, StageModule, blocks_of, bubble_fraction, cut_points
-from plait.parallel.pipeline.schedules import gpipe, one_f_one_b
+from plait.parallel.pipeline.schedules import gpipe, one_f_one_b, zb_h1
+from plait.parallel.pipeline.split import backward_input
 
 from conftest import assert_close, train_until_error
 
 
 # -- schedules and cuts: arithmetic, no processes -------------------------------------------
 def in_flight(actions) -> int:
+    """The most micro-batches forwarded and not yet done with (their B, or their W)."""
     live, peak = set(), 0
     for kind, i in actions:
-        live.add(i) if kind == "F" else live.remove(i)
+        if kind == "F":
+            live.add(i)
+        elif kind in "BW":
+            live.remove(i)
         peak = max(peak, len(live))
     return peak
 
@@ -30,14 +35,101 @@ def test_schedules_run_each_microbatch_once_in_order(p, m):
     for s in range(p):
         for name, schedule in SCHEDULES.items():
             actions = schedule(m, p, s)
-            assert sorted(actions) == sorted([("F", i) for i in range(m)] + [("B", i) for i in range(m)]), name
-            assert all(actions.index(("F", i)) < actions.index(("B", i)) for i in range(m))
+            backward = ["I", "W"] if name == "zbh1" else ["B"]
+            assert sorted(actions) == sorted((k, i) for k in ["F", *backward] for i in range(m)), name
+            for i in range(m):  # each micro-batch's passes in order, and their kinds in order too
+                assert [actions.index((k, i)) for k in ["F", *backward]] == sorted(actions.index((k, i)) for k in ["F", *backward])
+                if i:
+                    assert all(actions.index((k, i - 1)) < actions.index((k, i)) for k in ["F", *backward])
         assert in_flight(gpipe(m, p, s)) == m
         assert in_flight(one_f_one_b(m, p, s)) == min(p - s, m) <= p
+        assert in_flight(zb_h1(m, p, s)) <= min(p, m)  # ZB-H1 holds no more than 1F1B's first stage
+        assert [a for a in zb_h1(m, p, s) if a[0] != "W"] == [("I", i) if k == "B" else (k, i) for k, i in one_f_one_b(m, p, s)]
 
 
 def test_theoretical_bubble():
     assert bubble_fraction(4, 2) == pytest.approx(1 / 5) and bubble_fraction(1, 4) == pytest.approx(3 / 4)
+    assert bubble_fraction(4, 2, "zbh1") == pytest.approx(1 / 13)
+
+
+def simulated_bubble(schedule: str, m: int, p: int) -> float:
+    """Run the schedule's action lists with F, I and W taking one time unit and B (I and W
+    together) two, each stage waiting for its neighbour's output: the idle share of the step, as
+    measured_bubble counts it."""
+    actions = [SCHEDULES[schedule](m, p, s) for s in range(p)]
+    cost = {"F": 1, "B": 2, "I": 1, "W": 1}
+    done: dict = {}  # (stage, kind, micro-batch) -> when it ended
+    clock, pos = [0] * p, [0] * p
+    while any(pos[s] < len(actions[s]) for s in range(p)):
+        progressed = False
+        for s in range(p):
+            if pos[s] == len(actions[s]):
+                continue
+            kind, i = actions[s][pos[s]]
+            peer = {"F": s - 1, "B": s + 1, "I": s + 1}.get(kind)  # whose output this pass takes
+            if peer is not None and 0 <= peer < p:
+                if (peer, kind, i) not in done:
+                    continue
+                clock[s] = max(clock[s], done[(peer, kind, i)])
+            clock[s] += cost[kind]
+            done[(s, kind, i)] = clock[s]
+            pos[s] += 1
+            progressed = True
+        assert progressed, f"{schedule} deadlocks"
+    busy = sum(cost[k] for k, _ in actions[0])
+    return 1 - busy / max(clock)
+
+
+@pytest.mark.parametrize("p, m", [(2, 4), (2, 8), (4, 4), (4, 8)])
+def test_schedules_idle_as_theory_says_with_equal_passes(p, m):
+    assert simulated_bubble("1f1b", m, p) == pytest.approx(bubble_fraction(m, p, "1f1b"))
+    assert simulated_bubble("gpipe", m, p) == pytest.approx(bubble_fraction(m, p, "gpipe"))
+    assert simulated_bubble("zbh1", m, p) == pytest.approx(bubble_fraction(m, p, "zbh1"))
+
+
+class _Tied(nn.Module):
+    """A weight used twice, on both sides of another layer: its two uses' boundaries share it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.a(torch.relu(self.b(torch.tanh(self.a(x))))) + self.b.bias
+
+
+@pytest.mark.parametrize("name", ["mlp", "tied", "conv-norms", "embedding", "data-input"])
+def test_split_backward_gives_the_same_gradients_in_two_passes(name):
+    """The input's gradient comes from the first pass alone (no parameter has a gradient after
+    it); the second adds the parameters' gradients: both as one backward computes them."""
+    torch.manual_seed(0)
+    model, x = {
+        "mlp": lambda: (mlp(), torch.randn(4, 8)),
+        "tied": lambda: (_Tied(), torch.randn(4, 8)),
+        "conv-norms": lambda: (nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(),
+                                             nn.LayerNorm(144), nn.Linear(144, 5)), torch.randn(2, 1, 8, 8)),
+        "embedding": lambda: (nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 3)), torch.randint(0, 10, (4, 5))),
+        "data-input": lambda: (mlp(), torch.randn(4, 8)),
+    }[name]()
+    wants_grad = x.is_floating_point() and name != "data-input"
+    x1 = x.clone().requires_grad_(wants_grad)
+    out = model(x1)
+    g = torch.randn_like(out)
+    out.backward(g)
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    x2 = x.clone().requires_grad_(wants_grad)
+    out = model(x2)
+    (dx,), weights = backward_input((out,), (g,), (x2,), list(model.parameters()))
+    assert all(p.grad is None for p in model.parameters()), "the first pass computed weight gradients"
+    if wants_grad:
+        torch.testing.assert_close(dx, x1.grad, rtol=0, atol=0)
+    else:
+        assert dx is None
+    weights.backward()
+    # the same products, summed in the same order, except where a weight's uses add up
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-6, atol=1e-7, msg=n)
 
 
 def mlp(depth: int = 6) -> nn.Sequential:
@@ -99,7 +191,7 @@ def pipeline_training(steps: int, microbatches: int, schedule: str):
     return {n: q.detach() for n, q in model.named_parameters() if id(q) in mine}, stage.max_in_flight, losses
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zbh1"])
 @pytest.mark.parametrize("microbatches", [1, 2, 4])
 @pytest.mark.parametrize("world_name", ["world2", "world4"])
 def test_pipeline_training_equals_one_process(world_name, microbatches, schedule, request):
@@ -111,7 +203,7 @@ def test_pipeline_training_equals_one_process(world_name, microbatches, schedule
         assert not merged.keys() & params.keys(), "stages must not share parameters"
         merged.update(params)
         p = len(results)
-        assert peak == (microbatches if schedule == "gpipe" else min(p - stage, microbatches))
+        assert peak == in_flight(SCHEDULES[schedule](microbatches, p, stage))
     assert_close(merged, expected)
     assert results[-1][2][0] is not None and all(r[2][0] is None for r in results[:-1])
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from plait.distributed.comm import all_gather_flat, broadcast_tensors, wait
 from plait.errors import PlaitError
+from plait.parallel.backward import EndOfBackward
 from plait.parallel.compress import Codec, Compression, make_codec
 from plait.parallel.consistency import check_consistency
 
@@ -85,7 +86,7 @@ def _make_buckets(named: list[tuple[str, nn.Parameter]], cap_bytes: int, first_c
     return buckets
 
 
-class DataParallel(nn.Module):
+class DataParallel(EndOfBackward, nn.Module):
     """Replicate ``module`` over ``group`` and average its gradients during backward.
 
     Args:
@@ -189,9 +190,7 @@ class DataParallel(nn.Module):
     def _grad_ready(self, p: nn.Parameter) -> None:
         if not self._sync:
             return
-        if not self._armed:
-            self._armed = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+        self._arm()
         bucket, i = self._slot[p]
         self._adopt(bucket, i)
         if not bucket.ready[i]:

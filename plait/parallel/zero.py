@@ -28,6 +28,7 @@ from torch import nn
 
 from plait.distributed.comm import all_gather_flat, broadcast_tensors, reduce_scatter_flat, wait
 from plait.errors import PlaitError
+from plait.parallel.backward import EndOfBackward
 from plait.parallel.compress import Codec, Compression, make_codec
 from plait.parallel.consistency import check_consistency
 
@@ -81,7 +82,7 @@ class _Unit:
         self.full.untyped_storage().resize_(0)  # views stay valid tensors; their memory is gone
 
 
-class Zero(nn.Module):
+class Zero(EndOfBackward, nn.Module):
     """Data parallelism with ZeRO stage 1, 2 or 3 over ``group``."""
 
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None, stage: int = 1,
@@ -167,6 +168,15 @@ class Zero(nn.Module):
     def _regather(self, u: _Unit) -> None:
         if u.full.untyped_storage().size() == 0:  # the first of its outputs' gradients: every rank alike
             u.gather(self.group)
+
+    def gather_for(self, params: list[nn.Parameter]) -> None:
+        """Stage 3: gather the units holding ``params`` again, if freed (a zero-bubble pipeline's
+        weight pass, which starts below the unit's output, where the hook is; every rank of the
+        group runs the same passes). Each is freed again once its gradients are reduced."""
+        if self.stage < 3:
+            return
+        for u in dict.fromkeys(self._slot[p][0] for p in params if p in self._slot):
+            self._regather(u)
 
     def shard_parameters(self) -> list[nn.Parameter]:
         """What the optimizer trains: this rank's slice of every unit."""
@@ -254,11 +264,6 @@ class Zero(nn.Module):
         if self.stage == 3:
             u.free_full()
         self._launched(u)
-
-    def _arm(self) -> None:
-        if not self._armed:
-            self._armed = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
 
     def _reduce_in_place(self, u: _Unit, i: int, p: nn.Parameter) -> None:
         """Stage 3 by all-reduce: each gradient is reduced where autograd put it, with no flat

@@ -18,6 +18,7 @@ from plait.data.partition import POLICIES, SCHEMES
 from plait.errors import ConfigError
 from plait.parallel.ps.layout import MODES as PS_MODES, SCHEMES as PS_SCHEMES
 from plait.parallel.tensor.plan import STYLES as TP_STYLES
+from plait.parallel.pipeline.schedules import SCHEDULES as PIPELINE_SCHEDULES
 from plait.train.schedule import SCHEDULES
 
 LOSSES = ("auto", "cross_entropy", "mse")
@@ -216,7 +217,9 @@ class PipelineConfig:
     microbatches: int = 1
     """Micro-batches per step per data-parallel rank (must divide its share of the batch)."""
     schedule: str = "1f1b"
-    """'gpipe' (all forwards, then all backwards) or '1f1b' (at most pp micro-batches in flight)."""
+    """'gpipe' (all forwards, then all backwards), '1f1b' (at most pp micro-batches in flight), or
+    'zbh1' (1F1B with each backward split into the input's gradient and the weights', the latter
+    run later, where the stage would wait)."""
     balance: str = "params"
     """Cut the model into stages balanced by 'params' (parameter count) or 'time' (measured)."""
     cuts: list = field(default_factory=list)
@@ -230,7 +233,7 @@ class PipelineConfig:
 
     def __post_init__(self):
         _require(self.microbatches >= 1, "pipeline.microbatches", f"must be >= 1, got {self.microbatches}")
-        _one_of(self.schedule, ("gpipe", "1f1b"), "pipeline.schedule")
+        _one_of(self.schedule, tuple(PIPELINE_SCHEDULES), "pipeline.schedule")
         _one_of(self.balance, ("params", "time"), "pipeline.balance")
         _require(all(isinstance(c, int) and not isinstance(c, bool) for c in self.cuts), "pipeline.cuts",
                  f"expected a list of block indices, got {self.cuts!r}")

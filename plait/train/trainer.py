@@ -331,9 +331,9 @@ class Trainer:
         """Gather every stage's timeline of this step; rank 0 writes the trace and the plot."""
         traces = [None] * self.pp
         dist.all_gather_object(traces, self.parallel.pipe.trace, group=self.mesh.group("pp"))
-        m, p = self.cfg.pipeline.microbatches, self.pp
-        report = {"pipeline_schedule": self.cfg.pipeline.schedule, "pipeline_microbatches": m,
-                  "bubble_measured": measured_bubble(traces), "bubble_theory": bubble_fraction(m, p)}
+        m, p, schedule = self.cfg.pipeline.microbatches, self.pp, self.cfg.pipeline.schedule
+        report = {"pipeline_schedule": schedule, "pipeline_microbatches": m,
+                  "bubble_measured": measured_bubble(traces), "bubble_theory": bubble_fraction(m, p, schedule)}
         if self.log:
             write_chrome_trace(traces, self.log.dir / "pipeline_trace.json")
             plot_timeline(traces, self.log.dir / "pipeline_timeline.png",

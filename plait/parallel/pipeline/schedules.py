@@ -1,5 +1,7 @@
 """Micro-batch schedules as action lists: ("F", i) runs forward of micro-batch i, ("B", i) its
-backward. Pure functions of (micro-batches m, stages p, this stage s); the stage runs them."""
+backward; zero-bubble schedules split ("B", i) into ("I", i), the gradient of the stage's input
+(sent upstream at once), and ("W", i), its weights' gradient, run later where the stage would
+wait. Pure functions of (micro-batches m, stages p, this stage s); the stage runs them."""
 
 from __future__ import annotations
 
@@ -22,9 +24,30 @@ def one_f_one_b(m: int, p: int, s: int) -> list[Action]:
     return actions
 
 
-SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b}
+def zb_h1(m: int, p: int, s: int) -> list[Action]:
+    """ZB-H1 (Qi et al., 2023): 1F1B with each backward split into I and W, stage s putting off
+    its first s weight passes. A later stage idles longest at the end of 1F1B (its last backward
+    comes first); the W it put off fill that, while its I reach the stages above sooner. With
+    equal F, I and W times the bubble is a third of 1F1B's; at most p micro-batches in flight."""
+    actions: list[Action] = []
+    done = 0  # weight passes run so far
+    for kind, i in one_f_one_b(m, p, s):
+        if kind == "F":
+            actions.append(("F", i))
+            continue
+        actions.append(("I", i))
+        if i >= s:
+            actions.append(("W", done))
+            done += 1
+    return actions + [("W", i) for i in range(done, m)]
 
 
-def bubble_fraction(m: int, p: int) -> float:
-    """The idle share of a step in theory, with equal stages and free communication."""
+SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b, "zbh1": zb_h1}
+
+
+def bubble_fraction(m: int, p: int, schedule: str = "1f1b") -> float:
+    """The idle share of a step in theory, with equal stages, free communication, and (for
+    zero-bubble) equal forward, input-gradient and weight-gradient times."""
+    if schedule == "zbh1":
+        return (p - 1) / (3 * m + p - 1)
     return (p - 1) / (m + p - 1)

@@ -18,6 +18,7 @@ from plait.errors import PlaitError
 from plait.observe.timing import span
 from plait.parallel.pipeline.p2p import FAILED, OK, Link, Spec, encode_header
 from plait.parallel.pipeline.schedules import SCHEDULES
+from plait.parallel.pipeline.split import WeightGradients, backward_input
 
 
 def _as_tuple(x) -> tuple[torch.Tensor, ...]:
@@ -46,7 +47,9 @@ class PipelineStage:
         self.next = None if self.last else Link(ranks[stage + 1], group, self.device, "gradients")
         self.trace: list[tuple[str, int, float, float]] = []  # (kind, micro-batch, start, end)
         self.max_in_flight = 0
-        self._saved: dict[int, tuple] = {}
+        self._saved: dict[int, tuple] = {}  # micro-batch -> (inputs, outputs), until its weights' gradient
+        self._pending: dict[int, WeightGradients] = {}  # zero-bubble: micro-batch -> its W, after its I
+        self._params = [p for p in module.parameters() if p.requires_grad]
         self._specs: list[Spec] = []
 
     # -- one step -------------------------------------------------------------------------
@@ -61,7 +64,7 @@ class PipelineStage:
         xs = _split(inputs, microbatches) if self.first or self.feed_input else [None] * microbatches
         ys = _split(targets, microbatches) if self.last else [None] * microbatches
         actions = SCHEDULES[schedule](microbatches, self.stages, self.stage)
-        last_backward = max(i for kind, i in actions if kind == "B")
+        last_grads = [a for a in actions if a[0] in "BW"][-1]  # the pass that syncs the gradients
         self.trace, self.max_in_flight, self._losses = [], 0, []
         self.t0 = time.perf_counter()
         self._microbatches = microbatches
@@ -71,8 +74,10 @@ class PipelineStage:
             for kind, i in actions:
                 if kind == "F":
                     self._forward(i, xs[i], ys[i], header=i == 0, scale=scale / microbatches)
+                elif kind == "W":
+                    self._weights(i, sync=sync and (kind, i) == last_grads)
                 else:
-                    self._backward(i, sync=sync and i == last_backward)
+                    self._backward(i, sync=sync and (kind, i) == last_grads, split=kind == "I")
             for link in (self.prev, self.next):
                 if link:
                     link.flush()
@@ -102,21 +107,41 @@ class PipelineStage:
         self._saved[i] = (inputs, out)
         self.max_in_flight = max(self.max_in_flight, len(self._saved))
 
-    def _backward(self, i: int, sync: bool) -> None:
-        inputs, out = self._saved.pop(i)
+    def _backward(self, i: int, sync: bool, split: bool = False) -> None:
+        """The backward of micro-batch i; ``split``: only its input's gradient (zero-bubble's I),
+        its weights' left to ``_weights``."""
+        inputs, out = self._saved[i] if split else self._saved.pop(i)
         if self.last:
             grads = None
         else:
             grads = self.next.take()
             out = tuple(o for o in out if o.is_floating_point())
         start = time.perf_counter()
-        no_sync = getattr(self.module, "no_sync", None)
-        with span("backward", f"B{i}"), no_sync() if (no_sync and not sync) else nullcontext():
-            torch.autograd.backward(out, grads)
-        self.trace.append(("B", i, start - self.t0, time.perf_counter() - self.t0))
+        floats = tuple(t for t in inputs if t.is_floating_point())
+        if split:
+            with span("backward", f"I{i}"):
+                sent, self._pending[i] = backward_input(out, grads, floats, self._params)
+        else:
+            with span("backward", f"B{i}"), self._syncing(sync):
+                torch.autograd.backward(out, grads)
+            sent = [t.grad for t in floats]
+        self.trace.append(("I" if split else "B", i, start - self.t0, time.perf_counter() - self.t0))
         if not self.first:
-            self.prev.send(tuple(t.grad if t.grad is not None else torch.zeros_like(t)
-                                 for t in inputs if t.is_floating_point()))
+            self.prev.send(tuple(g if g is not None else torch.zeros_like(t) for t, g in zip(floats, sent)))
+
+    def _weights(self, i: int, sync: bool) -> None:
+        """Zero-bubble's W: the gradient of the weights of micro-batch i, whose I ran before."""
+        self._saved.pop(i)
+        start = time.perf_counter()
+        one_backward = getattr(self.module, "one_backward", None)  # several autograd calls, one backward
+        with span("backward", f"W{i}"), self._syncing(sync), one_backward() if one_backward else nullcontext():
+            self._pending.pop(i).backward(before=getattr(self.module, "gather_for", None))
+        self.trace.append(("W", i, start - self.t0, time.perf_counter() - self.t0))
+
+    def _syncing(self, sync: bool):
+        """A context in which a backward leaves the data-parallel module's gradients local, unless ``sync``."""
+        no_sync = getattr(self.module, "no_sync", None)
+        return no_sync() if (no_sync and not sync) else nullcontext()
 
     @torch.no_grad()
     def infer(self, inputs) -> torch.Tensor | None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-Trace = list[tuple[str, int, float, float]]  # (kind "F"/"B", micro-batch, start s, end s) of one stage
+Trace = list[tuple[str, int, float, float]]  # (kind "F"/"B"/"I"/"W", micro-batch, start s, end s) of one stage
+KINDS = {"F": ("forward", "#8ecae6"), "B": ("backward", "#219ebc"), "I": ("input gradient", "#219ebc"),
+         "W": ("weight gradient", "#ffb703")}
 
 
 def measured_bubble(traces: list[Trace]) -> float:
@@ -18,7 +20,7 @@ def measured_bubble(traces: list[Trace]) -> float:
 
 def write_chrome_trace(traces: list[Trace], path: str | Path) -> Path:
     """A trace that chrome://tracing and ui.perfetto.dev load: one row (thread) per stage."""
-    events = [{"name": f"{kind}{mb}", "cat": "forward" if kind == "F" else "backward", "ph": "X",
+    events = [{"name": f"{kind}{mb}", "cat": KINDS[kind][0], "ph": "X",
                "ts": begin * 1e6, "dur": (end - begin) * 1e6, "pid": 0, "tid": stage}
               for stage, trace in enumerate(traces) for kind, mb, begin, end in trace]
     events += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": s, "args": {"name": f"stage {s}"}}
@@ -29,7 +31,8 @@ def write_chrome_trace(traces: list[Trace], path: str | Path) -> Path:
 
 
 def plot_timeline(traces: list[Trace], path: str | Path, title: str) -> Path:
-    """Stages as rows, micro-batches as labelled boxes (forward light, backward dark)."""
+    """Stages as rows, micro-batches as labelled boxes (forward light, backward dark, a
+    zero-bubble schedule's weight gradients yellow)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +43,7 @@ def plot_timeline(traces: list[Trace], path: str | Path, title: str) -> Path:
     for stage, trace in enumerate(traces):
         for kind, mb, begin, end in trace:
             left, width = (begin - start) * 1e3, (end - begin) * 1e3
-            ax.broken_barh([(left, width)], (stage - 0.4, 0.8), color="#8ecae6" if kind == "F" else "#219ebc",
+            ax.broken_barh([(left, width)], (stage - 0.4, 0.8), color=KINDS[kind][1],
                            edgecolor="black", linewidth=0.5)
             ax.text(left + width / 2, stage, f"{kind}{mb}", ha="center", va="center", fontsize=7)
     ax.set_yticks(range(len(traces)), [f"stage {s}" for s in range(len(traces))])
