@@ -8,7 +8,8 @@ into the same two halves for both, global batch 64, SGD. Median step time over r
 round: a few warm-up steps, then timed steps) for Plait's GPipe and 1F1B and torch's
 ScheduleGPipe and Schedule1F1B, and Plait's ZB-H1 beside torch's ScheduleInterleavedZeroBubble with one stage per
 rank (the same ZB-H1 order of passes), interleaved; and Plait's measured bubble (from its own
-trace of one step) beside the theoretical (p-1)/(m+p-1), (p-1)/(3m+p-1) for ZB-H1.
+trace of one step) beside the ideal (the schedule replayed with the traced passes' own times
+and nothing between them) and the theoretical (p-1)/(m+p-1), (p-1)/(3m+p-1) for ZB-H1.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, bubble_fraction, cut_points
-from plait.parallel.pipeline.trace import measured_bubble
+from plait.parallel.pipeline.trace import ideal_bubble, measured_bubble
 from plait.testing import World
 
 BATCH, WIDTH = 64, 1024
@@ -86,7 +87,7 @@ def time_steps(impl: str, schedule: str, m: int, warmup: int, steps: int) -> tup
     if impl == "plait":
         traces = [None, None]
         dist.all_gather_object(traces, stage.trace)
-        bubble = measured_bubble(traces)
+        bubble = measured_bubble(traces), ideal_bubble(traces, schedule)
     return statistics.median(times), bubble
 
 
@@ -111,16 +112,18 @@ def main() -> None:
                     if bubble is not None:
                         bubbles[sched].append(bubble)
             table[m] = ({c: statistics.median(v) for c, v in samples.items()},
-                        {s: statistics.median(v) for s, v in bubbles.items()})
+                        {s: tuple(statistics.median(b[j] for b in v) for j in (0, 1)) for s, v in bubbles.items()})
     print(f"\npp=2, {params / 1e6:.1f}M-parameter MLP, global batch {BATCH}, 1 thread per process, "
           f"median of {args.rounds} rounds x {args.steps} steps (ms per step)")
-    print(f"{'m':>2} | {'schedule':8} | {'plait':>7} | {'torch':>7} | {'torch/plait':>11} | {'bubble measured':>15} | {'theory':>6}")
+    print(f"{'m':>2} | {'schedule':8} | {'plait':>7} | {'torch':>7} | {'torch/plait':>11} | {'bubble measured':>15} | "
+          f"{'ideal':>5} | {'theory':>6}")
     for m, (med, bubble) in table.items():
         for sched in schedules:
             p, t = med[("plait", sched)], med[("torch", sched)]
             print(f"{m:>2} | {sched:8} | {p * 1e3:7.1f} | {t * 1e3:7.1f} | {t / p:11.3f} | "
-                  f"{bubble[sched]:15.3f} | {bubble_fraction(m, 2, sched):6.3f}")
-    print("(torch/plait > 1: Plait is faster)")
+                  f"{bubble[sched][0]:15.3f} | {bubble[sched][1]:5.3f} | {bubble_fraction(m, 2, sched):6.3f}")
+    print("(torch/plait > 1: Plait is faster; ideal: the schedule run with the traced passes' own times and\n"
+          " nothing between them; theory: with equal stages and passes)")
 
 
 def lambda_params() -> int:

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from plait.parallel.pipeline.cut import _balance
+from plait.parallel.pipeline.schedules import SCHEDULES, in_flight
 from plait.plan.cluster import Cluster
 from plait.plan.profile import ModelProfile
 
@@ -146,6 +148,12 @@ class Estimate:
         return self.flops_per_step / self.step_s / self.world / 1e12
 
 
+@lru_cache(maxsize=4096)
+def _held(schedule: str, m: int, p: int, s: int) -> int:
+    """Micro-batches stage s of the schedule holds at its peak (the schedule's own actions)."""
+    return in_flight(SCHEDULES[schedule](m, p, s))
+
+
 def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candidate) -> Estimate:
     world = c.dp * c.pp * c.tp
     b = work.batch_size / (c.dp * work.accum_steps * c.microbatches)  # samples per micro-batch
@@ -212,14 +220,12 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
                 t_step += cluster.link(span).time("all_reduce", 8, size)
         shard = c.dp if c.zero else 1
         t_opt = params / shard * OPTIMIZER_BYTES[work.optimizer] / cluster.memory_bandwidth
-        in_flight = m if c.schedule == "gpipe" else min(m, c.pp - s)
-        if c.pp == 1:
-            in_flight = 1
+        held = _held(c.schedule, m, c.pp, s) if c.pp > 1 else 1
         saved = st["saved"] * b * act_scale
         if c.recompute:
-            saved_peak = (st["inputs"] * in_flight + st["most_saved"]) * b * act_scale
+            saved_peak = (st["inputs"] * held + st["most_saved"]) * b * act_scale
         else:
-            saved_peak = saved * in_flight
+            saved_peak = saved * held
         mem = {
             "params": (params / c.dp + 2 * largest if c.zero == 3 else params) * 4,
             "grads": {0: params, 1: params, 2: params + params / c.dp, 3: 2 * largest + params / c.dp}[c.zero] * 4,
@@ -233,7 +239,9 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
             "compute": (t_f + t_b) * m * k,
             "tp": t_tp * m * k,
             "p2p": t_p2p * m * k,
-            "bubble": (c.pp - 1) * slot / speedup * k,  # each accumulation step is a schedule
+            # each accumulation step is a schedule; zero-bubble fills all but F of each slot (the
+            # input's gradient and the weights' taken as equal halves of the backward)
+            "bubble": (c.pp - 1) * (slot - t_b if c.schedule == "zbh1" else slot) / speedup * k,
             "dp": t_dp,
             "zero_gather": t_gather,
             "optimizer": t_opt,

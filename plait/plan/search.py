@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from plait.errors import PlaitError
+from plait.parallel.pipeline.schedules import SCHEDULES
 from plait.plan.cluster import Cluster
 from plait.plan.cost import Candidate, Estimate, Workload, estimate
 from plait.plan.profile import ModelProfile
@@ -50,7 +51,7 @@ def candidates(profile: ModelProfile, cluster: Cluster, work: Workload, world: i
                 except PlaitError:  # the model does not split so (ConfigError is one)
                     continue
                 for m in microbatch_counts(share, pp):
-                    for schedule in (["gpipe", "1f1b"] if pp > 1 else ["1f1b"]):
+                    for schedule in (list(SCHEDULES) if pp > 1 else ["1f1b"]):
                         for recompute in (False, True):
                             for precision in precisions:
                                 found.append(replace(base, microbatches=m, schedule=schedule, recompute=recompute,

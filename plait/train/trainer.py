@@ -31,7 +31,7 @@ from plait.observe.trace import write_run_trace
 from plait.parallel.compose import Layout, parallelize
 from plait.parallel.materialize import build_deferred, is_meta
 from plait.parallel.pipeline.schedules import bubble_fraction
-from plait.parallel.pipeline.trace import measured_bubble, plot_timeline, write_chrome_trace
+from plait.parallel.pipeline.trace import ideal_bubble, measured_bubble, plot_timeline, write_chrome_trace
 from plait.train.checkpoint import Checkpointer, read_manifest
 from plait.train.config import Config, TrainConfig
 from plait.train.metrics import RunLog
@@ -333,7 +333,8 @@ class Trainer:
         dist.all_gather_object(traces, self.parallel.pipe.trace, group=self.mesh.group("pp"))
         m, p, schedule = self.cfg.pipeline.microbatches, self.pp, self.cfg.pipeline.schedule
         report = {"pipeline_schedule": schedule, "pipeline_microbatches": m,
-                  "bubble_measured": measured_bubble(traces), "bubble_theory": bubble_fraction(m, p, schedule)}
+                  "bubble_measured": measured_bubble(traces), "bubble_theory": bubble_fraction(m, p, schedule),
+                  "bubble_ideal": ideal_bubble(traces, schedule)}
         if self.log:
             write_chrome_trace(traces, self.log.dir / "pipeline_trace.json")
             plot_timeline(traces, self.log.dir / "pipeline_timeline.png",

@@ -42,7 +42,52 @@ def zb_h1(m: int, p: int, s: int) -> list[Action]:
     return actions + [("W", i) for i in range(done, m)]
 
 
+def in_flight(actions: list[Action]) -> int:
+    """The most micro-batches a stage holds at once: forwarded, and not yet done with (their B,
+    or their W: the input pass keeps the graph for the weight pass)."""
+    live, peak = set(), 0
+    for kind, i in actions:
+        if kind == "F":
+            live.add(i)
+        elif kind in "BW":
+            live.discard(i)
+        peak = max(peak, len(live))
+    return peak
+
+
 SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b, "zbh1": zb_h1}
+
+
+def simulate(schedule: str, m: int, p: int, duration) -> float:
+    """The schedule's bubble with free communication and no cost between passes: every stage
+    runs its actions in order, each pass taking ``duration(stage, kind)`` and starting once the
+    neighbour's pass it takes the output of has ended (F after the previous stage's F; B and I
+    after the next stage's). The idle share of the step, averaged over stages, as
+    ``trace.measured_bubble`` counts it from a real step."""
+    actions = [SCHEDULES[schedule](m, p, s) for s in range(p)]
+    ended: dict = {}  # (stage, kind, micro-batch) -> when it ended
+    clock, pos, busy = [0.0] * p, [0] * p, [0.0] * p
+    while any(pos[s] < len(actions[s]) for s in range(p)):
+        progressed = False
+        for s in range(p):
+            if pos[s] == len(actions[s]):
+                continue
+            kind, i = actions[s][pos[s]]
+            peer = {"F": s - 1, "B": s + 1, "I": s + 1}.get(kind)  # whose output this pass takes
+            if peer is not None and 0 <= peer < p:
+                if (peer, kind, i) not in ended:
+                    continue
+                clock[s] = max(clock[s], ended[(peer, kind, i)])
+            took = duration(s, kind)
+            clock[s] += took
+            busy[s] += took
+            ended[(s, kind, i)] = clock[s]
+            pos[s] += 1
+            progressed = True
+        if not progressed:
+            raise RuntimeError(f"pipeline schedule {schedule!r} deadlocks at m={m}, p={p}")
+    span = max(clock)
+    return sum(1 - b / span for b in busy) / p
 
 
 def bubble_fraction(m: int, p: int, schedule: str = "1f1b") -> float:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
+
+from plait.parallel.pipeline.schedules import simulate
 
 Trace = list[tuple[str, int, float, float]]  # (kind "F"/"B"/"I"/"W", micro-batch, start s, end s) of one stage
 KINDS = {"F": ("forward", "#8ecae6"), "B": ("backward", "#219ebc"), "I": ("input gradient", "#219ebc"),
@@ -16,6 +19,20 @@ def measured_bubble(traces: list[Trace]) -> float:
     span = max(t[3] for trace in traces for t in trace) - start
     busy = [sum(end - begin for _, _, begin, end in trace) for trace in traces]
     return sum(1 - b / span for b in busy) / len(traces)
+
+
+def ideal_bubble(traces: list[Trace], schedule: str) -> float:
+    """The bubble this schedule would have with these passes' own times (each stage's median per
+    kind) and nothing between them: what ``measured_bubble`` exceeds it by is the cost of
+    communication and of the bookkeeping between passes; what it exceeds the closed form by, of
+    unequal stages and passes."""
+    times: dict = {}
+    for s, trace in enumerate(traces):
+        for kind, _, begin, end in trace:
+            times.setdefault((s, kind), []).append(end - begin)
+    median = {key: statistics.median(v) for key, v in times.items()}
+    m = sum(1 for kind, *_ in traces[0] if kind == "F")
+    return simulate(schedule, m, len(traces), lambda s, kind: median[(s, kind)])
 
 
 def write_chrome_trace(traces: list[Trace], path: str | Path) -> Path:
