@@ -45,15 +45,12 @@ CASES = {
     "zero3xpp2-gpipe": ("world4", ["parallel.zero=3", "parallel.pp=2", "pipeline.schedule=gpipe"], [ACCUM]),
     "dp2xpp2-zbh1": ("world4", ["parallel.pp=2", "pipeline.schedule=zbh1"], [ACCUM]),
     "pp2xtp2-zbh1": ("world4", ["parallel.pp=2", "parallel.tp=2", "pipeline.schedule=zbh1"], [CLIP]),
-    "zero1xpp2-zbh1": ("world4", ["parallel.zero=1", "parallel.pp=2", "pipeline.schedule=zbh1"], [CLIP]),
     "zero2xpp2-zbh1": ("world4", ["parallel.zero=2", "parallel.pp=2", "pipeline.schedule=zbh1"], [ACCUM]),
     "zero3xpp2-zbh1": ("world4", ["parallel.zero=3", "parallel.pp=2", "pipeline.schedule=zbh1"], [CLIP, ACCUM]),
     "pp2-zbh1-recompute": ("world4", ["parallel.pp=2", "pipeline.schedule=zbh1", "train.recompute=true"], [CLIP]),
     "dp2xpp2xtp2-1f1b": ("world8", ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2"], [CLIP]),
     "dp2xpp2xtp2-gpipe": ("world8", ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "pipeline.schedule=gpipe"],
                           [ACCUM]),
-    "dp2xpp2xtp2-zbh1": ("world8", ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "pipeline.schedule=zbh1"],
-                         [CLIP]),
 }
 
 _references: dict[tuple, tuple] = {}
