@@ -250,16 +250,16 @@ def test_resume_flag_checks_the_checkpoint_first(tmp_path):
 
 def test_pipeline_from_the_command_line_with_trace(tmp_path):
     done = plait_train(str(EXAMPLES / "digits_cnn.toml"), "--nproc", "2", "--set", "parallel.pp=2",
-                       "--set", "pipeline.microbatches=4", "--set", "pipeline.schedule=1f1b",
+                       "--set", "pipeline.microbatches=4", "--set", "pipeline.schedule=zbh1",
                        "--set", "pipeline.trace=true", "--set", "train.steps=40", "--set", "run.progress=false",
                        out_dir=tmp_path)
     assert done.returncode == 0, done.stderr
     _, summary = read_run(tmp_path, "digits_cnn")
-    assert summary["layout"] == "dp=1 x pp=2 x tp=1" and summary["bubble_theory"] == pytest.approx(0.2)
-    assert 0 < summary["bubble_measured"] < 1
+    assert summary["layout"] == "dp=1 x pp=2 x tp=1" and summary["bubble_theory"] == pytest.approx(1 / 13)
+    assert 0 < summary["bubble_ideal"] < 1 and 0 < summary["bubble_measured"] < 1
     trace = json.loads((tmp_path / "digits_cnn" / "pipeline_trace.json").read_text())
     boxes = [e["name"] for e in trace["traceEvents"] if e["ph"] == "X"]
-    assert sorted(boxes) == sorted(f"{k}{i}" for k in "FB" for i in range(4) for _ in range(2))
+    assert sorted(boxes) == sorted(f"{k}{i}" for k in "FIW" for i in range(4) for _ in range(2))
     assert (tmp_path / "digits_cnn" / "pipeline_timeline.png").read_bytes()[:4] == b"\x89PNG"
 
 

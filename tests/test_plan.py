@@ -45,7 +45,10 @@ def held_while_training(example: str, overrides: list[str], out_dir: str) -> dic
 
     class Held:
         def __init__(self, t):
-            self.t, self.key = t, t.untyped_storage()._cdata
+            # a detached alias: holding a saved output itself would tie it to its own node in a
+            # cycle that only that node's release breaks (ZB-H1's input pass keeps nodes that no
+            # later pass runs; they are freed with the graph, which the cycle would keep alive)
+            self.t, self.key = t.detach(), t.untyped_storage()._cdata
             entry = live.setdefault(self.key, [0, t.untyped_storage().nbytes()])
             if entry[0] == 0:
                 state["now"] += entry[1]
@@ -99,6 +102,7 @@ LAYOUTS = {
     "tp2": ("gpt_hybrid", [*GPT, "parallel.pp=1", "parallel.tp=2"]),
     "pp2-gpipe": ("gpt_hybrid", [*GPT, "parallel.pp=2", 'pipeline.schedule="gpipe"']),
     "pp2-1f1b": ("gpt_hybrid", [*GPT, "parallel.pp=2", 'pipeline.schedule="1f1b"']),
+    "pp2-zbh1": ("gpt_hybrid", [*GPT, "parallel.pp=2", 'pipeline.schedule="zbh1"']),  # holds each graph until W
 }
 
 

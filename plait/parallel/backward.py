@@ -9,9 +9,10 @@ import torch
 
 
 class EndOfBackward:
-    """For a class with a ``_finish()``: ``_arm()`` at a backward's first ready gradient runs ``self._finish()`` once that backward
-    ends; inside ``one_backward()``, once the block ends instead: the several autograd calls of a
-    zero-bubble pipeline's weight pass are one backward to the gradient reduction."""
+    """For a class with a ``_finish()``: ``_arm()``, called at a backward's first ready gradient,
+    runs ``self._finish()`` once that backward ends; inside ``one_backward()``, once the block ends
+    instead (the several autograd calls of a zero-bubble pipeline's weight pass are one backward
+    to the gradient reduction)."""
 
     _armed = False
     _held = False

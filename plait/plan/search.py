@@ -95,6 +95,8 @@ def cost_phrase(e: Estimate, part: str, cluster: Cluster) -> str:
         return (f"tp={c.tp} {where[n['tp_link'] is cluster.inter]}: {gb(n['tp_bytes'])} per step at "
                 f"{rate(n['tp_link'].ops.get('all_reduce', (0, n['tp_link'].bandwidth))[1])} ({t:.3g} s)")
     if part == "bubble":
+        if c.schedule == "zbh1":  # the idle forward of each of the p-1 slots, out of three per micro-batch
+            return f"the pipeline bubble: {c.pp - 1} of {3 * c.microbatches + c.pp - 1} pass slots idle ({t:.3g} s)"
         return f"the pipeline bubble: {c.pp - 1} of {c.microbatches + c.pp - 1} slots idle ({t:.3g} s)"
     if part == "dp":
         hidden = "after backward" if c.zero else "less what backward hides"
