@@ -53,7 +53,7 @@ class WeightGradients:
     def backward(self, before=None) -> None:
         """Accumulate the parameters' gradients into ``.grad`` (their hooks run as in any backward);
         ``before(params)`` first, for each autograd call (ZeRO-3 gathers what it will read)."""
-        for n, group in enumerate(self._groups):
+        for k, group in enumerate(self._groups):
             edges, grads, pins = [], [], []
             for root, grad in group.roots:
                 if isinstance(root, torch.Tensor):
@@ -63,19 +63,19 @@ class WeightGradients:
                 kept = self._kept.get(root)
                 if kept is None:  # the first pass never reached it (its gradient was zero)
                     continue
-                for k, g in enumerate(kept):
+                for slot, g in enumerate(kept):
                     if g is not None:
-                        edges.append(GradientEdge(root, k))
+                        edges.append(GradientEdge(root, slot))
                         grads.append(g)
                 if len(group.roots) > 1:
                     pins.append(root.register_prehook(lambda _, kept=kept: kept))
             try:
                 if edges:
-                    params = [self._params[n] for n in group.params]  # in the graph's order
+                    params = [self._params[node] for node in group.params]  # in the graph's order
                     if before is not None:
                         before(params)
                     # a later group's call may run nodes this one ran (between pinned boundaries)
-                    torch.autograd.backward(edges, grads, retain_graph=n < len(self._groups) - 1, inputs=params)
+                    torch.autograd.backward(edges, grads, retain_graph=k < len(self._groups) - 1, inputs=params)
             finally:
                 for pin in pins:
                     pin.remove()
