@@ -301,12 +301,11 @@ class Zero(EndOfBackward, nn.Module):
             return
         if u.compressed:
             u.codec.finish(u.grad_full[: u.numel])
-            u.codec.steps += 1
             u.compressed = False
         else:
             wait(u.work, "ZeRO gradient reduction", self.group)
-            if u.codec is not None:
-                u.codec.steps += 1
+        if u.codec is not None:  # a reduction, compressed or not (compression starts after some)
+            u.codec.steps += 1
         if u.wire is not None:  # reduced in bf16: back into the gradient's own dtype
             u.grad_full.copy_(u.wire)
             u.wire = None
