@@ -16,9 +16,9 @@ from typing import Any
 
 from plait.data.partition import POLICIES, SCHEMES
 from plait.errors import ConfigError
+from plait.parallel.pipeline.schedules import SCHEDULES as PIPELINE_SCHEDULES
 from plait.parallel.ps.layout import MODES as PS_MODES, SCHEMES as PS_SCHEMES
 from plait.parallel.tensor.plan import STYLES as TP_STYLES
-from plait.parallel.pipeline.schedules import SCHEDULES as PIPELINE_SCHEDULES
 from plait.train.schedule import SCHEDULES
 
 LOSSES = ("auto", "cross_entropy", "mse")
