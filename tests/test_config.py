@@ -33,6 +33,7 @@ def test_overrides_are_typed():
     ("data.partition=random", "data.partition"),
     ("parallel.strategy=gossip", "parallel.strategy"),
     ("parallel.zero=4", "parallel.zero: ZeRO stages are 0"),
+    ("pipeline.schedule=zb", "pipeline.schedule: 'zb' is not one of gpipe, 1f1b, zbh1"),
     ("dist.timeout=-1", "dist.timeout"),
     ("train", "expected KEY=VALUE"),
 ])
