@@ -1,15 +1,17 @@
 """Activations between neighbouring stages: tensors of any shape and dtype, or tuples of them.
 
-The first message of a step carries a header (status, then dtype code, rank and shape of each
-tensor), so shapes are learned at run time; gradients flow back with the shapes sent forward.
-Sends are non-blocking (a stage never waits for its neighbour to take a message). Receives are
-posted ahead of need, so a message lands while the stage computes; taking one waits, bounded by
-the process group's timeout.
+The first message of a step from each chunk carries a header (status, then dtype code, rank and
+shape of each tensor), so shapes are learned at run time; gradients flow back with the shapes
+sent forward. Sends are non-blocking (a stage never waits for its neighbour to take a message).
+In a step, a stage knows from the schedule every message each neighbour will send it, in the
+order it sends them (``Link.expect``); it posts the receives in that order, each as soon as its
+shape is known, so a message lands while the stage computes, and messages of either direction
+and any chunk share one link without tags (so the same runs on gloo and NCCL). Taking one
+waits, bounded by the process group's timeout.
 """
 
 from __future__ import annotations
 
-from collections import deque
 
 import torch
 import torch.distributed as dist
@@ -47,46 +49,101 @@ def decode_header(header: torch.Tensor) -> tuple[int, list[Spec]]:
     return status, specs
 
 
+Key = tuple[str, int, int]
+"""A message of a step: ("H", chunk, 0) the header of a chunk's activations, ("A", chunk, i) the
+activations of micro-batch i into ``chunk``, ("G", chunk, i) the gradient of its output."""
+
+
 class Link:
     """The channel to one neighbouring stage (a global rank), on the pipeline group."""
 
-    def __init__(self, peer: int, group: dist.ProcessGroup, device: torch.device, what: str):
-        self.peer, self.group, self.device, self.what = peer, group, device, what
+    def __init__(self, peer: int, group: dist.ProcessGroup, device: torch.device):
+        self.peer, self.group, self.device = peer, group, device
         self.pending: list[dist.Work] = []
-        self.posted: deque[list[tuple[torch.Tensor, dist.Work]]] = deque()
+        self.order: list[Key] = []  # what the peer sends this step, in its order
+        self.next = 0  # the first of them not yet posted
+        self.specs: dict = {}  # ("A", chunk) or ("G", chunk, i) -> the shapes of that message
+        self.posted: dict[Key, list[tuple[torch.Tensor, dist.Work]]] = {}
 
-    def send(self, tensors: tuple[torch.Tensor, ...], header: torch.Tensor | None = None) -> None:
-        with span("comm", f"pipeline send to rank {self.peer} ({self.what})"):  # posting costs this thread
+    def _what(self, kind: str) -> str:
+        return f"rank {self.peer} ({'gradients' if kind == 'G' else 'activations'})"
+
+    def send(self, tensors: tuple[torch.Tensor, ...], header: torch.Tensor | None = None,
+             kind: str = "A") -> None:
+        with span("comm", f"pipeline send to {self._what(kind)}"):  # posting costs this thread
             if header is not None:
                 self.pending.append(dist.isend(header.to(self.device), self.peer, group=self.group))
             for t in tensors:
                 self.pending.append(dist.isend(t.detach().contiguous(), self.peer, group=self.group))
 
+    # -- outside a step (checking the cut, inference): activations only, taken as they come --
     def recv_header(self) -> tuple[int, list[Spec]]:
-        what = f"pipeline receive from rank {self.peer} ({self.what})"
+        what = f"pipeline receive from {self._what('A')}"
         with span("bubble", what):  # posting the receive waits for the peer too
             header = torch.empty(HEADER_WORDS, dtype=torch.int64, device=self.device)
             wait(dist.irecv(header, self.peer, group=self.group), what, self.group, "bubble")
         return decode_header(header.cpu())
 
-    def post(self, specs: list[Spec]) -> None:
-        """Post the receive of the next message now, so it lands while this stage computes."""
-        with span("comm", f"pipeline receive from rank {self.peer} posted ({self.what})"):
-            buffers = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
-            self.posted.append([(t, dist.irecv(t, self.peer, group=self.group)) for t in buffers])
-
-    def take(self) -> tuple[torch.Tensor, ...]:
-        """The oldest posted message (messages on a link arrive in the order they were sent)."""
-        for _, work in self.posted[0]:
-            wait(work, f"pipeline receive from rank {self.peer} ({self.what})", self.group, "bubble")
-        return tuple(t for t, _ in self.posted.popleft())
-
     def recv(self, specs: list[Spec]) -> tuple[torch.Tensor, ...]:
-        self.post(specs)
-        return self.take()
+        buffers = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
+        works = [dist.irecv(t, self.peer, group=self.group) for t in buffers]
+        for work in works:
+            wait(work, f"pipeline receive from {self._what('A')}", self.group, "bubble")
+        return tuple(buffers)
+
+    # -- in a step ------------------------------------------------------------------------
+    def expect(self, order: list[Key]) -> None:
+        """The messages the peer will send this step, in its order; headers are posted now."""
+        if self.posted or self.next < len(self.order):
+            raise PlaitError(f"pipeline: {len(self.order) - self.next + len(self.posted)} messages from rank "
+                             f"{self.peer} were never taken in the last step")
+        self.order, self.next, self.specs = order, 0, {}
+        self._post_known()
+
+    def known(self, key: Key, specs: list[Spec]) -> None:
+        """The shapes of message ``key`` (a gradient's: those of the output sent for it)."""
+        self.specs[key] = specs
+        self._post_known()
+
+    def _post_known(self) -> None:
+        """Post the receives of the next messages, in order, as far as their shapes are known."""
+        while self.next < len(self.order):
+            key = self.order[self.next]
+            kind, chunk, _ = key
+            specs = [(torch.int64, (HEADER_WORDS,))] if kind == "H" else \
+                self.specs.get(("A", chunk) if kind == "A" else key)
+            if specs is None:
+                return
+            with span("comm", f"pipeline receive from {self._what(kind)} posted"):
+                buffers = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
+                self.posted[key] = [(t, dist.irecv(t, self.peer, group=self.group)) for t in buffers]
+            self.next += 1
+
+    def _wait(self, key: Key) -> tuple[torch.Tensor, ...]:
+        posted = self.posted.pop(key)
+        for _, work in posted:
+            wait(work, f"pipeline receive from {self._what(key[0])}", self.group, "bubble")
+        return tuple(t for t, _ in posted)
+
+    def take(self, key: Key) -> tuple[torch.Tensor, ...]:
+        """Message ``key``, waiting for it. Where its receive is not posted yet, the headers
+        before it are (the peer sent them first): they are read, and what they describe posted."""
+        while key not in self.posted:
+            if self.next == len(self.order) or key not in self.order[self.next:]:
+                raise PlaitError(f"pipeline: no message {key} from rank {self.peer} in this step's schedule")
+            kind, chunk, _ = self.order[self.next]
+            if kind != "A" or ("H", chunk, 0) not in self.posted:
+                raise PlaitError(f"pipeline: message {key} from rank {self.peer} is taken before "
+                                 f"{self.order[self.next]}, whose shape is not known yet")
+            status, specs = decode_header(self._wait(("H", chunk, 0))[0].cpu())
+            if status != OK:
+                raise PlaitError(f"pipeline: rank {self.peer} failed; see its error")
+            self.specs[("A", chunk)] = specs
+            self._post_known()
+        return self._wait(key)
 
     def flush(self) -> None:
         """Wait until every message sent so far has left (before its buffers may be reused)."""
         for work in self.pending:
-            wait(work, f"pipeline send to rank {self.peer} ({self.what})", self.group, "bubble")
+            wait(work, f"pipeline send to rank {self.peer}", self.group, "bubble")
         self.pending.clear()

@@ -3,6 +3,10 @@
     stage = PipelineStage(StageModule(blocks), stage=mesh.coord("pp"), stages=mesh.size("pp"),
                           group=mesh.group("pp"), loss_fn=loss_fn)
     loss = stage.step(inputs, targets, microbatches=4, schedule="1f1b")   # loss on the last stage
+
+With v chunks per stage (interleaved schedules), ``module`` is a list of v modules: chunk c is
+piece c * stages + stage of a model cut into stages * v pieces, so the activations go round the
+stages v times, the last stage sending chunk c's output to the first stage's chunk c + 1.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from torch import nn
 
 from plait.errors import PlaitError
 from plait.observe.timing import span
-from plait.parallel.pipeline.p2p import FAILED, OK, Link, Spec, encode_header
+from plait.parallel.pipeline.p2p import FAILED, OK, Key, Link, encode_header
 from plait.parallel.pipeline.schedules import SCHEDULES
 from plait.parallel.pipeline.split import WeightGradients, backward_input
 
@@ -30,27 +34,57 @@ class PipelineStage:
 
     Args:
         module: this stage's blocks (a ``StageModule``), or a ``DataParallel`` around them; then
-            gradients are averaged over its group once per step, at the last backward.
+            gradients are averaged over its group once per step, at the last backward. Or a list
+            of such, one per chunk (``v = len(module)`` virtual stages on each stage).
         loss_fn: ``loss_fn(output, target)`` on the last stage, a mean over the micro-batch.
     """
 
-    def __init__(self, module: nn.Module, stage: int, stages: int, group: dist.ProcessGroup,
+    def __init__(self, module: nn.Module | list[nn.Module], stage: int, stages: int, group: dist.ProcessGroup,
                  loss_fn=None, device: torch.device | None = None, feed_input: bool = False):
         """``feed_input``: every stage's module is called with the micro-batch's input before what
         it received (a ``ModelStage``); then every stage must be given the inputs."""
-        self.module, self.stage, self.stages, self.group = module, stage, stages, group
+        self.chunks = list(module) if isinstance(module, (list, tuple)) else [module]
+        self.virtual = len(self.chunks)
+        self.stage, self.stages, self.group = stage, stages, group
+        self.pieces = stages * self.virtual
         self.feed_input = feed_input
+        if feed_input and self.virtual > 1:
+            raise PlaitError("pipeline: a model that runs its own forward around its blocks holds one chunk per stage")
         self.loss_fn, self.device = loss_fn, device or torch.device("cpu")
-        self.first, self.last = stage == 0, stage == stages - 1
+        self.first, self.last = stage == 0, stage == stages - 1  # hold the first piece, and the last
         ranks = dist.get_process_group_ranks(group)
-        self.prev = None if self.first else Link(ranks[stage - 1], group, self.device, "activations")
-        self.next = None if self.last else Link(ranks[stage + 1], group, self.device, "gradients")
-        self.trace: list[tuple[str, int, float, float]] = []  # (kind, micro-batch, start, end)
+        self.links: dict[int, Link] = {}  # stage -> the link to it (one, where before and after are one)
+        for c in range(self.virtual):
+            for piece in (self._piece(c) - 1, self._piece(c) + 1):
+                if 0 <= piece < self.pieces:
+                    self.links.setdefault(piece % stages, Link(ranks[piece % stages], group, self.device))
+        self.trace: list[tuple[str, int, float, float, int]] = []  # (kind, micro-batch, start, end, chunk)
         self.max_in_flight = 0
-        self._saved: dict[int, tuple] = {}  # micro-batch -> (inputs, outputs), until its weights' gradient
-        self._pending: dict[int, WeightGradients] = {}  # zero-bubble: micro-batch -> its W, after its I
-        self._params = [p for p in module.parameters() if p.requires_grad]
-        self._specs: list[Spec] = []
+        self._saved: dict[tuple[int, int], tuple] = {}  # (micro-batch, chunk) -> (inputs, outputs), until its W
+        self._pending: dict[tuple[int, int], WeightGradients] = {}  # zero-bubble: its W, after its I
+        self._params = [[p for p in m.parameters() if p.requires_grad] for m in self.chunks]
+
+    def _piece(self, c: int) -> int:
+        return c * self.stages + self.stage
+
+    def _link(self, piece: int) -> Link | None:
+        """The link to the stage holding ``piece``; None past either end of the model."""
+        return self.links[piece % self.stages] if 0 <= piece < self.pieces else None
+
+    def _messages(self, schedule: str, m: int, sender: int) -> list[Key]:
+        """What stage ``sender`` sends this stage in a step of ``schedule``, in its order."""
+        out: list[Key] = []
+        for kind, i, c in SCHEDULES[schedule](m, self.stages, sender, self.virtual):
+            piece = c * self.stages + sender
+            to = piece + 1 if kind == "F" else piece - 1 if kind in "BI" else -1
+            if not (0 <= to < self.pieces and to % self.stages == self.stage):
+                continue
+            if kind == "F":
+                out += [("H", to // self.stages, 0)] if i == 0 else []
+                out.append(("A", to // self.stages, i))
+            else:
+                out.append(("G", to // self.stages, i))
+        return out
 
     # -- one step -------------------------------------------------------------------------
     def step(self, inputs, targets, microbatches: int, schedule: str = "1f1b", sync: bool = True,
@@ -63,136 +97,152 @@ class PipelineStage:
             raise PlaitError(f"pipeline.schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
         xs = _split(inputs, microbatches) if self.first or self.feed_input else [None] * microbatches
         ys = _split(targets, microbatches) if self.last else [None] * microbatches
-        actions = SCHEDULES[schedule](microbatches, self.stages, self.stage)
-        last_grads = [a for a in actions if a[0] in "BW"][-1]  # the pass that syncs the gradients
+        try:
+            actions = SCHEDULES[schedule](microbatches, self.stages, self.stage, self.virtual)
+        except ValueError as exc:
+            raise PlaitError(f"pipeline.schedule={schedule!r}: {exc}") from None
+        # Each chunk's gradients sync at its last pass that makes them (B, or W).
+        last_grads = {a[2]: a for a in actions if a[0] in "BW"}
+        for sender, link in self.links.items():
+            link.expect(self._messages(schedule, microbatches, sender))
         self.trace, self.max_in_flight, self._losses = [], 0, []
         self.t0 = time.perf_counter()
-        self._microbatches = microbatches
         # With neighbours, what the schedule does besides compute and communication is its bubble
         # (waiting on them, and the bookkeeping between actions), as measured_bubble counts it.
         with span("bubble", "pipeline schedule") if self.stages > 1 else nullcontext():
-            for kind, i in actions:
+            for action in actions:
+                kind, i, c = action
+                syncs = sync and last_grads[c] == action
                 if kind == "F":
-                    self._forward(i, xs[i], ys[i], header=i == 0, scale=scale / microbatches)
+                    self._forward(i, c, xs[i], ys[i], scale=scale / microbatches)
                 elif kind == "W":
-                    self._weights(i, sync=sync and (kind, i) == last_grads)
+                    self._weights(i, c, sync=syncs)
                 else:
-                    self._backward(i, sync=sync and (kind, i) == last_grads, split=kind == "I")
-            for link in (self.prev, self.next):
-                if link:
-                    link.flush()
+                    self._backward(i, c, sync=syncs, split=kind == "I")
+            for link in self.links.values():
+                link.flush()
         return torch.stack(self._losses).sum() if self.last else None
 
-    def _forward(self, i: int, x, y, header: bool, scale: float) -> None:
-        if self.first:
+    def _forward(self, i: int, c: int, x, y, scale: float) -> None:
+        piece = self._piece(c)
+        if piece == 0:
             inputs = _as_tuple(x)
         else:
-            if header:  # learn this step's shapes, then post every micro-batch's receive at once
-                status, self._specs = self.prev.recv_header()
-                if status != OK:
-                    raise PlaitError(f"pipeline: stage {self.stage - 1} failed; see its error")
-                for _ in range(self._microbatches):
-                    self.prev.post(self._specs)
-            inputs = tuple(t.requires_grad_(t.is_floating_point()) for t in self.prev.take())
+            received = self._link(piece - 1).take(("A", c, i))
+            inputs = tuple(t.requires_grad_(t.is_floating_point()) for t in received)
         start = time.perf_counter()
-        with span("forward", f"F{i}"):
-            out = _as_tuple(self.module(*self._call(x, inputs)))
-            if self.last:
+        end = piece == self.pieces - 1
+        with span("forward", self._name("F", i, c)):
+            out = _as_tuple(self.chunks[c](*self._call(x, inputs, piece)))
+            if end:
                 out = (self.loss_fn(out[0] if len(out) == 1 else out, y) * scale,)
                 self._losses.append(out[0].detach())
-        self.trace.append(("F", i, start - self.t0, time.perf_counter() - self.t0))
-        if not self.last:
-            self.next.send(out, encode_header(out) if header else None)
-            self.next.post([(o.dtype, tuple(o.shape)) for o in out if o.is_floating_point()])  # its gradient
-        self._saved[i] = (inputs, out)
+        self.trace.append(("F", i, start - self.t0, time.perf_counter() - self.t0, c))
+        if not end:
+            link = self._link(piece + 1)
+            link.send(out, encode_header(out) if i == 0 else None)
+            link.known(("G", c, i), [(o.dtype, tuple(o.shape)) for o in out if o.is_floating_point()])
+        self._saved[(i, c)] = (inputs, out)
         self.max_in_flight = max(self.max_in_flight, len(self._saved))
 
-    def _backward(self, i: int, sync: bool, split: bool = False) -> None:
-        """The backward of micro-batch i; ``split``: only its input's gradient (zero-bubble's I),
-        its weights' left to ``_weights``."""
-        inputs, out = self._saved[i] if split else self._saved.pop(i)
-        if self.last:
+    def _name(self, kind: str, i: int, c: int) -> str:
+        return f"{kind}{i}" + (f".{c}" if self.virtual > 1 else "")
+
+    def _backward(self, i: int, c: int, sync: bool, split: bool = False) -> None:
+        """The backward of micro-batch i on chunk c; ``split``: only its input's gradient
+        (zero-bubble's I), its weights' left to ``_weights``."""
+        inputs, out = self._saved[(i, c)] if split else self._saved.pop((i, c))
+        piece = self._piece(c)
+        if piece == self.pieces - 1:
             grads = None
         else:
-            grads = self.next.take()
+            grads = self._link(piece + 1).take(("G", c, i))
             out = tuple(o for o in out if o.is_floating_point())
         start = time.perf_counter()
         floats = tuple(t for t in inputs if t.is_floating_point())
         if split:
-            with span("backward", f"I{i}"):
-                sent, self._pending[i] = backward_input(out, grads, floats, self._params)
+            with span("backward", self._name("I", i, c)):
+                sent, self._pending[(i, c)] = backward_input(out, grads, floats, self._params[c])
         else:
-            with span("backward", f"B{i}"), self._syncing(sync):
+            with span("backward", self._name("B", i, c)), self._syncing(c, sync):
                 torch.autograd.backward(out, grads)
             sent = [t.grad for t in floats]
-        self.trace.append(("I" if split else "B", i, start - self.t0, time.perf_counter() - self.t0))
-        if not self.first:
-            self.prev.send(tuple(g if g is not None else torch.zeros_like(t) for t, g in zip(floats, sent)))
+        self.trace.append(("I" if split else "B", i, start - self.t0, time.perf_counter() - self.t0, c))
+        if piece:
+            self._link(piece - 1).send(tuple(g if g is not None else torch.zeros_like(t)
+                                             for t, g in zip(floats, sent)), kind="G")
 
-    def _weights(self, i: int, sync: bool) -> None:
+    def _weights(self, i: int, c: int, sync: bool) -> None:
         """Zero-bubble's W: the gradient of the weights of micro-batch i, whose I ran before."""
-        self._saved.pop(i)
+        self._saved.pop((i, c))
+        module = self.chunks[c]
         start = time.perf_counter()
-        one_backward = getattr(self.module, "one_backward", None)  # several autograd calls, one backward
-        with span("backward", f"W{i}"), self._syncing(sync), one_backward() if one_backward else nullcontext():
-            self._pending.pop(i).backward(before=getattr(self.module, "gather_for", None))
-        self.trace.append(("W", i, start - self.t0, time.perf_counter() - self.t0))
+        one_backward = getattr(module, "one_backward", None)  # several autograd calls, one backward
+        with span("backward", self._name("W", i, c)), self._syncing(c, sync), \
+                one_backward() if one_backward else nullcontext():
+            self._pending.pop((i, c)).backward(before=getattr(module, "gather_for", None))
+        self.trace.append(("W", i, start - self.t0, time.perf_counter() - self.t0, c))
 
-    def _syncing(self, sync: bool):
-        """A context in which a backward leaves the data-parallel module's gradients local, unless ``sync``."""
-        no_sync = getattr(self.module, "no_sync", None)
+    def _syncing(self, c: int, sync: bool):
+        """A context in which a backward leaves chunk c's data-parallel gradients local, unless ``sync``."""
+        no_sync = getattr(self.chunks[c], "no_sync", None)
         return no_sync() if (no_sync and not sync) else nullcontext()
+
+    def _call(self, x, received: tuple, piece: int) -> tuple:
+        """The module's arguments: what it received (the input itself on the first piece), after
+        the micro-batch's input ``x`` where every stage is fed it."""
+        return (*_as_tuple(x), *received) if self.feed_input and piece else received
 
     @torch.no_grad()
     def infer(self, inputs) -> torch.Tensor | None:
         """Forward only, through every stage; the output on the last stage, None elsewhere."""
-        if self.first:
-            xs = _as_tuple(inputs)
-        else:
-            _, specs = self.prev.recv_header()
-            xs = self.prev.recv(specs)
-        out = _as_tuple(self.module(*self._call(inputs, xs)))
-        if not self.last:
-            self.next.send(out, encode_header(out))
-            self.next.flush()
-            return None
-        return out[0] if len(out) == 1 else out
-
-    def _call(self, x, received: tuple) -> tuple:
-        """The module's arguments: what it received (the input itself on the first stage), after
-        the micro-batch's input ``x`` where every stage is fed it."""
-        if self.first:
-            return received
-        return (*_as_tuple(x), *received) if self.feed_input else received
+        for c, module in enumerate(self.chunks):
+            piece = self._piece(c)
+            if piece == 0:
+                xs = _as_tuple(inputs)
+            else:
+                link = self._link(piece - 1)
+                xs = link.recv(link.recv_header()[1])
+            out = _as_tuple(module(*self._call(inputs, xs, piece)))
+            if piece < self.pieces - 1:
+                self._link(piece + 1).send(out, encode_header(out))
+        for link in self.links.values():
+            link.flush()
+        return (out[0] if len(out) == 1 else out) if self.last else None
 
     # -- checking the cut before training -------------------------------------------------
     @torch.no_grad()
     def check(self, sample_input) -> None:
-        """Push one sample through every stage; if a stage cannot take what the previous one
+        """Push one sample through every piece; if a piece cannot take what the previous one
         makes, every stage raises the same error naming it (no stage is left waiting)."""
-        error, out = "", ()
-        try:
-            if self.first:
-                inputs = _as_tuple(sample_input)
-            else:
-                status, specs = self.prev.recv_header()
-                inputs = self.prev.recv(specs) if status == OK else None
-                if status != OK:
-                    error = "upstream"
-            if inputs is not None:
-                out = _as_tuple(self.module(*self._call(sample_input, inputs)))
-        except Exception as exc:  # a stage that does not fit the previous one's output
-            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if not self.last:
-            ok = not error and out
-            self.next.send(out if ok else (), encode_header(out if ok else (), OK if ok else FAILED))
-            self.next.flush()
+        error = ""  # this stage's first: "<piece>|<what>", or "upstream"
+        for c, module in enumerate(self.chunks):
+            piece, out = self._piece(c), ()
+            try:
+                inputs = _as_tuple(sample_input) if piece == 0 else None
+                if piece:
+                    link = self._link(piece - 1)
+                    status, specs = link.recv_header()
+                    inputs = link.recv(specs) if status == OK else None
+                    error = error or ("upstream" if status != OK else "")
+                if inputs is not None and not error:
+                    out = _as_tuple(module(*self._call(sample_input, inputs, piece)))
+            except Exception as exc:  # a piece that does not fit the previous one's output
+                error = error or f"{piece}|{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if piece < self.pieces - 1:
+                ok = not error and out
+                self._link(piece + 1).send(out if ok else (), encode_header(out if ok else (), OK if ok else FAILED))
+        for link in self.links.values():
+            link.flush()
         errors = [None] * self.stages
         dist.all_gather_object(errors, error, group=self.group)
-        for s, e in enumerate(errors):
-            if e and e != "upstream":
-                raise PlaitError(f"pipeline: stage {s} cannot take the output of stage {s - 1}: {e}"
-                                 if s else f"pipeline: stage 0 fails on the input batch: {e}")
+        failed = sorted((int(e.split("|")[0]), e.split("|", 1)[1]) for e in errors if e and e != "upstream")
+        if failed:
+            piece, e = failed[0]
+            s = (f"stage {piece}" if self.virtual == 1 else
+                 f"piece {piece} (stage {piece % self.stages}, chunk {piece // self.stages})")
+            raise PlaitError(f"pipeline: {s} cannot take the output of {'stage' if self.virtual == 1 else 'piece'} "
+                             f"{piece - 1}: {e}" if piece else f"pipeline: {s} fails on the input batch: {e}")
 
 
 def _split(batch, microbatches: int) -> list:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from plait.parallel.pipeline.schedules import simulate
 
-Trace = list[tuple[str, int, float, float]]  # (kind "F"/"B"/"I"/"W", micro-batch, start s, end s) of one stage
+Trace = list[tuple[str, int, float, float, int]]  # (kind "F"/"B"/"I"/"W", micro-batch, start s, end s, chunk) of one stage
 KINDS = {"F": ("forward", "#8ecae6"), "B": ("backward", "#219ebc"), "I": ("input gradient", "#219ebc"),
          "W": ("weight gradient", "#ffb703")}
 
@@ -17,7 +17,7 @@ def measured_bubble(traces: list[Trace]) -> float:
     """Mean over stages of the idle share of the step (from the first start to the last end)."""
     start = min(t[2] for trace in traces for t in trace)
     span = max(t[3] for trace in traces for t in trace) - start
-    busy = [sum(end - begin for _, _, begin, end in trace) for trace in traces]
+    busy = [sum(end - begin for _, _, begin, end, _ in trace) for trace in traces]
     return sum(1 - b / span for b in busy) / len(traces)
 
 
@@ -28,18 +28,29 @@ def ideal_bubble(traces: list[Trace], schedule: str) -> float:
     unequal stages and passes."""
     times: dict = {}
     for s, trace in enumerate(traces):
-        for kind, _, begin, end in trace:
+        for kind, _, begin, end, _ in trace:
             times.setdefault((s, kind), []).append(end - begin)
     median = {key: statistics.median(v) for key, v in times.items()}
-    m = sum(1 for kind, *_ in traces[0] if kind == "F")
-    return simulate(schedule, m, len(traces), lambda s, kind: median[(s, kind)])
+    v = chunks(traces)
+    m = sum(1 for kind, *_ in traces[0] if kind == "F") // v
+    return simulate(schedule, m, len(traces), lambda s, kind: median[(s, kind)], v)
+
+
+def chunks(traces: list[Trace]) -> int:
+    """How many chunks (virtual stages) each stage ran."""
+    return 1 + max(t[4] for t in traces[0])
+
+
+def _label(kind: str, mb: int, chunk: int, v: int) -> str:
+    return f"{kind}{mb}" + (f".{chunk}" if v > 1 else "")
 
 
 def write_chrome_trace(traces: list[Trace], path: str | Path) -> Path:
     """A trace that chrome://tracing and ui.perfetto.dev load: one row (thread) per stage."""
-    events = [{"name": f"{kind}{mb}", "cat": KINDS[kind][0], "ph": "X",
-               "ts": begin * 1e6, "dur": (end - begin) * 1e6, "pid": 0, "tid": stage}
-              for stage, trace in enumerate(traces) for kind, mb, begin, end in trace]
+    v = chunks(traces)
+    events = [{"name": _label(kind, mb, c, v), "cat": KINDS[kind][0], "ph": "X",
+               "ts": begin * 1e6, "dur": (end - begin) * 1e6, "pid": 0, "tid": stage, "args": {"chunk": c}}
+              for stage, trace in enumerate(traces) for kind, mb, begin, end, c in trace]
     events += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": s, "args": {"name": f"stage {s}"}}
                for s in range(len(traces))]
     path = Path(path)
@@ -49,20 +60,20 @@ def write_chrome_trace(traces: list[Trace], path: str | Path) -> Path:
 
 def plot_timeline(traces: list[Trace], path: str | Path, title: str) -> Path:
     """Stages as rows, micro-batches as labelled boxes (forward light, backward dark, a
-    zero-bubble schedule's weight gradients yellow)."""
+    zero-bubble schedule's weight gradients yellow; "F3.1": micro-batch 3 on chunk 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    start = min(t[2] for trace in traces for t in trace)
+    start, v = min(t[2] for trace in traces for t in trace), chunks(traces)
     fig, ax = plt.subplots(figsize=(10, 0.7 * len(traces) + 1.2))
     for stage, trace in enumerate(traces):
-        for kind, mb, begin, end in trace:
+        for kind, mb, begin, end, c in trace:
             left, width = (begin - start) * 1e3, (end - begin) * 1e3
             ax.broken_barh([(left, width)], (stage - 0.4, 0.8), color=KINDS[kind][1],
                            edgecolor="black", linewidth=0.5)
-            ax.text(left + width / 2, stage, f"{kind}{mb}", ha="center", va="center", fontsize=7)
+            ax.text(left + width / 2, stage, _label(kind, mb, c, v), ha="center", va="center", fontsize=7)
     ax.set_yticks(range(len(traces)), [f"stage {s}" for s in range(len(traces))])
     ax.invert_yaxis()
     ax.set_xlabel("ms")
