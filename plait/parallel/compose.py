@@ -22,6 +22,7 @@ by the unsplit model's names, so that it loads under any other layout), the loss
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,8 @@ class Layout:
     microbatches: int = 1
     """Pipeline micro-batches per data-parallel rank and step (pp > 1)."""
     schedule: str = "1f1b"
+    virtual: int = 1
+    """Chunks (virtual stages) per pipeline stage: the model is cut into pp x virtual pieces."""
     accum_steps: int = 1
     """Batches a step accumulates over, gradients synced on the last one."""
     balance: str = "params"
@@ -91,7 +94,8 @@ class Layout:
         sizes = resolve_degrees(world_size, p.dp, p.pp, p.tp)
         layout = cls(dp=sizes["dp"], pp=sizes["pp"], tp=sizes["tp"], zero=p.zero,
                      microbatches=cfg.pipeline.microbatches if sizes["pp"] > 1 else 1,
-                     schedule=cfg.pipeline.schedule, accum_steps=cfg.train.accum_steps,
+                     schedule=cfg.pipeline.schedule, virtual=cfg.pipeline.virtual if sizes["pp"] > 1 else 1,
+                     accum_steps=cfg.train.accum_steps,
                      balance=cfg.pipeline.balance, cuts=tuple(cfg.pipeline.cuts),
                      bucket_mb=p.bucket_mb, allow_unused=p.allow_unused, tp_plan=tuple(p.tp_plan.items()),
                      blocks=cfg.pipeline.blocks, recompute=cfg.train.recompute, grad_dtype=p.grad_dtype,
@@ -99,6 +103,12 @@ class Layout:
         if layout.blocks and layout.balance == "time" and layout.pp > 1 and not layout.cuts:
             raise ConfigError("pipeline.balance: 'time' times blocks on their own, which a model's chain "
                               "(pipeline.blocks) does not allow; use 'params' or pipeline.cuts")
+        if layout.virtual > 1 and layout.blocks:
+            raise ConfigError("pipeline.virtual: a model that runs its own forward around its blocks "
+                              f"(pipeline.blocks = {layout.blocks!r}) holds one chunk per stage; use pipeline.virtual = 1")
+        if layout.virtual > 1 and layout.schedule == "1f1b" and layout.microbatches % layout.pp:
+            raise ConfigError(f"pipeline.microbatches: interleaved 1F1B (pipeline.virtual = {layout.virtual}) needs "
+                              f"micro-batches divisible by pp ({layout.pp}), got {layout.microbatches}")
         layout.check_batch(cfg.train.batch_size)
         return layout
 
@@ -138,6 +148,10 @@ class Layout:
             check_plan(model, plan, self.tp)
         chain = self.chain(model)
         blocks = chain.blocks
+        pieces = self.pp * self.virtual
+        if pieces > len(blocks) and self.virtual > 1:
+            raise ConfigError(f"pipeline.virtual: {self.pp} stages x {self.virtual} chunks make {pieces} pieces, but "
+                              f"the model ({what}) has only {len(blocks)} blocks to cut")
         if self.pp > len(blocks):
             if len(blocks) == 1 and not self.blocks:
                 raise ConfigError(f"parallel.pp: the model ({what}) is not a chain of blocks Plait can cut; name its "
@@ -153,11 +167,12 @@ class Layout:
                                   "(tied weights), which it gathers one at a time; untie them (for the GPT: "
                                   "model.args.tied = false) or use parallel.zero = 1 or 2")
         if self.pp > 1 and (self.cuts or self.balance == "params"):  # a measured balance cuts at run time
-            starts = cut_points(blocks, self.pp, self.balance, list(self.cuts) or None, weights=chain.weights())
+            starts = cut_points(blocks, pieces, self.balance, list(self.cuts) or None, weights=chain.weights())
             _check_stages(model, chain, starts + [len(blocks)])
 
     def describe(self) -> str:
-        text = f"dp={self.dp} x pp={self.pp} x tp={self.tp}"
+        text = f"dp={self.dp} x pp={self.pp}" + (f" ({self.virtual} chunks each)" if self.virtual > 1 else "")
+        text += f" x tp={self.tp}"
         return text + (f", ZeRO-{self.zero}" if self.zero else "") + (", recompute" if self.recompute else "")
 
 
@@ -199,33 +214,39 @@ class Parallelized:
                 materialize(model)  # timing runs every block
             times = torch.tensor(block_times([b for _, b in blocks], (sample,)), dtype=torch.float64)
             weights = all_reduce(times, "pipeline block timing").tolist()  # every rank cuts alike
-        starts = cut_points(blocks, layout.pp, layout.balance, list(layout.cuts) or None, weights=weights)
+        pp, v = layout.pp, layout.virtual
+        starts = cut_points(blocks, pp * v, layout.balance, list(layout.cuts) or None, weights=weights)
         starts.append(len(blocks))
         _check_stages(model, chain, starts)
         s = mesh.coord("pp")
         if chain.path:  # the model runs its own forward around this stage's blocks
-            self.stage_module = ModelStage(model, chain, starts[s], starts[s + 1], s, layout.pp)
-            self.blocks = self.stage_module.units
-        else:
-            self.blocks = blocks[starts[s] : starts[s + 1]]
-            self.stage_module = StageModule(self.blocks)
+            chunks = [ModelStage(model, chain, starts[s], starts[s + 1], s, pp)]
+            pieces = [chunks[0].units]
+        else:  # chunk c is piece c * pp + s
+            pieces = [blocks[starts[c * pp + s] : starts[c * pp + s + 1]] for c in range(v)]
+            chunks = [StageModule(piece) for piece in pieces]
+        self.blocks = [b for piece in pieces for b in piece]
+        self.stage_module = chunks[0] if v == 1 else nn.ModuleList(chunks)  # all this rank holds
         if layout.recompute:  # each block of the stage keeps only its input for backward
             recompute_blocks(self.blocks)
-        # 3. data parallel or ZeRO on dp; the stage gets memory here (ZeRO-3: unit by unit)
+        # 3. data parallel or ZeRO on dp, one per chunk (each syncs at its chunk's last backward);
+        # the stage gets memory here (ZeRO-3: unit by unit)
         dp_group = mesh.group("dp")
         if materialize is None:
             self.stage_module.to(device)
-        if layout.zero:
-            units = [b for _, b in self.blocks] if layout.zero == 3 else None
-            self.module = Zero(self.stage_module, dp_group, stage=layout.zero, units=units, materialize=materialize,
+        self.wrappers: list[DataParallel | Zero] = []
+        for chunk, piece in zip(chunks, pieces):
+            if layout.zero:
+                units = [b for _, b in piece] if layout.zero == 3 else None
+                wrapper = Zero(chunk, dp_group, stage=layout.zero, units=units, materialize=materialize,
                                grad_dtype=GRAD_DTYPES[layout.grad_dtype], compress=layout.compress)
-        else:
-            if materialize:
-                materialize(self.stage_module)
-            self.module = DataParallel(self.stage_module, dp_group, bucket_mb=layout.bucket_mb,
-                                       allow_unused=layout.allow_unused, grad_dtype=GRAD_DTYPES[layout.grad_dtype],
-                                       compress=layout.compress)
-        self.pipe = PipelineStage(self.module, s, layout.pp, mesh.group("pp"), loss_fn=self._loss, device=device,
+            else:
+                if materialize:
+                    materialize(chunk)
+                wrapper = DataParallel(chunk, dp_group, bucket_mb=layout.bucket_mb, allow_unused=layout.allow_unused,
+                                       grad_dtype=GRAD_DTYPES[layout.grad_dtype], compress=layout.compress)
+            self.wrappers.append(wrapper)
+        self.pipe = PipelineStage(self.wrappers, s, pp, mesh.group("pp"), loss_fn=self._loss, device=device,
                                   feed_input=bool(chain.path))
         self.has_loss = self.pipe.last  # ranks that hold a loss
         self.loss_copies = layout.tp  # each tp rank of a last stage holds the same loss
@@ -256,9 +277,9 @@ class Parallelized:
     def _holdings(self, names: dict[int, str]) -> Held:
         """What the optimizer trains on this rank: (tensor, its pieces of unsplit tensors, the
         names whose optimizer step count it carries)."""
-        if isinstance(self.module, Zero):
+        if self.layout.zero:
             held = []
-            for u in self.module.units:
+            for u in (u for w in self.wrappers for u in w.units):
                 unit_names = [names[id(p)] for p in u.params]
                 start = u.rank * u.size
                 held.append((u.shard, unit_pieces(unit_names, u.params, u.offsets, start, start + u.size), unit_names))
@@ -272,7 +293,8 @@ class Parallelized:
         return [t for t, _, _ in self.held]
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        self.module.attach(optimizer)
+        for wrapper in self.wrappers:
+            wrapper.attach(optimizer)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward and backward of this rank's share of a global batch; gradients synced over dp.
@@ -340,7 +362,8 @@ class Parallelized:
     def loaded(self) -> None:
         """After a checkpoint was loaded into the trained tensors (ZeRO 1-2 gather their slices;
         compression takes its residuals and factors)."""
-        self.module.loaded()
+        for wrapper in self.wrappers:
+            wrapper.loaded()
         dp, d = self.mesh.size("dp"), self.mesh.coord("dp")
         for codec, rows, own, factors, steps in self._compression_loading:
             if rows:  # the dp rank's own residual, or (another dp degree) the sum's share
@@ -356,7 +379,7 @@ class Parallelized:
         ranks' sum, which keeps what is owed to the mean gradient), PowerSGD's Q
         (``compress.q.<name>``; a tp-split parameter's per tp rank, loaded only where the tp
         degree and its shape agree, else Q starts afresh) and the step count."""
-        codecs = getattr(self.module, "codecs", [])
+        codecs = self.codecs
         if not codecs:
             return {}
         d = self.mesh.coord("dp")
@@ -388,20 +411,33 @@ class Parallelized:
             self._compression_loading.append((codec, rows, own, factors, steps))
         return out
 
+    @property
+    def codecs(self) -> list:
+        """Each compressed buffer of every chunk: (its codec, its parameters, their offsets)."""
+        return [c for w in self.wrappers for c in w.codecs]
+
     def unsplit_parameters(self) -> dict[str, torch.Tensor]:
         """The whole model's parameters, assembled on every rank (sends everything: small models only)."""
         return gather_unsplit([(t, pieces) for t, pieces, _ in self.held])
 
     def check_consistency(self) -> None:
         """Raise if the dp replicas of this stage differ anywhere."""
-        self.module.check_consistency()
+        for wrapper in self.wrappers:
+            wrapper.check_consistency()
 
+    @contextmanager
     def whole_model(self):
         """The stage with its parameters whole (ZeRO-3 gathers them for the while)."""
-        return self.module.gathered()
+        with ExitStack() as stack:
+            for wrapper in self.wrappers:
+                stack.enter_context(wrapper.gathered())
+            yield self.stage_module
 
     def report(self, optimizer: torch.optim.Optimizer) -> dict:
-        return {"zero_memory_bytes": self.module.memory(optimizer)} if isinstance(self.module, Zero) else {}
+        if not self.layout.zero:
+            return {}
+        held = [w.memory(optimizer if i == 0 else None) for i, w in enumerate(self.wrappers)]  # the state once
+        return {"zero_memory_bytes": {k: sum(h[k] for h in held) for k in held[0]}}
 
 
 def _shared_across(model: nn.Module, parts: list[list[nn.Module]]) -> tuple[str, int, int] | None:

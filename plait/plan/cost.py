@@ -60,7 +60,7 @@ class Candidate:
         """The ``--set`` values that train this layout."""
         sets = [f"parallel.dp={self.dp}", f"parallel.pp={self.pp}", f"parallel.tp={self.tp}",
                 f"parallel.zero={self.zero}", f"pipeline.microbatches={self.microbatches}",
-                f'pipeline.schedule="{self.schedule}"', f"train.recompute={str(self.recompute).lower()}"]
+                f'pipeline.schedule="{self.schedule}"', "pipeline.virtual=1", f"train.recompute={str(self.recompute).lower()}"]
         if self.precision == "bf16":
             sets += ["train.bf16=true", 'parallel.grad_dtype="bf16"']
         return sets

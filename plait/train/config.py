@@ -16,7 +16,7 @@ from typing import Any
 
 from plait.data.partition import POLICIES, SCHEMES
 from plait.errors import ConfigError
-from plait.parallel.pipeline.schedules import SCHEDULES as PIPELINE_SCHEDULES
+from plait.parallel.pipeline.schedules import SCHEDULES as PIPELINE_SCHEDULES, VIRTUAL
 from plait.parallel.ps.layout import MODES as PS_MODES, SCHEMES as PS_SCHEMES
 from plait.parallel.tensor.plan import STYLES as TP_STYLES
 from plait.train.schedule import SCHEDULES
@@ -220,6 +220,10 @@ class PipelineConfig:
     """'gpipe' (all forwards, then all backwards), '1f1b' (at most pp micro-batches in flight), or
     'zbh1' (1F1B with each backward split into the input's gradient and the weights', the latter
     run later, where the stage would wait)."""
+    virtual: int = 1
+    """Chunks (virtual stages) per stage: the model is cut into pp x virtual pieces, stage s
+    holding pieces s, s + pp, ...; with '1f1b' that is interleaved 1F1B (its bubble shrinks
+    virtual-fold; micro-batches must divide by pp), with 'gpipe' looped GPipe."""
     balance: str = "params"
     """Cut the model into stages balanced by 'params' (parameter count) or 'time' (measured)."""
     cuts: list = field(default_factory=list)
@@ -234,6 +238,10 @@ class PipelineConfig:
     def __post_init__(self):
         _require(self.microbatches >= 1, "pipeline.microbatches", f"must be >= 1, got {self.microbatches}")
         _one_of(self.schedule, tuple(PIPELINE_SCHEDULES), "pipeline.schedule")
+        _require(isinstance(self.virtual, int) and self.virtual >= 1, "pipeline.virtual", f"must be >= 1, got {self.virtual!r}")
+        _require(self.virtual == 1 or self.schedule in VIRTUAL, "pipeline.virtual",
+                 f"{self.virtual} chunks per stage run under pipeline.schedule = {' or '.join(map(repr, VIRTUAL))}, "
+                 f"not {self.schedule!r}")
         _one_of(self.balance, ("params", "time"), "pipeline.balance")
         _require(all(isinstance(c, int) and not isinstance(c, bool) for c in self.cuts), "pipeline.cuts",
                  f"expected a list of block indices, got {self.cuts!r}")

@@ -331,15 +331,15 @@ class Trainer:
         """Gather every stage's timeline of this step; rank 0 writes the trace and the plot."""
         traces = [None] * self.pp
         dist.all_gather_object(traces, self.parallel.pipe.trace, group=self.mesh.group("pp"))
-        m, p, schedule = self.cfg.pipeline.microbatches, self.pp, self.cfg.pipeline.schedule
-        report = {"pipeline_schedule": schedule, "pipeline_microbatches": m,
-                  "bubble_measured": measured_bubble(traces), "bubble_theory": bubble_fraction(m, p, schedule),
+        m, p, schedule, v = self.cfg.pipeline.microbatches, self.pp, self.cfg.pipeline.schedule, self.cfg.pipeline.virtual
+        report = {"pipeline_schedule": schedule, "pipeline_microbatches": m, "pipeline_virtual": v,
+                  "bubble_measured": measured_bubble(traces), "bubble_theory": bubble_fraction(m, p, schedule, v),
                   "bubble_ideal": ideal_bubble(traces, schedule)}
         if self.log:
             write_chrome_trace(traces, self.log.dir / "pipeline_trace.json")
             plot_timeline(traces, self.log.dir / "pipeline_timeline.png",
-                          f"{self.cfg.pipeline.schedule}, p={p}, m={m}: bubble {report['bubble_measured']:.2f} "
-                          f"measured, {report['bubble_theory']:.2f} in theory")
+                          f"{schedule}, p={p}, m={m}{f', {v} chunks per stage' if v > 1 else ''}: bubble "
+                          f"{report['bubble_measured']:.2f} measured, {report['bubble_theory']:.2f} in theory")
         return report
 
     def _finish(self, loss: float, train_time: float, steps_run: int) -> dict:
