@@ -133,7 +133,7 @@ def residual_sums(overrides_a: list[str], overrides_b: list[str], out_dir: str) 
     def summed(trainer) -> dict[str, torch.Tensor]:
         mine: dict[str, torch.Tensor] = {}
         p = trainer.parallel
-        for codec, params, offsets in p.module.codecs:
+        for codec, params, offsets in p.codecs:
             for param, offset in zip(params, offsets):
                 mine[p._names[id(param)]] = codec.error[offset : offset + param.numel()].clone()
         everyone = [None] * dist.get_world_size()
@@ -150,7 +150,7 @@ def residual_sums(overrides_a: list[str], overrides_b: list[str], out_dir: str) 
     before = summed(a)
     b = make_trainer("digits_cnn", [*overrides_b, *ck, "checkpoint.resume=latest"], f"{out_dir}/b", steps=3)
     b.fit()  # at step 3 already: loads and stops
-    return before, summed(b), b.parallel.module.codecs[0][0].steps
+    return before, summed(b), b.parallel.codecs[0][0].steps
 
 
 def test_residuals_reshard_to_another_dp_degree(world4, tmp_path):

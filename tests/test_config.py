@@ -34,12 +34,15 @@ def test_overrides_are_typed():
     ("parallel.strategy=gossip", "parallel.strategy"),
     ("parallel.zero=4", "parallel.zero: ZeRO stages are 0"),
     ("pipeline.schedule=zb", "pipeline.schedule: 'zb' is not one of gpipe, 1f1b, zbh1"),
+    ("pipeline.virtual=0", "pipeline.virtual: must be >= 1, got 0"),
+    ("pipeline.virtual=2 pipeline.schedule=zbh1",
+     "pipeline.virtual: 2 chunks per stage run under pipeline.schedule = 'gpipe' or '1f1b', not 'zbh1'"),
     ("dist.timeout=-1", "dist.timeout"),
     ("train", "expected KEY=VALUE"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
-        load_config(EXAMPLES / "linreg.toml", [override])
+        load_config(EXAMPLES / "linreg.toml", override.split())
 
 
 def test_missing_and_broken_files(tmp_path):

@@ -48,6 +48,11 @@ CASES = {
     "zero2xpp2-zbh1": ("world4", ["parallel.zero=2", "parallel.pp=2", "pipeline.schedule=zbh1"], [ACCUM]),
     "zero3xpp2-zbh1": ("world4", ["parallel.zero=3", "parallel.pp=2", "pipeline.schedule=zbh1"], [CLIP, ACCUM]),
     "pp2-zbh1-recompute": ("world4", ["parallel.pp=2", "pipeline.schedule=zbh1", "train.recompute=true"], [CLIP]),
+    "dp2xpp2-interleaved": ("world4", ["parallel.pp=2", "pipeline.virtual=2"], [ACCUM]),
+    "pp2xtp2-interleaved": ("world4", ["parallel.pp=2", "parallel.tp=2", "pipeline.virtual=2"], [CLIP]),
+    "zero2xpp2-looped-gpipe": ("world4", ["parallel.zero=2", "parallel.pp=2", "pipeline.virtual=2",
+                                          "pipeline.schedule=gpipe"], [CLIP]),
+    "zero3xpp2-interleaved": ("world4", ["parallel.zero=3", "parallel.pp=2", "pipeline.virtual=2"], [CLIP, ACCUM]),
     "dp2xpp2xtp2-1f1b": ("world8", ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2"], [CLIP]),
     "dp2xpp2xtp2-gpipe": ("world8", ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "pipeline.schedule=gpipe"],
                           [ACCUM]),
@@ -119,7 +124,7 @@ def test_skip_nonfinite_skips_alike_on_every_rank(layout, world4, solo, tmp_path
 CHAIN = [  # (world, layout): each runs two steps from the previous one's checkpoint
     ("world4", ["parallel.tp=2"]),                      # dp2 x tp2
     ("solo", []),                                       # one process
-    ("world4", ["parallel.pp=2", "parallel.tp=2"]),     # pp2 x tp2
+    ("world4", ["parallel.pp=2", "parallel.tp=2", "pipeline.virtual=2"]),  # pp2 (2 chunks each) x tp2
     ("world4", ["parallel.zero=3"]),                    # dp4, ZeRO-3
     ("world4", ["parallel.tp=2"]),                      # and back to dp2 x tp2
 ]
@@ -182,7 +187,14 @@ def test_checkpoint_resumes_on_every_other_layout(optimizer, world4, solo, tmp_p
      "pipeline: parameter tok_emb.weight is used by stages 0 and 1 (tied weights)"),
     ("gpt_tp", 2, ["parallel.zero=3", "model.args.tied=true", "data.args.max_chars=6000"],
      "ZeRO-3: parameter tok_emb.weight is used by blocks 'embed' and 'head' (tied weights)"),
-], ids=["product-not-world", "heads", "vocabulary", "pp-over-blocks", "no-plan", "microbatches", "tied-pp", "tied-zero3"])
+    ("gpt_tp", 2, ["parallel.pp=2", "pipeline.virtual=2", "pipeline.microbatches=3", "train.batch_size=6",
+                   "data.args.max_chars=6000"],
+     "pipeline.microbatches: interleaved 1F1B (pipeline.virtual = 2) needs micro-batches divisible by pp (2), got 3"),
+    ("gpt_tp", 2, ["parallel.pp=2", "pipeline.virtual=3", "pipeline.microbatches=2", "model.args.layers=1",
+                   "data.args.max_chars=6000"],
+     "pipeline.virtual: 2 stages x 3 chunks make 6 pieces, but the model (GPT) has only 3 blocks to cut"),
+], ids=["product-not-world", "heads", "vocabulary", "pp-over-blocks", "no-plan", "microbatches", "tied-pp", "tied-zero3",
+        "interleaved-microbatches", "pieces-over-blocks"])
 def test_bad_layout_is_refused_before_workers_start(example, world, overrides, message, tmp_path):
     from plait.cli import _check
     from plait.errors import PlaitError

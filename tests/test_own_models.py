@@ -124,8 +124,10 @@ def test_bad_own_code_is_one_line_before_workers_start(overrides, message, tmp_p
     (2, ["parallel.pp=2", "pipeline.blocks=layers.0"], "pipeline.blocks: layers.0 is a Block, not a ModuleList or Sequential"),
     (4, ["parallel.pp=4", "model.args.depth=3"], "parallel.pp: 4 stages, but the model (Net) has only 3 blocks to cut"),
     (2, ["parallel.pp=2", "pipeline.balance=time"], "pipeline.balance: 'time' times blocks on their own"),
+    (2, ["parallel.pp=2", "pipeline.virtual=2"], "pipeline.virtual: a model that runs its own forward around its blocks "
+     "(pipeline.blocks = 'layers') holds one chunk per stage; use pipeline.virtual = 1"),
 ], ids=["tp-no-plan", "pp-no-blocks", "pattern-matches-nothing", "wrong-kind", "size", "style", "no-such-blocks",
-        "blocks-not-a-list", "too-few-blocks", "balance-time"])
+        "blocks-not-a-list", "too-few-blocks", "balance-time", "virtual-own-forward"])
 def test_bad_split_of_own_model_is_one_line_before_workers_start(world, overrides, message, tmp_path):
     from plait.cli import _check
     from plait.errors import PlaitError

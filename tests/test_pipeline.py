@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,8 +12,9 @@ from torch import nn
 
 import plait
 from plait.parallel.pipeline import SCHEDULES, PipelineStage, StageModule, blocks_of, bubble_fraction, cut_points
-from plait.parallel.pipeline.schedules import gpipe, in_flight, one_f_one_b, simulate, zb_h1
+from plait.parallel.pipeline.schedules import VIRTUAL, gpipe, in_flight, one_f_one_b, simulate, zb_h1
 from plait.parallel.pipeline.split import backward_input
+from plait.parallel.pipeline.trace import ideal_bubble, measured_bubble, write_chrome_trace
 
 from conftest import assert_close, train_until_error
 
@@ -19,34 +22,52 @@ from conftest import assert_close, train_until_error
 # -- schedules and cuts: arithmetic, no processes -------------------------------------------
 @pytest.mark.parametrize("p", [2, 4])
 @pytest.mark.parametrize("m", [1, 2, 4, 8])
-def test_schedules_run_each_microbatch_once_in_order(p, m):
+@pytest.mark.parametrize("v", [1, 2, 3])
+def test_schedules_run_each_microbatch_once_in_order(p, m, v):
     for s in range(p):
         for name, schedule in SCHEDULES.items():
-            actions = schedule(m, p, s)
+            if v > 1 and (name == "zbh1" or (name == "1f1b" and m % p)):
+                with pytest.raises(ValueError):
+                    schedule(m, p, s, v)
+                continue
+            actions = schedule(m, p, s, v)
             backward = ["I", "W"] if name == "zbh1" else ["B"]
-            assert sorted(actions) == sorted((k, i) for k in ["F", *backward] for i in range(m)), name
-            for i in range(m):  # each micro-batch's passes in order, and their kinds in order too
-                assert [actions.index((k, i)) for k in ["F", *backward]] == sorted(actions.index((k, i)) for k in ["F", *backward])
-                if i:
-                    assert all(actions.index((k, i - 1)) < actions.index((k, i)) for k in ["F", *backward])
-        assert in_flight(gpipe(m, p, s)) == m
-        assert in_flight(one_f_one_b(m, p, s)) == min(p - s, m) <= p
-        assert in_flight(zb_h1(m, p, s)) <= min(p, m)  # ZB-H1 holds no more than 1F1B's first stage
-        assert [a for a in zb_h1(m, p, s) if a[0] != "W"] == [("I", i) if k == "B" else (k, i) for k, i in one_f_one_b(m, p, s)]
+            assert sorted(actions) == sorted((k, i, c) for k in ["F", *backward] for i in range(m) for c in range(v)), name
+            for i in range(m):  # each micro-batch's passes in order: forward up the chunks, backward down
+                for c in range(v):
+                    order = [actions.index((k, i, c)) for k in ["F", *backward]]
+                    assert order == sorted(order)
+                    if c:
+                        assert actions.index(("F", i, c - 1)) < actions.index(("F", i, c))
+                        assert actions.index((backward[0], i, c)) < actions.index((backward[0], i, c - 1))
+                    if i:  # micro-batches in order on each chunk (mb 0 first: it carries the header)
+                        assert all(actions.index((k, i - 1, c)) < actions.index((k, i, c)) for k in ["F", *backward])
+        if v == 1:
+            assert in_flight(gpipe(m, p, s)) == m
+            assert in_flight(one_f_one_b(m, p, s)) == min(p - s, m) <= p
+            assert in_flight(zb_h1(m, p, s)) <= min(p, m)  # ZB-H1 holds no more than 1F1B's first stage
+            assert [a for a in zb_h1(m, p, s) if a[0] != "W"] == [("I", i, c) if k == "B" else (k, i, c)
+                                                                 for k, i, c in one_f_one_b(m, p, s)]
+        elif m % p == 0:  # interleaving holds more chunks' micro-batches (each a v-th of the stage)
+            assert in_flight(one_f_one_b(m, p, s, v)) == min(2 * (p - s - 1) + (v - 1) * p + 1, m * v)
 
 
 def test_theoretical_bubble():
     assert bubble_fraction(4, 2) == pytest.approx(1 / 5) and bubble_fraction(1, 4) == pytest.approx(3 / 4)
     assert bubble_fraction(4, 2, "zbh1") == pytest.approx(1 / 13)
+    assert bubble_fraction(4, 2, "1f1b", v=2) == pytest.approx(1 / 9)
 
 
 @pytest.mark.parametrize("p, m", [(2, 4), (2, 8), (4, 4), (4, 8)])
-def test_schedules_idle_as_theory_says_with_equal_passes(p, m):
+@pytest.mark.parametrize("v", [1, 2, 3])
+def test_schedules_idle_as_theory_says_with_equal_passes(p, m, v):
     """Run on a clock where F, I and W take one unit and B (I and W together) two, each schedule
-    idles as its closed form says: (p-1)/(m+p-1), and a third of it for ZB-H1."""
+    idles as its closed form says: (p-1)/(m+p-1), a third of it for ZB-H1, and with v chunks
+    per stage (each pass a v-th of the stage's) (p-1)/(vm+p-1)."""
     units = {"F": 1, "B": 2, "I": 1, "W": 1}
-    for schedule in SCHEDULES:
-        assert simulate(schedule, m, p, lambda s, kind: units[kind]) == pytest.approx(bubble_fraction(m, p, schedule))
+    for schedule in SCHEDULES if v == 1 else VIRTUAL:
+        idle = simulate(schedule, m, p, lambda s, kind: units[kind], v)
+        assert idle == pytest.approx(bubble_fraction(m, p, schedule, v))
 
 
 class _Tied(nn.Module):
@@ -133,14 +154,16 @@ def reference_training(steps: int):
     return dict(model.named_parameters())
 
 
-def pipeline_training(steps: int, microbatches: int, schedule: str):
-    """Every rank is one stage; returns its parameters (named as in the whole model)."""
+def pipeline_training(steps: int, microbatches: int, schedule: str, v: int = 1):
+    """Every rank is one stage (of v chunks: pieces s, s + p, ... of the model cut in p * v);
+    returns its parameters (named as in the whole model)."""
     p, s = dist.get_world_size(), dist.get_rank()
     model = mlp()
     blocks = blocks_of(model)
-    starts = cut_points(blocks, p) + [len(blocks)]
-    module = StageModule(blocks[starts[s]:starts[s + 1]])
-    stage = PipelineStage(module, s, p, dist.group.WORLD, loss_fn=F.cross_entropy)
+    starts = cut_points(blocks, p * v) + [len(blocks)]
+    chunks = [StageModule(blocks[starts[c * p + s]:starts[c * p + s + 1]]) for c in range(v)]
+    module = nn.ModuleList(chunks)
+    stage = PipelineStage(chunks if v > 1 else chunks[0], s, p, dist.group.WORLD, loss_fn=F.cross_entropy)
     opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
     losses = []
     for step in range(steps):
@@ -150,7 +173,7 @@ def pipeline_training(steps: int, microbatches: int, schedule: str):
         losses.append(None if loss is None else loss.item())
         opt.step()
     mine = {id(q) for q in module.parameters()}
-    return {n: q.detach() for n, q in model.named_parameters() if id(q) in mine}, stage.max_in_flight, losses
+    return {n: q.detach() for n, q in model.named_parameters() if id(q) in mine}, stage.max_in_flight, losses, stage.trace
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zbh1"])
@@ -161,13 +184,40 @@ def test_pipeline_training_equals_one_process(world_name, microbatches, schedule
     expected = {n: q.detach() for n, q in reference_training(3).items()}
     results = world.run(pipeline_training, 3, microbatches, schedule)
     merged = {}
-    for stage, (params, peak, losses) in enumerate(results):
+    for stage, (params, peak, losses, _) in enumerate(results):
         assert not merged.keys() & params.keys(), "stages must not share parameters"
         merged.update(params)
         p = len(results)
         assert peak == in_flight(SCHEDULES[schedule](microbatches, p, stage))
     assert_close(merged, expected)
     assert results[-1][2][0] is not None and all(r[2][0] is None for r in results[:-1])
+
+
+@pytest.mark.parametrize("world_name, schedule, microbatches, v", [
+    ("world2", "1f1b", 2, 2), ("world2", "1f1b", 4, 3), ("world2", "gpipe", 1, 2),
+    ("world4", "1f1b", 4, 2), ("world4", "1f1b", 8, 2), ("world4", "gpipe", 2, 2),
+], ids=["pp2-1f1b-m2-v2", "pp2-1f1b-m4-v3", "pp2-gpipe-m1-v2", "pp4-1f1b-m4-v2", "pp4-1f1b-m8-v2", "pp4-gpipe-m2-v2"])
+def test_interleaved_pipeline_training_equals_one_process(world_name, schedule, microbatches, v, request, tmp_path):
+    """Interleaved 1F1B and looped GPipe: each stage holds v chunks of the model cut into p * v
+    pieces; the activations go round the stages v times (p = 2: both directions on one link)."""
+    world = request.getfixturevalue(world_name)
+    p = int(world_name[-1])
+    expected = {n: q.detach() for n, q in reference_training(3).items()}
+    results = world.run(pipeline_training, 3, microbatches, schedule, v)
+    merged = {}
+    for stage, (params, peak, losses, _) in enumerate(results):
+        assert not merged.keys() & params.keys(), "stages must not share parameters"
+        merged.update(params)
+        assert peak == in_flight(SCHEDULES[schedule](microbatches, p, stage, v))
+    assert merged.keys() == expected.keys()
+    assert_close(merged, expected)
+    traces = [r[3] for r in results]  # each stage's passes, by chunk, as the schedule ordered them
+    for stage, trace in enumerate(traces):
+        assert [(k, i, c) for k, i, _, _, c in trace] == SCHEDULES[schedule](microbatches, p, stage, v)
+    assert 0 <= ideal_bubble(traces, schedule) < 1 and 0 <= measured_bubble(traces) < 1  # v read from the chunks
+    events = json.loads(write_chrome_trace(traces, tmp_path / "trace.json").read_text())["traceEvents"]
+    assert {e["name"] for e in events if e.get("ph") == "X"} == {f"{k}{i}.{c}" for k in "FB" for i in range(microbatches)
+                                                                for c in range(v)}
 
 
 def check_mismatched_stages():
