@@ -6,10 +6,13 @@
 World size 2 (pp=2), one thread per process, a 10M-parameter MLP (8 layers of 1024 + ends) cut
 into the same two halves for both, global batch 64, SGD. Median step time over rounds (each
 round: a few warm-up steps, then timed steps) for Plait's GPipe and 1F1B and torch's
-ScheduleGPipe and Schedule1F1B, and Plait's ZB-H1 beside torch's ScheduleInterleavedZeroBubble with one stage per
-rank (the same ZB-H1 order of passes), interleaved; and Plait's measured bubble (from its own
+ScheduleGPipe and Schedule1F1B, Plait's ZB-H1 beside torch's ScheduleInterleavedZeroBubble with one stage per
+rank (the same ZB-H1 order of passes), and Plait's interleaved 1F1B with 2 chunks per rank
+(pipeline.virtual = 2: the model cut into 4 pieces, rank r holding r and r + 2) beside torch's
+ScheduleInterleaved1F1B on the same pieces, interleaved; and Plait's measured bubble (from its own
 trace of one step) beside the ideal (the schedule replayed with the traced passes' own times
-and nothing between them) and the theoretical (p-1)/(m+p-1), (p-1)/(3m+p-1) for ZB-H1.
+and nothing between them) and the theoretical (p-1)/(m+p-1), (p-1)/(3m+p-1) for ZB-H1,
+(p-1)/(vm+p-1) interleaved.
 """
 
 from __future__ import annotations
@@ -38,31 +41,41 @@ def build() -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(WIDTH, 10))
 
 
-def my_stage_module() -> nn.Module:
+SCHEDULES = {"gpipe": ("gpipe", 1), "1f1b": ("1f1b", 1), "zbh1": ("zbh1", 1), "interleaved": ("1f1b", 2)}
+"""What the table calls a schedule: Plait's (pipeline.schedule, pipeline.virtual)."""
+
+
+def my_chunks(v: int) -> list[nn.Module]:
+    """This rank's v chunks: pieces rank, rank + 2, ... of the model cut into 2v."""
     blocks = blocks_of(build())
-    starts = cut_points(blocks, 2) + [len(blocks)]
+    starts = cut_points(blocks, 2 * v) + [len(blocks)]
     s = dist.get_rank()
-    return StageModule(blocks[starts[s]:starts[s + 1]])
+    return [StageModule(blocks[starts[c * 2 + s]:starts[c * 2 + s + 1]]) for c in range(v)]
 
 
-def time_steps(impl: str, schedule: str, m: int, warmup: int, steps: int) -> tuple[float, float | None]:
+def time_steps(impl: str, name: str, m: int, warmup: int, steps: int) -> tuple[float, float | None]:
     """Median seconds per step (slowest rank), and Plait's measured bubble of its last step."""
-    module = my_stage_module()
-    opt = torch.optim.SGD(module.parameters(), lr=0.01)
+    schedule, v = SCHEDULES[name]
+    chunks = my_chunks(v)
+    opt = torch.optim.SGD(nn.ModuleList(chunks).parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(BATCH, 784, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen)
     rank = dist.get_rank()
     if impl == "plait":
-        stage = PipelineStage(module, rank, 2, dist.group.WORLD, loss_fn=F.cross_entropy)
+        stage = PipelineStage(chunks, rank, 2, dist.group.WORLD, loss_fn=F.cross_entropy)
 
         def run():
             stage.step(x, y, m, schedule)
     else:
         from torch.distributed.pipelining import PipelineStage as TorchStage
-        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleavedZeroBubble
+        from torch.distributed.pipelining import (Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
+                                                  ScheduleInterleavedZeroBubble)
 
-        tstage = TorchStage(module, rank, 2, torch.device("cpu"))
-        if schedule == "zbh1":
+        tstages = [TorchStage(chunk, c * 2 + rank, 2 * v, torch.device("cpu")) for c, chunk in enumerate(chunks)]
+        tstage = tstages[0]
+        if name == "interleaved":
+            sched = ScheduleInterleaved1F1B(tstages, m, loss_fn=F.cross_entropy)
+        elif schedule == "zbh1":
             sched = ScheduleInterleavedZeroBubble([tstage], m, loss_fn=F.cross_entropy)
         else:
             sched = (ScheduleGPipe if schedule == "gpipe" else Schedule1F1B)(tstage, m, loss_fn=F.cross_entropy)
@@ -97,7 +110,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
-    schedules = ("gpipe", "1f1b", "zbh1")
+    schedules = tuple(SCHEDULES)
     cases = [(impl, sched) for sched in schedules for impl in ("plait", "torch")]
     table = {}
     with World(2, timeout_s=300) as world:
@@ -115,13 +128,13 @@ def main() -> None:
                         {s: tuple(statistics.median(b[j] for b in v) for j in (0, 1)) for s, v in bubbles.items()})
     print(f"\npp=2, {params / 1e6:.1f}M-parameter MLP, global batch {BATCH}, 1 thread per process, "
           f"median of {args.rounds} rounds x {args.steps} steps (ms per step)")
-    print(f"{'m':>2} | {'schedule':8} | {'plait':>7} | {'torch':>7} | {'torch/plait':>11} | {'bubble measured':>15} | "
+    print(f"{'m':>2} | {'schedule':11} | {'plait':>7} | {'torch':>7} | {'torch/plait':>11} | {'bubble measured':>15} | "
           f"{'ideal':>5} | {'theory':>6}")
     for m, (med, bubble) in table.items():
         for sched in schedules:
             p, t = med[("plait", sched)], med[("torch", sched)]
-            print(f"{m:>2} | {sched:8} | {p * 1e3:7.1f} | {t * 1e3:7.1f} | {t / p:11.3f} | "
-                  f"{bubble[sched][0]:15.3f} | {bubble[sched][1]:5.3f} | {bubble_fraction(m, 2, sched):6.3f}")
+            print(f"{m:>2} | {sched:11} | {p * 1e3:7.1f} | {t * 1e3:7.1f} | {t / p:11.3f} | "
+                  f"{bubble[sched][0]:15.3f} | {bubble[sched][1]:5.3f} | {bubble_fraction(m, 2, *SCHEDULES[sched]):6.3f}")
     print("(torch/plait > 1: Plait is faster; ideal: the schedule run with the traced passes' own times and\n"
           " nothing between them; theory: with equal stages and passes)")
 
