@@ -53,9 +53,7 @@ class Mesh:
         if not dist.is_initialized():
             raise PlaitError("Mesh needs an initialised process group: call plait.init() first")
         self.sizes = resolve_degrees(dist.get_world_size(), dp, pp, tp)
-        self.device_mesh: DeviceMesh = init_device_mesh(
-            device_type, tuple(self.sizes[a] for a in AXES), mesh_dim_names=AXES
-        )
+        self.device_mesh: DeviceMesh = _device_mesh(device_type, tuple(self.sizes[a] for a in AXES))
 
     def size(self, axis: str) -> int:
         return self.sizes[self._check(axis)]
@@ -79,3 +77,24 @@ class Mesh:
         if axis not in AXES:
             raise PlaitError(f"mesh: unknown axis {axis!r}; axes are {', '.join(AXES)}")
         return axis
+
+
+_MADE: dict[tuple, tuple[object, object]] = {}  # key -> (the default group it was made under, it)
+
+
+def _once(key: tuple, make):
+    """``make()`` once per default process group: every group costs a gloo device whose thread
+    wakes 100 times a second until the process ends (torch frees none of them), so a process
+    that builds many trainers (a notebook, a test session) shares them. Sharing is safe: ranks
+    issue collectives on a group in program order, whoever issues them."""
+    world = dist.distributed_c10d._get_default_group()
+    made = _MADE.get(key)
+    if made is not None and made[0] is world:  # not one from an earlier default group
+        return made[1]
+    value = make()
+    _MADE[key] = (world, value)
+    return value
+
+
+def _device_mesh(device_type: str, shape: tuple[int, ...]) -> DeviceMesh:
+    return _once(("mesh", device_type, shape), lambda: init_device_mesh(device_type, shape, mesh_dim_names=AXES))
