@@ -56,8 +56,8 @@ class PipelineStage:
         self.links: dict[int, Link] = {}  # stage -> the link to it (one, where before and after are one)
         for c in range(self.virtual):
             for piece in (self._piece(c) - 1, self._piece(c) + 1):
-                if 0 <= piece < self.pieces:
-                    self.links.setdefault(piece % stages, Link(ranks[piece % stages], group, self.device))
+                if 0 <= piece < self.pieces and piece % stages not in self.links:
+                    self.links[piece % stages] = Link(ranks[piece % stages], group, self.device)
         self.trace: list[tuple[str, int, float, float, int]] = []  # (kind, micro-batch, start, end, chunk)
         self.max_in_flight = 0
         self._saved: dict[tuple[int, int], tuple] = {}  # (micro-batch, chunk) -> (inputs, outputs), until its W
