@@ -85,11 +85,17 @@ class Link:
         return decode_header(header.cpu())
 
     def recv(self, specs: list[Spec]) -> tuple[torch.Tensor, ...]:
+        return self._waited(self._irecv(specs), "A")
+
+    def _irecv(self, specs: list[Spec]) -> list[tuple[torch.Tensor, dist.Work]]:
+        """Post the receive of one message: a buffer of each shape, and its pending work."""
         buffers = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
-        works = [dist.irecv(t, self.peer, group=self.group) for t in buffers]
-        for work in works:
-            wait(work, f"pipeline receive from {self._what('A')}", self.group, "bubble")
-        return tuple(buffers)
+        return [(t, dist.irecv(t, self.peer, group=self.group)) for t in buffers]
+
+    def _waited(self, posted: list[tuple[torch.Tensor, dist.Work]], kind: str) -> tuple[torch.Tensor, ...]:
+        for _, work in posted:
+            wait(work, f"pipeline receive from {self._what(kind)}", self.group, "bubble")
+        return tuple(t for t, _ in posted)
 
     # -- in a step ------------------------------------------------------------------------
     def expect(self, order: list[Key]) -> None:
@@ -115,15 +121,11 @@ class Link:
             if specs is None:
                 return
             with span("comm", f"pipeline receive from {self._what(kind)} posted"):
-                buffers = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
-                self.posted[key] = [(t, dist.irecv(t, self.peer, group=self.group)) for t in buffers]
+                self.posted[key] = self._irecv(specs)
             self.next += 1
 
     def _wait(self, key: Key) -> tuple[torch.Tensor, ...]:
-        posted = self.posted.pop(key)
-        for _, work in posted:
-            wait(work, f"pipeline receive from {self._what(key[0])}", self.group, "bubble")
-        return tuple(t for t, _ in posted)
+        return self._waited(self.posted.pop(key), key[0])
 
     def take(self, key: Key) -> tuple[torch.Tensor, ...]:
         """Message ``key``, waiting for it. Where its receive is not posted yet, the headers
