@@ -85,6 +85,24 @@ def test_tensorboard_reads_back_what_metrics_jsonl_holds_and_a_resume_replaces_t
     assert steps == list(range(1, 7)), steps
 
 
+def test_resume_keeps_the_records_up_to_its_step_and_drops_a_torn_last_line(tmp_path):
+    """A worker killed while rank 0 wrote a line leaves it torn: resuming drops it (a torn line
+    elsewhere is corruption, and says so)."""
+    from plait.train.metrics import RunLog
+
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    log = RunLog(str(tmp_path), "run", resume_step=2, tensorboard=False)
+    log.log({"step": 3, "loss": 0.5})
+    log.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.5}]
+    path.write_text('{"step": 1, "lo\n' + json.dumps({"step": 2}) + "\n")
+    with pytest.raises(json.JSONDecodeError):
+        RunLog(str(tmp_path), "run", resume_step=2, tensorboard=False)
+
+
 # -- the time breakdown ------------------------------------------------------------------------
 NAMED = ("data", "forward", "backward", "comm", "bubble", "optimizer")
 

@@ -20,8 +20,14 @@ class RunLog:
         self.metrics_path = self.dir / "metrics.jsonl"
         self.records: list[dict] = []
         if resume_step is not None and self.metrics_path.is_file():
-            for line in self.metrics_path.read_text().splitlines():
-                record = json.loads(line)
+            lines = self.metrics_path.read_text().splitlines()
+            for i, line in enumerate(lines):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if i == len(lines) - 1:  # the last line, torn by a worker killed while writing it
+                        break
+                    raise
                 if record.get("step", 0) <= resume_step:
                     self.records.append(record)
         self._file = self.metrics_path.open("w")

@@ -279,9 +279,6 @@ class Trainer:
                     self.pipeline_report = self._write_trace()
                 interval_start += time.perf_counter() - writing  # traces are no part of throughput
                 self.step = step
-                if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == t.steps):
-                    self._save()
-                self.ckpt.poll()  # an asynchronous save that failed ends the run now
                 bar.update(1)
                 if step % cfg.run.log_every == 0 or step == t.steps:
                     loss = self._global_mean(local_loss)
@@ -298,6 +295,11 @@ class Trainer:
                     if self.log:
                         self.log.log(record)
                     bar.set_postfix(loss=f"{loss:.4g}")
+                # After the step's record: a checkpoint on disk implies its steps' records are too, so a
+                # worker killed between the two never resumes past a step it did not log.
+                if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == t.steps):
+                    self._save()
+                self.ckpt.poll()  # an asynchronous save that failed ends the run now
             train_time = time.perf_counter() - start
         return self._finish(loss, train_time, t.steps - first)
 
