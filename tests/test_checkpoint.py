@@ -100,6 +100,22 @@ def test_crash_between_write_and_commit_keeps_last_checkpoint(solo, tmp_path):
     assert_close(params, expected)  # saved on 2 ranks at step 4, resumed on 1: as if never stopped
 
 
+def test_checkpoints_beyond_keep_go_out_of_sight_at_once_and_are_deleted_in_the_background(solo, tmp_path):
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # Left by a run that ended while deleting it: it still holds a manifest, yet is no checkpoint.
+    stale = tmp_path / ".deleting-step_00000001"
+    stale.mkdir()
+    (stale / "manifest.json").write_text("{}")
+    ckpt = Checkpointer(tmp_path, keep=1)
+    assert ckpt.complete() == []
+    ckpt.save(2, model, opt, {})
+    ckpt.save(3, model, opt, {})
+    assert [p.name for p in ckpt.complete()] == ["step_00000003"]  # step 2 is renamed before save() returns
+    ckpt.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]
+
+
 def stall_and_wait(sleep_rank: int, seconds: float):
     model = plait.DataParallel(nn.Linear(4, 2))
     if dist.get_rank() == sleep_rank:

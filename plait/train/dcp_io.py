@@ -146,6 +146,13 @@ class _HashingFileSystem(FileSystem):
 
 
 class HashingWriter(dcp.FileSystemWriter):
+    """DCP's writer with files hashed as they are written, each rank's share in ``THREADS``
+    files written by as many threads: zlib's CRC-32 and the writes release the GIL, so one
+    file's hashing overlaps another's I/O (one thread: 0.95 s for 400 MB a rank on 2 cores;
+    four: 0.81; plain DCP without hashing: 0.69)."""
+
+    THREADS = 4
+
     def __init__(self, path: Path):
-        super().__init__(path)
+        super().__init__(path, thread_count=self.THREADS)
         self.fs = _HashingFileSystem()
