@@ -12,7 +12,9 @@ cores and memory bus):
   together; and the skew: how much longer a small one takes right after a burst of compute, as
   in a step (ranks arrive apart; on shared cores a peer may be waiting for one);
 - a pipeline stage's own cost per micro-batch (the schedule, its sends and receives);
-- the optimizer step's memory bandwidth (the config's optimizer on 4M elements);
+- the optimizer step's memory bandwidth (the config's optimizer, and the gradient-norm clip if the
+  config clips, on one flat tensor of the model's size) and its fixed cost per tensor (what the
+  model's own parameters take beyond that);
 - what a process holds besides the model (resident memory after start-up and the data), and
   the time to fetch a batch (``step_overhead_s``).
 
@@ -156,7 +158,7 @@ def _pipeline_overhead(rank: int, world: int) -> float:
 
 def _compute(cfg, rank: int, world: int):
     """(rate FLOP/s, seconds per operation, what a process holds, seconds per batch fetched,
-    the optimizer step's memory bandwidth)."""
+    the optimizer step's memory bandwidth, and its fixed cost per tensor)."""
     from torch.utils.data import DataLoader
 
     from plait.models import build_model
@@ -192,16 +194,18 @@ def _compute(cfg, rank: int, world: int):
         if len(xs) < b:
             xs, ys = torch.cat([x] * (b // len(x) + 1))[:b], torch.cat([y] * (b // len(y) + 1))[:b]
 
-        def step():
+        def step():  # as the trainer steps: gradients set to None, allocated again by backward
+            model.zero_grad(set_to_none=True)
             task.loss(run_chain(model, chain, xs), ys).backward()
         t = _slowest(_timed(step, 5))
         points.append((flops_per_sample * b, t))
     # t = flops / rate + the intercept: the weights streamed from memory once forward and twice
     # backward (whatever the batch), and a fixed cost per operation (what is left of it)
     overhead, rate = _fit(points)
-    bandwidth = _optimizer_bandwidth(cfg)  # measured after the base memory: its tensors are not the runtime's
+    # measured after the base memory (its tensors are not the runtime's) and the blocks' times
+    bandwidth, per_tensor = _optimizer(cfg, list(model.parameters()))
     weights = 3 * 4 * profile.params / bandwidth
-    return rate, max(overhead - weights, 0.0) / max(ops, 1), base, _slowest(fetch), bandwidth
+    return rate, max(overhead - weights, 0.0) / max(ops, 1), base, _slowest(fetch), bandwidth, per_tensor
 
 
 def _base_memory(cfg) -> float:
@@ -227,17 +231,34 @@ def _base_memory(cfg) -> float:
     return peak_rss()
 
 
-def _optimizer_bandwidth(cfg) -> float:
+def _optimizer(cfg, params: list) -> tuple[float, float]:
+    """The trainer's optimizer span (the gradient-norm clip when the config clips, then the
+    config's optimizer's step), every process at once, on the model's own parameters and on one
+    flat tensor of as many elements (as ZeRO steps): the bytes per second the flat one streams,
+    and the fixed cost per tensor, what the model's own take beyond it (a CPU optimizer loops
+    over its tensors, a few operations each)."""
     from plait.plan import workload
-    from plait.plan.cost import OPTIMIZER_BYTES
+    from plait.plan.cost import optimizer_bytes
     from plait.train.trainer import build_optimizer
 
-    n = 4 * 2**20
-    p = torch.nn.Parameter(torch.zeros(n))
-    p.grad = torch.ones(n)
-    opt = build_optimizer(cfg.train, [p])
-    t = _slowest(_timed(opt.step, 5))
-    return OPTIMIZER_BYTES[workload(cfg).optimizer] * n / t
+    work = workload(cfg)
+
+    def span(tensors: list) -> float:
+        for t in tensors:
+            t.grad = torch.ones_like(t)
+        optimizer = build_optimizer(cfg.train, tensors)
+
+        def run():
+            if work.grad_clip:  # as Parallelized.grad_norm and the trainer: float64 squares, scaled in place
+                square = torch.stack([t.grad.double().square().sum() for t in tensors]).sum()
+                torch._foreach_mul_([t.grad for t in tensors], min(1.0, cfg.train.grad_clip / (square.sqrt().item() + 1e-6)))
+            optimizer.step()
+        return _slowest(_timed(run, 15))
+
+    own = [p for p in params if p.requires_grad]
+    n = sum(p.numel() for p in own)
+    flat = span([torch.nn.Parameter(torch.zeros(n))])
+    return optimizer_bytes(work.optimizer, work.grad_clip) * n / flat, max(span(own) - flat, 0.0) / max(len(own) - 1, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,17 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     info = init(cfg.dist.backend, "cpu", cfg.dist.timeout)
     rank, world = info.rank, info.world_size
-    rate, op_cost, base, fetch, bandwidth = _compute(cfg, rank, world)
+    rate, op_cost, base, fetch, bandwidth, per_tensor = _compute(cfg, rank, world)
     links = _links(rank, world, dist.get_backend()) if world > 1 else {}
     per_micro = _pipeline_overhead(rank, world) if world > 1 else 0.0
     if rank == 0:
-        write(args.output, world, rate, op_cost, base, fetch, bandwidth, links, args.config, per_micro)
+        write(args.output, world, rate, op_cost, base, fetch, (bandwidth, per_tensor), links, args.config, per_micro)
     shutdown()
     return 0
 
 
-def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch: float, bandwidth: float,
+def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch: float, optimizer: tuple,
           links: dict, config: str, per_micro: float) -> None:
+    """``optimizer``: (bytes per second streamed, fixed seconds per tensor)."""
+    bandwidth, per_tensor = optimizer
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     cores = os.cpu_count() or 1
     when = time.strftime("%Y-%m-%d %H:%M")
@@ -272,7 +295,8 @@ def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch
              f"devices_per_node = {world}",
              f"memory_bytes = {pages / world:.4g}          # the host's memory shared by the processes",
              f"base_memory_bytes = {base:.4g}     # resident after start-up and loading the data",
-             f"memory_bandwidth = {bandwidth:.4g}      # the optimizer step on 4M elements",
+             f"memory_bandwidth = {bandwidth:.4g}      # the optimizer step (and clip) on the model's elements, flat",
+             f"optimizer_tensor_s = {per_tensor:.4g}   # and per tensor, on the model's own parameters beyond that",
              f"op_overhead_s = {op_cost:.4g}         # fitted with the rate below on the model's blocks, less the weights' reads",
              f"step_overhead_s = {fetch:.4g}       # fetching one rank's batch",
              f"microbatch_overhead_s = {per_micro:.4g}  # a pipeline stage's own cost per micro-batch (two tiny stages)",

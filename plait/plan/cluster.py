@@ -5,6 +5,7 @@
     memory_bytes = 80e9          # per device: what the model may use
     base_memory_bytes = 0        # held by every process besides the model (a CPU process's runtime)
     memory_bandwidth = 2.0e12    # bytes/s, what an optimizer step streams at
+    optimizer_tensor_s = 0.0     # the optimizer step's fixed cost per parameter tensor it updates
     op_overhead_s = 5e-6         # fixed cost of each dispatched operation (launch, Python)
     step_overhead_s = 0.0        # fixed cost of each step (data, bookkeeping)
     microbatch_overhead_s = 0.0  # a pipeline stage's own cost per micro-batch (schedule, send latency)
@@ -86,6 +87,9 @@ class Cluster:
     inter: Link
     base_memory_bytes: float = 0.0
     memory_bandwidth: float = 1e12
+    optimizer_tensor_s: float = 0.0
+    """The optimizer step's fixed cost per parameter tensor (a per-tensor loop's operations, and
+    the gradient-norm clip's), beyond the bytes it streams."""
     op_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
     microbatch_overhead_s: float = 0.0
@@ -135,7 +139,8 @@ def _link(table: dict, key: str, where: str) -> Link:
                 ops, _number(t, "skew_s", f"{where}: [{key}]", positive=False, default=0.0))
 
 
-FIELDS = {"name", "devices_per_node", "cores", "memory_bytes", "base_memory_bytes", "memory_bandwidth", "op_overhead_s",
+FIELDS = {"name", "devices_per_node", "cores", "memory_bytes", "base_memory_bytes", "memory_bandwidth",
+          "optimizer_tensor_s", "op_overhead_s",
           "step_overhead_s", "microbatch_overhead_s", "overlap", "flops", "intra", "inter"}
 
 
@@ -165,6 +170,7 @@ def parse_cluster(data: dict, where: str) -> Cluster:
         intra=_link(data, "intra", where), inter=_link(data, "inter", where),
         base_memory_bytes=_number(data, "base_memory_bytes", where, positive=False, default=0.0),
         memory_bandwidth=_number(data, "memory_bandwidth", where, default=1e12),
+        optimizer_tensor_s=_number(data, "optimizer_tensor_s", where, positive=False, default=0.0),
         op_overhead_s=_number(data, "op_overhead_s", where, positive=False, default=0.0),
         step_overhead_s=_number(data, "step_overhead_s", where, positive=False, default=0.0),
         microbatch_overhead_s=_number(data, "microbatch_overhead_s", where, positive=False, default=0.0),

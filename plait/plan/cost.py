@@ -28,11 +28,20 @@ from plait.parallel.pipeline.cut import _balance
 from plait.parallel.pipeline.schedules import SCHEDULES, in_flight
 from plait.plan.cluster import Cluster
 from plait.plan.profile import ModelProfile
+from plait.plan.shared import shared_step
 
 OPTIMIZER_STATE = {"sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2}
 """fp32 tensors of state per parameter element."""
 OPTIMIZER_BYTES = {"sgd": 12, "sgd_momentum": 20, "adam": 36, "adamw": 36}
 """Bytes an optimizer step reads and writes per element (parameter, gradient, state)."""
+CLIP_BYTES = 44
+"""Bytes the gradient-norm clip reads and writes per element: each gradient made float64 and
+squared (4 read, 8 written, 8 read, 8 written, 8 read for the sum), then scaled in place (4 + 4)."""
+
+
+def optimizer_bytes(optimizer: str, grad_clip: bool) -> int:
+    """Bytes per element of the trainer's optimizer span: the clip, if any, and the step."""
+    return OPTIMIZER_BYTES[optimizer] + (CLIP_BYTES if grad_clip else 0)
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,19 @@ class Estimate:
         return self.flops_per_step / self.step_s / self.world / 1e12
 
 
+def _step(times: list[dict], shares: list[dict], c: Candidate, k: int, cluster: Cluster, local: int) -> dict:
+    """The step's parts, from each stage's (``times``; ``shares``: its passes per micro-batch and
+    its tail, for the replay). Devices of their own: the slowest stage's. Cores shared by the
+    node's ``local`` processes (CPUs): the schedule replayed under processor sharing
+    (``plait.plan.shared``); the parts are then the mean stage's work, and the ``bubble`` is
+    what the replay takes beyond it, the cores idle while ranks wait."""
+    if not 0 < cluster.cores < local:
+        return max(times, key=lambda t: sum(t.values()))
+    span = shared_step(c.schedule, c.microbatches, k, shares, c.dp * c.tp, cluster.cores, local)
+    work = {part: sum(t[part] for t in times) / len(times) for part in times[0] if part not in ("bubble", "other")}
+    return {**work, "bubble": max(span - sum(work.values()), 0.0), "other": times[0]["other"]}
+
+
 @lru_cache(maxsize=4096)
 def _held(schedule: str, m: int, p: int, s: int) -> int:
     """Micro-batches stage s of the schedule holds at its peak (the schedule's own actions)."""
@@ -166,14 +188,10 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
     pp_link = cluster.link(c.tp * c.pp)
     dp_link = cluster.link(world)
     state_per = OPTIMIZER_STATE[work.optimizer]
-    # On cores shared by the node's processes (CPUs), the pipeline's fill and drain, where half
-    # the stages idle on average, compute faster than the rate measured with all of them busy.
-    local = min(world, cluster.devices_per_node)
-    busy = max(1.0, local / 2) if c.pp > 1 else local
-    speedup = local / max(busy, cluster.cores) if 0 < cluster.cores < local else 1.0
     worst_mem: dict = {}
     stages: list = []
-    worst_time: dict = {}
+    times: list = []
+    shares: list = []
     notes: dict = {}
     for s, st in enumerate(_stages(profile, c.pp, c.tp)):
         blocks = profile.blocks[starts[s] : starts[s + 1]]
@@ -219,7 +237,11 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
             for size, span in ((c.tp, c.tp), (c.pp, c.tp * c.pp), (c.dp if c.zero else 1, world)):
                 t_step += cluster.link(span).time("all_reduce", 8, size)
         shard = c.dp if c.zero else 1
-        t_opt = params / shard * OPTIMIZER_BYTES[work.optimizer] / cluster.memory_bandwidth
+        # the step streams this rank's elements, and pays a fixed cost per tensor it updates: each
+        # parameter's, or ZeRO's flat shards (one per stage; stage 3: one per unit)
+        updated = {0: st["tensors"], 3: len(blocks)}.get(c.zero, 1)
+        t_opt = (params / shard * optimizer_bytes(work.optimizer, work.grad_clip) / cluster.memory_bandwidth
+                 + updated * cluster.optimizer_tensor_s)
         held = _held(c.schedule, m, c.pp, s) if c.pp > 1 else 1
         saved = st["saved"] * b * act_scale
         if c.recompute:
@@ -241,19 +263,23 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
             "p2p": t_p2p * m * k,
             # each accumulation step is a schedule; zero-bubble fills all but F of each slot (the
             # input's gradient and the weights' taken as equal halves of the backward)
-            "bubble": (c.pp - 1) * (slot - t_b if c.schedule == "zbh1" else slot) / speedup * k,
+            "bubble": (c.pp - 1) * (slot - t_b if c.schedule == "zbh1" else slot) * k,
             "dp": t_dp,
             "zero_gather": t_gather,
             "optimizer": t_opt,
             "other": t_step + cluster.step_overhead_s,
         }
         stages.append(mem)
+        times.append(time)
+        edge = (t_tp + t_p2p) / 2  # a pass's share of its stage's collectives and sends
+        shares.append({"F": t_f + edge, "B": t_b + edge, "I": t_b / 2 + edge, "W": t_b / 2,
+                       "tail": t_dp + t_gather + t_opt})
         if sum(mem.values()) > sum(worst_mem.values()):
             worst_mem = mem
-        if sum(time.values()) > sum(worst_time.values()):
-            worst_time = time
+        if sum(time.values()) >= max(map(sum, (t.values() for t in times))):
             notes = {"tp_bytes": (tp_bytes + tp_gather) * m * k, "tp_link": tp_link, "dp_bytes": grad, "dp_link": dp_link,
                      "p2p_bytes": sent * m * k, "pp_link": pp_link, "stage": s, "flops": flops * m * k}
+    worst_time = _step(times, shares, c, k, cluster, min(world, cluster.devices_per_node))
     fits = sum(worst_mem.values()) <= cluster.memory_bytes
     per_step = profile.flops_per_sample * work.batch_size
     return Estimate(c, worst_mem, worst_time, fits, per_step, world, notes, stages)

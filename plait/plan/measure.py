@@ -32,8 +32,18 @@ def chosen(ranked: list[Estimate], k: int) -> list[int]:
     return fit if 2 * k >= len(fit) else fit[:k] + fit[-k:]
 
 
+SLOW_S = 1.0
+"""A layout predicted slower than this per step trains half the steps (at least 4): its second
+half is still several seconds of steps, and a whole run of such layouts takes minutes less."""
+
+
+def steps_for(e: Estimate, steps: int) -> int:
+    return steps if e.step_s < SLOW_S else max(4, steps // 2)
+
+
 def run_layout(config: str, overrides: list[str], e: Estimate, nproc: int, steps: int, out: Path, name: str) -> dict:
     """Train one layout; its measured step time and peak memory per rank."""
+    steps = steps_for(e, steps)
     sets = [*overrides, *e.candidate.overrides(), *QUIET, f"train.steps={steps}", f"run.log_every={max(1, steps // 2)}",
             f'run.out_dir="{out}"', f'run.name="{name}"']
     cmd = [sys.executable, "-m", "plait.cli", "train", config, "--nproc", str(nproc)]
