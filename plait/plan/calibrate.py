@@ -5,7 +5,9 @@ cores and memory bus):
 
 - compute: the config's model, built for real, forward and backward of its blocks at micro-batch
   sizes from the whole batch down to an eighth of one rank's share, fitted (least squares) as
-  FLOPs / rate + operations x a fixed cost each: the ``[flops]`` rate and ``op_overhead_s``;
+  FLOPs / rate + operations x a fixed cost each (each size's error relative): the ``[flops]``
+  rate and ``op_overhead_s``; the same step with the blocks recomputed (``train.recompute``)
+  at one rank's batch, against it and its forward: ``recompute_factor``;
 - links: all-reduce, all-gather, reduce-scatter (as Plait runs it on the backend) and send/recv,
   4 KiB, 1 MiB and 8 MiB, over groups of 2 consecutive ranks up to all of them, all groups at once;
   latency and bandwidth fitted to the ring's factors (``plait.plan.cluster``), all ranks starting
@@ -13,10 +15,11 @@ cores and memory bus):
   in a step (ranks arrive apart; on shared cores a peer may be waiting for one);
 - a pipeline stage's own cost per micro-batch (the schedule, its sends and receives);
 - the optimizer step's memory bandwidth (the config's optimizer, and the gradient-norm clip if the
-  config clips, on one flat tensor of the model's size) and its fixed cost per tensor (what the
-  model's own parameters take beyond that);
-- what a process holds besides the model (resident memory after start-up and the data), and
-  the time to fetch a batch (``step_overhead_s``).
+  config clips, on one flat tensor of the model's size, at least 1M elements) and its fixed cost
+  per tensor (what the trainer's own optimizer span, from the run below, takes beyond its bytes);
+- what a process holds besides the model's tensors, from a few steps of the config trained
+  data-parallel on every process, first (their peak resident memory less what the cost model
+  counts for that layout's tensors), and the time to fetch a batch (``step_overhead_s``).
 
 The slowest rank's figure is kept for each (a step waits for it).
 
@@ -75,12 +78,14 @@ def _slowest(value: float) -> float:
 
 
 def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """Least squares of t = a + x / rate over (x, t) points: (a, rate)."""
+    """Least squares of t = a + x / rate over (x, t) points, each error relative to its t (a
+    small batch or message, where the fixed part a weighs most, counts as much as a large one):
+    (a, rate)."""
     import numpy as np
 
-    x = np.array([[1.0, p[0]] for p in points])
     t = np.array([p[1] for p in points])
-    (a, inv), *_ = np.linalg.lstsq(x, t, rcond=None)
+    x = np.array([[1.0, p[0]] for p in points]) / t[:, None]
+    (a, inv), *_ = np.linalg.lstsq(x, np.ones_like(t), rcond=None)
     return max(float(a), 0.0), 1.0 / max(float(inv), 1e-30)
 
 
@@ -156,9 +161,9 @@ def _pipeline_overhead(rank: int, world: int) -> float:
     return _slowest(max(times[16] - times[1], 0.0) / 15)
 
 
-def _compute(cfg, rank: int, world: int):
-    """(rate FLOP/s, seconds per operation, what a process holds, seconds per batch fetched,
-    the optimizer step's memory bandwidth, and its fixed cost per tensor)."""
+def _compute(cfg, rank: int, world: int, trained: float):
+    """(rate FLOP/s, seconds per operation, seconds per batch fetched, the optimizer step's
+    memory bandwidth, its fixed cost per tensor, and recomputation's cost per forward)."""
     from torch.utils.data import DataLoader
 
     from plait.models import build_model
@@ -178,7 +183,6 @@ def _compute(cfg, rank: int, world: int):
             if fetched == 3:
                 break
     fetch = (time.perf_counter() - start) / 3
-    base = _base_memory(cfg)
     profile, _ = profile_config(cfg)
     torch.manual_seed(0)
     model = build_model(cfg.model.name, cfg.model.args, task.info)
@@ -199,16 +203,81 @@ def _compute(cfg, rank: int, world: int):
             task.loss(run_chain(model, chain, xs), ys).backward()
         t = _slowest(_timed(step, 5))
         points.append((flops_per_sample * b, t))
+        if b == share:
+            plain = t
     # t = flops / rate + the intercept: the weights streamed from memory once forward and twice
     # backward (whatever the batch), and a fixed cost per operation (what is left of it)
     overhead, rate = _fit(points)
+    recompute = _recompute_factor(model, chain, task, plain, x[:share], y[:share])
     # measured after the base memory (its tensors are not the runtime's) and the blocks' times
-    bandwidth, per_tensor = _optimizer(cfg, list(model.parameters()))
+    bandwidth, per_tensor = _optimizer(cfg, list(model.parameters()), trained)
     weights = 3 * 4 * profile.params / bandwidth
-    return rate, max(overhead - weights, 0.0) / max(ops, 1), base, _slowest(fetch), bandwidth, per_tensor
+    return rate, max(overhead - weights, 0.0) / max(ops, 1), _slowest(fetch), bandwidth, per_tensor, recompute
 
 
-def _base_memory(cfg) -> float:
+def _recompute_factor(model, chain, task, plain: float, xs, ys) -> float:
+    """What recomputation adds to a step, as a share of the forward (1: one more forward): the
+    blocks recomputed as the trainer does (``train.recompute``) at one rank's batch ``xs``,
+    against the same step without (``plain``) and its forward alone."""
+    from plait.parallel.recompute import recompute_blocks
+    from plait.plan.profile import run_chain
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        task.loss(run_chain(model, chain, xs), ys).backward()
+    forward = _slowest(_timed(lambda: task.loss(run_chain(model, chain, xs), ys), 5))
+    own = [block.__dict__.get("forward") for _, block in chain.blocks]
+    recompute_blocks(chain.blocks)
+    try:
+        again = _slowest(_timed(step, 5))
+    finally:
+        for (_, block), forward_before in zip(chain.blocks, own):
+            if forward_before is None:
+                del block.forward  # the class's own again
+            else:
+                block.forward = forward_before
+    return max(again - plain, 0.0) / max(forward, 1e-9)
+
+
+def _trained(config: str, overrides: list[str], cfg, info) -> tuple[float, float]:
+    """A few steps of the config trained data-parallel on every process, the trainer's own code
+    (its start-up, imports, data, process groups, run log, the FLOP/s it measures for MFU):
+    (what a process holds besides its model's tensors: the largest rank's peak resident memory
+    while training less the bytes the cost model counts for that layout's tensors; the slowest
+    rank's optimizer span per step). Where the batch does not split over every process: the
+    memory after the trainer's imports and a plot (``_imported_memory``), and no span (0)."""
+    import tempfile
+
+    from plait.plan import workload
+    from plait.plan.cluster import Cluster, Link
+    from plait.plan.cost import Candidate, estimate
+    from plait.plan.measure import QUIET
+    from plait.plan.profile import profile_config
+    from plait.train.config import load_config
+    from plait.train.trainer import Trainer
+
+    world = info.world_size
+    if cfg.train.batch_size % (world * cfg.train.accum_steps):
+        return _imported_memory(cfg), 0.0
+    steps = 8  # logged every 4: the figures of the last 4, the first (the optimizer's state made) left out
+    peak = span = 0.0
+    with tempfile.TemporaryDirectory(prefix="plait-calibrate-") as tmp:
+        sets = [*overrides, *QUIET, f"parallel.dp={world}", "parallel.pp=1", "parallel.tp=1", "parallel.zero=0",
+                f"train.steps={steps}", f"run.log_every={steps // 2}", f'run.out_dir="{tmp}"', 'run.name="calibrate"']
+        trainer = Trainer(load_config(config, sets), info)
+        trainer.fit()
+        if trainer.log:  # rank 0 logs every rank's figures of the last steps
+            per_rank = trainer.log.records[-1]["per_rank"]
+            peak, span = max(per_rank["peak_memory_bytes"]), max(per_rank["time_optimizer_s"])
+    got = torch.tensor([peak, span], dtype=torch.float64)
+    dist.all_reduce(got, op=dist.ReduceOp.MAX)  # rank 0's, on every rank
+    profile, _ = profile_config(cfg)
+    nothing = Cluster("", world, 1.0, {"fp32": 1.0}, Link(0.0, 1.0), Link(0.0, 1.0))
+    counted = estimate(profile, nothing, workload(cfg), Candidate(world, 1, 1)).memory_bytes
+    return max(got[0].item() - counted, 0.0), got[1].item()
+
+
+def _imported_memory(cfg) -> float:
     """The resident memory of a training process before its model: what it imports (the trainer,
     TensorBoard, the loss plot's matplotlib), the CPU's FLOP/s measurement the trainer makes for
     MFU, with the data loaded and the process group up."""
@@ -231,17 +300,20 @@ def _base_memory(cfg) -> float:
     return peak_rss()
 
 
-def _optimizer(cfg, params: list) -> tuple[float, float]:
+def _optimizer(cfg, params: list, trained: float) -> tuple[float, float]:
     """The trainer's optimizer span (the gradient-norm clip when the config clips, then the
-    config's optimizer's step), every process at once, on the model's own parameters and on one
-    flat tensor of as many elements (as ZeRO steps): the bytes per second the flat one streams,
-    and the fixed cost per tensor, what the model's own take beyond it (a CPU optimizer loops
-    over its tensors, a few operations each)."""
+    config's optimizer's step), every process at once on one flat tensor of the model's size (as
+    ZeRO steps; at least 1M elements): the bytes per second it streams; and the fixed cost per
+    parameter tensor, what the trainer's own span (``trained``: its seconds per step under
+    dp=world, each rank stepping every parameter) takes beyond its bytes (a CPU optimizer and
+    the clip loop over the tensors, a few operations each). Without a trained span, that of a
+    stand-in for the trainer's on the model's own parameters."""
     from plait.plan import workload
     from plait.plan.cost import optimizer_bytes
     from plait.train.trainer import build_optimizer
 
     work = workload(cfg)
+    per_element = optimizer_bytes(work.optimizer, work.grad_clip)
 
     def span(tensors: list) -> float:
         for t in tensors:
@@ -257,8 +329,10 @@ def _optimizer(cfg, params: list) -> tuple[float, float]:
 
     own = [p for p in params if p.requires_grad]
     n = sum(p.numel() for p in own)
-    flat = span([torch.nn.Parameter(torch.zeros(n))])
-    return optimizer_bytes(work.optimizer, work.grad_clip) * n / flat, max(span(own) - flat, 0.0) / max(len(own) - 1, 1)
+    flat = max(n, 2**20)  # a tiny model's step is all fixed cost: its bytes say nothing of bandwidth
+    bandwidth = per_element * flat / span([torch.nn.Parameter(torch.zeros(flat))])
+    left = (trained or span(own)) - n * per_element / bandwidth
+    return bandwidth, max(left, 0.0) / max(len(own), 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,17 +347,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     info = init(cfg.dist.backend, "cpu", cfg.dist.timeout)
     rank, world = info.rank, info.world_size
-    rate, op_cost, base, fetch, bandwidth, per_tensor = _compute(cfg, rank, world)
+    base, trained = _trained(args.config, args.overrides, cfg, info)  # first: nothing else measured has run yet
+    rate, op_cost, fetch, bandwidth, per_tensor, recompute = _compute(cfg, rank, world, trained)
     links = _links(rank, world, dist.get_backend()) if world > 1 else {}
     per_micro = _pipeline_overhead(rank, world) if world > 1 else 0.0
     if rank == 0:
-        write(args.output, world, rate, op_cost, base, fetch, (bandwidth, per_tensor), links, args.config, per_micro)
+        write(args.output, world, rate, op_cost, base, fetch, (bandwidth, per_tensor), links, args.config, per_micro,
+              recompute)
     shutdown()
     return 0
 
 
 def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch: float, optimizer: tuple,
-          links: dict, config: str, per_micro: float) -> None:
+          links: dict, config: str, per_micro: float, recompute: float = 1.0) -> None:
     """``optimizer``: (bytes per second streamed, fixed seconds per tensor)."""
     bandwidth, per_tensor = optimizer
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -294,12 +370,13 @@ def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch
              f'name = "this machine, {world} CPU processes (gloo over loopback)"',
              f"devices_per_node = {world}",
              f"memory_bytes = {pages / world:.4g}          # the host's memory shared by the processes",
-             f"base_memory_bytes = {base:.4g}     # resident after start-up and loading the data",
-             f"memory_bandwidth = {bandwidth:.4g}      # the optimizer step (and clip) on the model's elements, flat",
-             f"optimizer_tensor_s = {per_tensor:.4g}   # and per tensor, on the model's own parameters beyond that",
+             f"base_memory_bytes = {base:.4g}     # a training process besides its model's tensors (dp={world}, a few steps)",
+             f"memory_bandwidth = {bandwidth:.4g}      # the optimizer step (and clip) on the model's elements, flat (at least 1M)",
+             f"optimizer_tensor_s = {per_tensor:.4g}   # and per tensor: the trainer's own span (dp={world}) beyond its bytes",
              f"op_overhead_s = {op_cost:.4g}         # fitted with the rate below on the model's blocks, less the weights' reads",
              f"step_overhead_s = {fetch:.4g}       # fetching one rank's batch",
              f"microbatch_overhead_s = {per_micro:.4g}  # a pipeline stage's own cost per micro-batch (two tiny stages)",
+             f"recompute_factor = {recompute:.4g}     # what recomputation adds, as a share of the forward",
              "overlap = 0.0                # gloo runs on the same cores as backward",
              f"cores = {cores if cores < world else 0}                    # the processes share these cores",
              "",

@@ -9,6 +9,7 @@
     op_overhead_s = 5e-6         # fixed cost of each dispatched operation (launch, Python)
     step_overhead_s = 0.0        # fixed cost of each step (data, bookkeeping)
     microbatch_overhead_s = 0.0  # a pipeline stage's own cost per micro-batch (schedule, send latency)
+    recompute_factor = 1.0       # what recomputation adds to a backward, in forwards (1: one more)
     overlap = 0.9                # share of a bucketed all-reduce that backward hides (0..1)
     cores = 0                    # cores the node's processes share (0: none shared; CPUs)
 
@@ -93,6 +94,9 @@ class Cluster:
     op_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
     microbatch_overhead_s: float = 0.0
+    recompute_factor: float = 1.0
+    """What activation recomputation adds to a backward, as a share of the forward: one more
+    forward, and (on a CPU) the checkpoint's own bookkeeping per saved tensor."""
     overlap: float = 0.0
     cores: int = 0
     """Cores a node's processes share (0: each device computes on its own). Fewer than the
@@ -141,7 +145,7 @@ def _link(table: dict, key: str, where: str) -> Link:
 
 FIELDS = {"name", "devices_per_node", "cores", "memory_bytes", "base_memory_bytes", "memory_bandwidth",
           "optimizer_tensor_s", "op_overhead_s",
-          "step_overhead_s", "microbatch_overhead_s", "overlap", "flops", "intra", "inter"}
+          "step_overhead_s", "microbatch_overhead_s", "recompute_factor", "overlap", "flops", "intra", "inter"}
 
 
 def parse_cluster(data: dict, where: str) -> Cluster:
@@ -174,6 +178,7 @@ def parse_cluster(data: dict, where: str) -> Cluster:
         op_overhead_s=_number(data, "op_overhead_s", where, positive=False, default=0.0),
         step_overhead_s=_number(data, "step_overhead_s", where, positive=False, default=0.0),
         microbatch_overhead_s=_number(data, "microbatch_overhead_s", where, positive=False, default=0.0),
+        recompute_factor=_number(data, "recompute_factor", where, positive=False, default=1.0),
         overlap=overlap, cores=int(_number(data, "cores", where, positive=False, default=0.0)), source=where)
 
 

@@ -15,7 +15,10 @@ Time: each stage's forward and backward per micro-batch (FLOPs at the device's F
 weights read from memory once forward and twice backward, a fixed cost per dispatched operation), tp's collectives, the pipeline's sends, (m + pp - 1) slots
 of the slowest stage (the bubble is the pp - 1 extra), then data-parallel gradient reduction
 (DataParallel's buckets overlap backward by the cluster's ``overlap``; ZeRO reduces after it),
-ZeRO's parameter gathers, and the optimizer step at memory bandwidth.
+ZeRO's parameter gathers, and the optimizer step at memory bandwidth with a fixed cost per tensor
+it updates. Where a node's processes share fewer cores than they are (CPUs), a waiting rank
+gives its core to the others: the schedule is replayed under processor sharing instead
+(``plait.plan.shared``), and the bubble is what the cores idle.
 """
 
 from __future__ import annotations
@@ -200,8 +203,8 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
         reads = params * (2 if c.precision == "bf16" else 4) / cluster.memory_bandwidth  # the weights, per pass
         t_f = flops / rate + ops * cluster.op_overhead_s + reads
         t_b = flops * profile.backward_ratio / rate + ops * profile.backward_ops_ratio * cluster.op_overhead_s + 2 * reads
-        if c.recompute:
-            t_b += t_f
+        if c.recompute:  # the forward again, and what the checkpoint's bookkeeping costs (calibrated)
+            t_b += cluster.recompute_factor * t_f
         tp_bytes = st["tp_reduce"] * b * act_scale
         tp_gather = st["tp_gather"] * b * act_scale
         tp_calls = st["tp_calls"]
@@ -231,8 +234,9 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
                 tensors = st["tensors"]  # on gloo each reduced where autograd left it
                 t_dp = m * k * _behind(dp_link, grad, c.dp, tensors, t_b, cluster.overlap)
                 t_gather = 2 * m * k * dp_link.time("all_gather", params * 4, c.dp, len(blocks))
-        # the trainer's own per step: the loss over every rank, the gradient norm over each split axis
-        t_step = cluster.link(world).time("all_reduce", 8, world)
+        # the trainer's own per step: the gradient norm over each split axis (the loss is all-reduced
+        # at log steps only, between steps)
+        t_step = 0.0
         if work.grad_clip:
             for size, span in ((c.tp, c.tp), (c.pp, c.tp * c.pp), (c.dp if c.zero else 1, world)):
                 t_step += cluster.link(span).time("all_reduce", 8, size)
@@ -279,7 +283,9 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
         if sum(time.values()) >= max(map(sum, (t.values() for t in times))):
             notes = {"tp_bytes": (tp_bytes + tp_gather) * m * k, "tp_link": tp_link, "dp_bytes": grad, "dp_link": dp_link,
                      "p2p_bytes": sent * m * k, "pp_link": pp_link, "stage": s, "flops": flops * m * k}
-    worst_time = _step(times, shares, c, k, cluster, min(world, cluster.devices_per_node))
+    local = min(world, cluster.devices_per_node)
+    worst_time = _step(times, shares, c, k, cluster, local)
+    notes["shared"] = (cluster.cores, local) if 0 < cluster.cores < local else None
     fits = sum(worst_mem.values()) <= cluster.memory_bytes
     per_step = profile.flops_per_sample * work.batch_size
     return Estimate(c, worst_mem, worst_time, fits, per_step, world, notes, stages)

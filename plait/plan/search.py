@@ -95,6 +95,9 @@ def cost_phrase(e: Estimate, part: str, cluster: Cluster) -> str:
         return (f"tp={c.tp} {where[n['tp_link'] is cluster.inter]}: {gb(n['tp_bytes'])} per step at "
                 f"{rate(n['tp_link'].ops.get('all_reduce', (0, n['tp_link'].bandwidth))[1])} ({t:.3g} s)")
     if part == "bubble":
+        if n.get("shared"):
+            cores, local = n["shared"]
+            return f"cores idle while ranks wait: the schedule replayed on {cores} cores shared by {local} processes ({t:.3g} s)"
         if c.schedule == "zbh1":  # the idle forward of each of the p-1 slots, out of three per micro-batch
             return f"the pipeline bubble: {c.pp - 1} of {3 * c.microbatches + c.pp - 1} pass slots idle ({t:.3g} s)"
         return f"the pipeline bubble: {c.pp - 1} of {c.microbatches + c.pp - 1} slots idle ({t:.3g} s)"
@@ -110,7 +113,7 @@ def cost_phrase(e: Estimate, part: str, cluster: Cluster) -> str:
         extra = ", one more forward for recomputation" if c.recompute else ""
         return f"compute: {n['flops'] / 1e9:.3g} GFLOP on the slowest rank ({t:.3g} s{extra})"
     if part == "other":
-        return f"each step's fixed cost: the cluster's step overhead, the loss and gradient-norm all-reduces ({t:.3g} s)"
+        return f"each step's fixed cost: the cluster's step overhead and the gradient-norm all-reduces ({t:.3g} s)"
     return f"the optimizer step ({t:.3g} s)"
 
 

@@ -34,11 +34,18 @@ def main(argv: list[str] | None = None) -> int:
         code = _train(args.config, args.overrides, os.environ.get("RANK", "0"))
     except KeyboardInterrupt:  # Ctrl-C reaches every process, even while torch loads: the launcher says it, once
         return 130
-    if code:  # failed, and said so: leave now, closing every connection at once (the peers
-        sys.stdout.flush()  # see it, and the agent stops them); the interpreter's own teardown
-        sys.stderr.flush()  # of torch could take seconds on a loaded machine
-        os._exit(code)
-    return 0
+    # Leave now, either way. Failed, and said so: closing every connection at once (the peers see
+    # it, and the agent stops them); the interpreter's own teardown of torch could take seconds on
+    # a loaded machine. Done: the run's files are closed and the process group destroyed, and the
+    # teardown's C++ destructors aborted the process about once in 25 runs here ("terminate called
+    # without an active exception", a joinable thread destroyed), failing a finished run.
+    if not code:
+        import atexit
+
+        atexit._run_exitfuncs()  # what the user's code registered still runs
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _train(config: str, overrides: list[str], rank: str) -> int:
