@@ -2,9 +2,10 @@
 every valid layout trained for a few steps (``plait plan --measure``), predicted against measured.
 
     .venv/bin/python benchmarks/planner_local.py                 # calibrate, measure all (~1.5 h on 2 cores)
+    .venv/bin/python benchmarks/planner_local.py --calibrate     # calibrate again, keep the measurements
     .venv/bin/python benchmarks/planner_local.py --summarize     # only read docs/plan/*_measured.json
     .venv/bin/python benchmarks/planner_local.py --rescore       # predict them again (a changed model)
-    .venv/bin/python benchmarks/planner_local.py --settle 8      # the contenders for fastest: 3 more runs each
+    .venv/bin/python benchmarks/planner_local.py --settle 8      # the 8 fastest and the plan's top 2: 4 runs each
 
 Each model gets its own calibration (``plait calibrate CONFIG --nproc 4``, which times that
 model's blocks), written beside the measurements in docs/plan/. Printed per model: the measured
@@ -36,6 +37,13 @@ def measure(name: str, config: str, nproc: int, steps: int) -> None:
                     str(out / f"{name}_measured.json")], check=True, cwd=ROOT)
 
 
+def calibrate(name: str, nproc: int) -> None:
+    """The model's cluster file measured again (the measured rows stay as they are)."""
+    cluster = ROOT / "docs" / "plan" / f"cpu{nproc}-{name}.toml"
+    subprocess.run([sys.executable, "-m", "plait.cli", "calibrate", MODELS[name], "--nproc", str(nproc), "-o",
+                    str(cluster)], check=True, cwd=ROOT)
+
+
 def rescore(name: str, nproc: int) -> None:
     """Predict the measured layouts again with the cost model as it is now and the model's
     cluster file as it is now (the measured figures stay as they were)."""
@@ -58,7 +66,9 @@ def rescore(name: str, nproc: int) -> None:
 
 def settle(name: str, nproc: int, steps: int, count: int, repeats: int) -> None:
     """Run again, ``repeats`` times each, the ``count`` layouts measured fastest and the plan's
-    first two: which is fastest is decided by medians, not by one noisy run."""
+    first two, and again for any layout that the new medians bring into the fastest ``count``,
+    until those all have as many runs: which is fastest is decided by medians of as many runs,
+    not by one lucky run (a layout picked for its first run measures slower the next times)."""
     import tempfile
 
     from plait.plan import load_cluster, plan_config
@@ -70,17 +80,21 @@ def settle(name: str, nproc: int, steps: int, count: int, repeats: int) -> None:
     ranked, _ = plan_config(load_config(ROOT / MODELS[name], []), nproc,
                             load_cluster(str(ROOT / "docs" / "plan" / f"cpu{nproc}-{name}.toml")))
     where = {e.candidate.describe(): e for e in ranked}
-    ok = sorted((r for r in rows if "error" not in r), key=lambda r: r["step_s"])
-    picks = {r["layout"] for r in ok[:count]} | {r["layout"] for r in rows if r["rank"] <= 2}
+    ok = [r for r in rows if "error" not in r]
+    picks = [r for r in ok if r["rank"] <= 2]
     with tempfile.TemporaryDirectory() as tmp:
-        for r in rows:
-            if r["layout"] in picks:
+        while True:
+            fastest = sorted(ok, key=lambda r: r["step_s"])[:count]
+            picks += [r for r in fastest if len(r.get("runs_step_s", [0])) < 1 + repeats and r not in picks]
+            todo = [r for r in picks if len(r.get("runs_step_s", [0])) < 1 + repeats]
+            if not todo:
+                break
+            for r in todo:
                 got = measured(str(ROOT / MODELS[name]), [], where[r["layout"]], nproc, steps, Path(tmp), "s", repeats)
-                if "error" not in got:
-                    runs = [r["step_s"], *got["runs_step_s"]]
-                    r.update(step_s=statistics.median(runs), runs_step_s=runs)
-                    r.update(step_error=r["predicted_step_s"] / r["step_s"] - 1)
-                print(f"  {r['layout']}: {r.get('runs_step_s')}", flush=True)
+                runs = [r["step_s"], *got.get("runs_step_s", [])] if "error" not in got else [r["step_s"]] * (1 + repeats)
+                r.update(step_s=statistics.median(runs), runs_step_s=runs)
+                r.update(step_error=r["predicted_step_s"] / r["step_s"] - 1)
+                print(f"  {r['layout']}: {[round(t, 4) for t in runs]}", flush=True)
     path.write_text(json.dumps(rows, indent=1))
 
 
@@ -104,16 +118,22 @@ def summarize(name: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--summarize", action="store_true", help="only read the saved measurements")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="calibrate again and predict the saved measurements with it (no runs)")
     parser.add_argument("--rescore", action="store_true",
                         help="predict the saved measurements again with the current model and cluster files")
     parser.add_argument("--settle", type=int, metavar="N", default=0,
-                        help="run the N measured fastest and the plan's first two 3 more times each (medians)")
+                        help="run the N measured fastest and the plan's first two 3 more times each (medians), "
+                             "and any layout those medians bring into the N fastest")
     parser.add_argument("--nproc", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
     for name in args.models:
-        if args.settle:
+        if args.calibrate:
+            calibrate(name, args.nproc)
+            rescore(name, args.nproc)
+        elif args.settle:
             settle(name, args.nproc, args.steps, args.settle, 3)
         elif args.rescore:
             rescore(name, args.nproc)

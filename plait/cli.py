@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value (repeatable)")
     cal.add_argument("-o", "--output", default="cluster.toml", help="the cluster file to write (default cluster.toml)")
+    cal.add_argument("--rounds", type=_positive, default=3,
+                     help="measure compute and links this many times, keep each figure's median (default 3)")
     return parser
 
 
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "calibrate":
             from plait.plan.calibrate import calibrate
 
-            calibrate(args.config, args.overrides, args.nproc, args.output)
+            calibrate(args.config, args.overrides, args.nproc, args.output, args.rounds)
         elif args.command == "report":
             from plait.observe.report import write_report
 

@@ -4,12 +4,12 @@ Every local process measures at once, as in training (processes that share a hos
 cores and memory bus):
 
 - compute: the config's model, built for real, forward and backward of its blocks at micro-batch
-  sizes from the whole batch down to an eighth of one rank's share, fitted (least squares) as
+  sizes from the whole batch down to an eighth of one rank's share and one sample, fitted (least squares) as
   FLOPs / rate + operations x a fixed cost each (each size's error relative): the ``[flops]``
   rate and ``op_overhead_s``; the same step with the blocks recomputed (``train.recompute``)
   at one rank's batch, against it and its forward: ``recompute_factor``;
 - links: all-reduce, all-gather, reduce-scatter (as Plait runs it on the backend) and send/recv,
-  4 KiB, 1 MiB and 8 MiB, over groups of 2 consecutive ranks up to all of them, all groups at once;
+  4 KiB, 1 MiB, 8 MiB and 32 MiB, over groups of 2 consecutive ranks up to all of them, all groups at once;
   latency and bandwidth fitted to the ring's factors (``plait.plan.cluster``), all ranks starting
   together; and the skew: how much longer a small one takes right after a burst of compute, as
   in a step (ranks arrive apart; on shared cores a peer may be waiting for one);
@@ -21,7 +21,9 @@ cores and memory bus):
   data-parallel on every process, first (their peak resident memory less what the cost model
   counts for that layout's tensors), and the time to fetch a batch (``step_overhead_s``).
 
-The slowest rank's figure is kept for each (a step waits for it).
+The slowest rank's figure is kept for each (a step waits for it), and the median of
+``--rounds`` rounds of compute, links and pipeline measurements (these VMs' timings move 10-40%
+from one minute to the next; one round moved the planner's median error by 7 points).
 
     python -m plait.plan.calibrate CONFIG OUTPUT [--set K=V ...]    # what each worker runs
 """
@@ -37,8 +39,9 @@ import time
 import torch
 import torch.distributed as dist
 
-SIZES = (4096, 2**20, 8 * 2**20)
-"""Bytes per collective: one small (latency), one large (bandwidth)."""
+SIZES = (4096, 2**20, 8 * 2**20, 32 * 2**20)
+"""Bytes per collective: small ones (latency), large ones (bandwidth, as large as a gradient
+bucket: 25 MB by default; 8 MiB ran twice as fast per byte here as 32 MiB)."""
 
 
 def _timed(fn, repeats: int, group=None, calls: int = 1) -> float:
@@ -108,8 +111,9 @@ def _links(rank: int, world: int, backend: str) -> dict:
                    "all_gather": lambda: all_gather_flat(out, x[: n // g].contiguous(), mine),
                    "reduce_scatter": lambda: reduce_scatter_flat(part, x, mine)}
             factor = {"all_reduce": 2 * (g - 1) / g, "all_gather": (g - 1) / g, "reduce_scatter": (g - 1) / g}
+            calls = 10 if nbytes <= 2**20 else 3
             for op, fn in ops.items():
-                t = _timed(fn, 3, mine, calls=10) if mine is not None else 0.0
+                t = _timed(fn, 3, mine, calls=calls) if mine is not None else 0.0
                 dist.barrier()
                 points[op].append((g, nbytes * factor[op], _slowest(t)))
                 if nbytes == SIZES[0]:
@@ -126,7 +130,7 @@ def _links(rank: int, world: int, backend: str) -> dict:
                     else:
                         dist.recv(x, peer)
                         dist.send(x, peer)
-                t = _timed(pingpong, 3, mine, calls=10) / 2
+                t = _timed(pingpong, 3, mine, calls=calls) / 2
             if g == 2:
                 dist.barrier()
                 points["send_recv"].append((2, nbytes, _slowest(t if mine is not None else 0.0)))
@@ -192,7 +196,8 @@ def _compute(cfg, rank: int, world: int, trained: float):
     flops_per_sample = sum(b.flops for b in profile.blocks) * (1 + profile.backward_ratio)
     ops = sum(b.ops for b in profile.blocks) * (1 + profile.backward_ops_ratio)
     points = []
-    sizes = sorted({max(1, share // 8), max(1, share // 2), share, cfg.train.batch_size})
+    # one sample (what a pipeline of as many micro-batches as samples runs) up to the whole batch
+    sizes = sorted({1, max(1, share // 8), max(1, share // 2), share, cfg.train.batch_size})
     for b in sizes:
         xs, ys = x[:b], y[:b]
         if len(xs) < b:
@@ -201,7 +206,7 @@ def _compute(cfg, rank: int, world: int, trained: float):
         def step():  # as the trainer steps: gradients set to None, allocated again by backward
             model.zero_grad(set_to_none=True)
             task.loss(run_chain(model, chain, xs), ys).backward()
-        t = _slowest(_timed(step, 5))
+        t = _slowest(_timed(step, 9))
         points.append((flops_per_sample * b, t))
         if b == share:
             plain = t
@@ -340,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config")
     parser.add_argument("output")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     from plait.distributed.env import init, shutdown
     from plait.train.config import load_config
@@ -348,14 +354,24 @@ def main(argv: list[str] | None = None) -> int:
     info = init(cfg.dist.backend, "cpu", cfg.dist.timeout)
     rank, world = info.rank, info.world_size
     base, trained = _trained(args.config, args.overrides, cfg, info)  # first: nothing else measured has run yet
-    rate, op_cost, fetch, bandwidth, per_tensor, recompute = _compute(cfg, rank, world, trained)
-    links = _links(rank, world, dist.get_backend()) if world > 1 else {}
-    per_micro = _pipeline_overhead(rank, world) if world > 1 else 0.0
+    rounds = [(_compute(cfg, rank, world, trained), _links(rank, world, dist.get_backend()) if world > 1 else {},
+               _pipeline_overhead(rank, world) if world > 1 else 0.0) for _ in range(args.rounds)]
+    (rate, op_cost, fetch, bandwidth, per_tensor, recompute), links, per_micro = _median(rounds)
     if rank == 0:
         write(args.output, world, rate, op_cost, base, fetch, (bandwidth, per_tensor), links, args.config, per_micro,
               recompute)
     shutdown()
     return 0
+
+
+def _median(rounds):
+    """Each figure's median over the rounds, the rounds' structure kept (tuples, dicts of them)."""
+    first = rounds[0]
+    if isinstance(first, dict):
+        return {key: _median([r[key] for r in rounds]) for key in first}
+    if isinstance(first, tuple):
+        return tuple(_median([r[i] for r in rounds]) for i in range(len(first)))
+    return statistics.median(rounds)
 
 
 def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch: float, optimizer: tuple,
@@ -396,13 +412,15 @@ def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch
     print(f"plait: calibrated {world} processes -> {path}", flush=True)
 
 
-def calibrate(config: str, overrides: list[str], nproc: int, output: str) -> None:
-    """Run the measurement on ``nproc`` local processes; the cluster file goes to ``output``."""
+def calibrate(config: str, overrides: list[str], nproc: int, output: str, rounds: int = 3) -> None:
+    """Run the measurement on ``nproc`` local processes, ``rounds`` times (each figure's median);
+    the cluster file goes to ``output``."""
     from plait.launch import LaunchSpec, launch
     from plait.train.config import load_config
 
     load_config(config, overrides)  # a bad config: one line before any process starts
-    module_args = [config, os.path.abspath(output)] + [a for o in overrides for a in ("--set", o)]
+    module_args = [config, os.path.abspath(output), "--rounds", str(rounds)] + [a for o in overrides
+                                                                                for a in ("--set", o)]
     launch(LaunchSpec(nproc=nproc, run_id="calibrate", module="plait.plan.calibrate", module_args=module_args))
 
 
