@@ -180,6 +180,7 @@ def test_a_model_that_fits_no_layout_says_what_is_short(tmp_path, capsys):
     ({"flops": {"efficiency": 0.5}}, "missing table [flops] with fp32 and/or bf16"),
     ({"overlap": 2}, "overlap must be between 0 and 1, got 2"),
     ({"optimizer_tensor_s": -1e-5}, "optimizer_tensor_s must be >= 0, got -1e-05"),
+    ({"microbatch_overhead_s": {"zb": 1e-3}}, "microbatch_overhead_s: expected seconds per schedule (gpipe, 1f1b, zbh1)"),
     ({"bandwith": 1}, "unknown field 'bandwith'"),
 ])
 def test_bad_cluster_file_is_one_line_naming_the_field(change, message, tmp_path, capsys):
@@ -224,6 +225,7 @@ def test_calibrate_then_measure(tmp_path):
     assert cluster.devices_per_node == 2 and cluster.flops["fp32"] > 0 and cluster.base_memory_bytes > 1e8
     assert cluster.optimizer_tensor_s > 0  # the trainer's optimizer span is more than linreg's few elements' bytes
     assert cluster.recompute_factor > 0  # the step with the blocks recomputed was measured slower
+    assert set(cluster.schedule_overhead_s) == {"gpipe", "1f1b", "zbh1"}  # each schedule's own cost per micro-batch
     assert set(cluster.intra.ops) == {"all_reduce", "all_gather", "reduce_scatter", "send_recv"}
     rows = tmp_path / "rows.json"
     done = subprocess.run([sys.executable, "-m", "plait.cli", "plan", linreg, "--nproc", "2", "--cluster", str(out),

@@ -13,7 +13,8 @@ cores and memory bus):
   latency and bandwidth fitted to the ring's factors (``plait.plan.cluster``), all ranks starting
   together; and the skew: how much longer a small one takes right after a burst of compute, as
   in a step (ranks arrive apart; on shared cores a peer may be waiting for one);
-- a pipeline stage's own cost per micro-batch (the schedule, its sends and receives);
+- a pipeline stage's own cost per micro-batch under each schedule (its bookkeeping, ZB-H1's split
+  backward, its sends and receives);
 - the optimizer step's memory bandwidth (the config's optimizer, and the gradient-norm clip if the
   config clips, on one flat tensor of the model's size, at least 1M elements) and its fixed cost
   per tensor (what the trainer's own optimizer span, from the run below, takes beyond its bytes);
@@ -143,26 +144,31 @@ def _links(rank: int, world: int, backend: str) -> dict:
                  for g in sorted({q[0] for q in p})} for op, p in points.items()}
 
 
-def _pipeline_overhead(rank: int, world: int) -> float:
-    """Seconds a pipeline stage spends per micro-batch beyond its blocks' compute: the
-    schedule's own work and its sends and receives (their latency, and on shared cores the wait
-    for a peer to be scheduled). Pairs of ranks run a two-stage pipeline of one tiny layer at 1
-    and at 16 micro-batches; the difference per micro-batch."""
+def _pipeline_overhead(rank: int, world: int) -> dict:
+    """Seconds a pipeline stage spends per micro-batch beyond its blocks' compute, under each
+    schedule: its own work (ZB-H1 splits each backward in two autograd calls), its sends and
+    receives (their latency, and on shared cores the wait for a peer to be scheduled). Pairs of
+    ranks run a two-stage pipeline of one tiny layer at 1 and at 16 micro-batches; the
+    difference per micro-batch."""
     from torch import nn
 
     from plait.parallel.pipeline import PipelineStage, StageModule
+    from plait.parallel.pipeline.schedules import SCHEDULES
 
     pairs = [dist.new_group([r, r + 1]) for r in range(0, world - 1, 2)]
     if rank >= len(pairs) * 2:
         dist.barrier()
-        return _slowest(0.0)
+        return {schedule: _slowest(0.0) for schedule in SCHEDULES}
     torch.manual_seed(0)
     stage = PipelineStage(StageModule([("layer", nn.Linear(4, 4))]), rank % 2, 2, pairs[rank // 2],
                           loss_fn=lambda out, y: (out - y).square().mean())
     x, y = torch.randn(16, 4), torch.randn(16, 4)
-    times = {m: _timed(lambda m=m: stage.step(x, y, m), 5, pairs[rank // 2]) for m in (1, 16)}
-    dist.barrier()
-    return _slowest(max(times[16] - times[1], 0.0) / 15)
+    cost = {}
+    for schedule in SCHEDULES:
+        times = {m: _timed(lambda m=m: stage.step(x, y, m, schedule), 5, pairs[rank // 2]) for m in (1, 16)}
+        dist.barrier()
+        cost[schedule] = _slowest(max(times[16] - times[1], 0.0) / 15)
+    return cost
 
 
 def _compute(cfg, rank: int, world: int, trained: float):
@@ -355,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = info.rank, info.world_size
     base, trained = _trained(args.config, args.overrides, cfg, info)  # first: nothing else measured has run yet
     rounds = [(_compute(cfg, rank, world, trained), _links(rank, world, dist.get_backend()) if world > 1 else {},
-               _pipeline_overhead(rank, world) if world > 1 else 0.0) for _ in range(args.rounds)]
+               _pipeline_overhead(rank, world) if world > 1 else {}) for _ in range(args.rounds)]
     (rate, op_cost, fetch, bandwidth, per_tensor, recompute), links, per_micro = _median(rounds)
     if rank == 0:
         write(args.output, world, rate, op_cost, base, fetch, (bandwidth, per_tensor), links, args.config, per_micro,
@@ -375,7 +381,7 @@ def _median(rounds):
 
 
 def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch: float, optimizer: tuple,
-          links: dict, config: str, per_micro: float, recompute: float = 1.0) -> None:
+          links: dict, config: str, per_micro: dict, recompute: float = 1.0) -> None:
     """``optimizer``: (bytes per second streamed, fixed seconds per tensor)."""
     bandwidth, per_tensor = optimizer
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -391,7 +397,9 @@ def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch
              f"optimizer_tensor_s = {per_tensor:.4g}   # and per tensor: the trainer's own span (dp={world}) beyond its bytes",
              f"op_overhead_s = {op_cost:.4g}         # fitted with the rate below on the model's blocks, less the weights' reads",
              f"step_overhead_s = {fetch:.4g}       # fetching one rank's batch",
-             f"microbatch_overhead_s = {per_micro:.4g}  # a pipeline stage's own cost per micro-batch (two tiny stages)",
+             "microbatch_overhead_s = { " + ", ".join(f"{k} = {v:.4g}" for k, v in per_micro.items())
+             + " }  # a pipeline stage's own cost per micro-batch, by schedule (two tiny stages)"
+             if per_micro else "microbatch_overhead_s = 0.0",
              f"recompute_factor = {recompute:.4g}     # what recomputation adds, as a share of the forward",
              "overlap = 0.0                # gloo runs on the same cores as backward",
              f"cores = {cores if cores < world else 0}                    # the processes share these cores",

@@ -8,7 +8,8 @@
     optimizer_tensor_s = 0.0     # the optimizer step's fixed cost per parameter tensor it updates
     op_overhead_s = 5e-6         # fixed cost of each dispatched operation (launch, Python)
     step_overhead_s = 0.0        # fixed cost of each step (data, bookkeeping)
-    microbatch_overhead_s = 0.0  # a pipeline stage's own cost per micro-batch (schedule, send latency)
+    microbatch_overhead_s = 0.0  # a pipeline stage's own cost per micro-batch (schedule, send latency);
+                                 # or per schedule: { gpipe = 2e-3, 1f1b = 2e-3, zbh1 = 3e-3 }
     recompute_factor = 1.0       # what recomputation adds to a backward, in forwards (1: one more)
     overlap = 0.9                # share of a bucketed all-reduce that backward hides (0..1)
     cores = 0                    # cores the node's processes share (0: none shared; CPUs)
@@ -94,6 +95,9 @@ class Cluster:
     op_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
     microbatch_overhead_s: float = 0.0
+    schedule_overhead_s: dict = field(default_factory=dict)
+    """Per schedule, where the file gives ``microbatch_overhead_s`` as a table (a schedule it does
+    not name costs ``microbatch_overhead_s``, then the table's smallest entry)."""
     recompute_factor: float = 1.0
     """What activation recomputation adds to a backward, as a share of the forward: one more
     forward, and (on a CPU) the checkpoint's own bookkeeping per saved tensor."""
@@ -103,6 +107,10 @@ class Cluster:
     devices: a process computes faster while others idle (the pipeline's fill and drain)."""
     nodes: int = 1
     source: str = ""
+
+    def microbatch_overhead(self, schedule: str) -> float:
+        """A pipeline stage's own cost per micro-batch under ``schedule``."""
+        return self.schedule_overhead_s.get(schedule, self.microbatch_overhead_s)
 
     def link(self, span: int) -> Link:
         """The link a group spanning ``span`` consecutive ranks crosses."""
@@ -143,6 +151,22 @@ def _link(table: dict, key: str, where: str) -> Link:
                 ops, _number(t, "skew_s", f"{where}: [{key}]", positive=False, default=0.0))
 
 
+def _overheads(data: dict, where: str) -> dict:
+    """``microbatch_overhead_s``: one number, or a table of them by schedule."""
+    from plait.parallel.pipeline.schedules import SCHEDULES
+
+    table = data.get("microbatch_overhead_s")
+    if not isinstance(table, dict):
+        return {"microbatch_overhead_s": _number(data, "microbatch_overhead_s", where, positive=False, default=0.0)}
+    label = f"{where}: microbatch_overhead_s"
+    unknown = set(table) - set(SCHEDULES)
+    if unknown or not table:
+        raise ConfigError(f"{label}: expected seconds per schedule ({', '.join(SCHEDULES)}), "
+                          f"got {sorted(unknown)[0] if unknown else 'an empty table'!r}")
+    each = {k: _number(table, k, label, positive=False) for k in table}
+    return {"microbatch_overhead_s": min(each.values()), "schedule_overhead_s": each}
+
+
 FIELDS = {"name", "devices_per_node", "cores", "memory_bytes", "base_memory_bytes", "memory_bandwidth",
           "optimizer_tensor_s", "op_overhead_s",
           "step_overhead_s", "microbatch_overhead_s", "recompute_factor", "overlap", "flops", "intra", "inter"}
@@ -177,7 +201,7 @@ def parse_cluster(data: dict, where: str) -> Cluster:
         optimizer_tensor_s=_number(data, "optimizer_tensor_s", where, positive=False, default=0.0),
         op_overhead_s=_number(data, "op_overhead_s", where, positive=False, default=0.0),
         step_overhead_s=_number(data, "step_overhead_s", where, positive=False, default=0.0),
-        microbatch_overhead_s=_number(data, "microbatch_overhead_s", where, positive=False, default=0.0),
+        **_overheads(data, where),
         recompute_factor=_number(data, "recompute_factor", where, positive=False, default=1.0),
         overlap=overlap, cores=int(_number(data, "cores", where, positive=False, default=0.0)), source=where)
 

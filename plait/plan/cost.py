@@ -218,7 +218,7 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
             sent = (out + into) * b * act_scale  # whole on every tp rank
         t_p2p = 0.0
         if c.pp > 1:  # the bytes, and the stage's own cost per micro-batch (which holds the sends' latency)
-            t_p2p = pp_link.time("send_recv", sent, 2, 0) + cluster.microbatch_overhead_s
+            t_p2p = pp_link.time("send_recv", sent, 2, 0) + cluster.microbatch_overhead(c.schedule)
         slot = t_f + t_b + t_tp + t_p2p
         # data-parallel gradient reduction and ZeRO's gathers, once per step (ZeRO-3: per micro-batch)
         grad = params * grad_bytes
