@@ -286,6 +286,8 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
     local = min(world, cluster.devices_per_node)
     worst_time = _step(times, shares, c, k, cluster, local)
     notes["shared"] = (cluster.cores, local) if 0 < cluster.cores < local else None
+    if notes["shared"]:  # the parts are the mean stage's: so is the compute its reason quotes
+        notes["flops"] = sum(st["flops"] for st in _stages(profile, c.pp, c.tp)) * b * m * k / c.pp
     fits = sum(worst_mem.values()) <= cluster.memory_bytes
     per_step = profile.flops_per_sample * work.batch_size
     return Estimate(c, worst_mem, worst_time, fits, per_step, world, notes, stages)

@@ -111,7 +111,8 @@ def cost_phrase(e: Estimate, part: str, cluster: Cluster) -> str:
         return f"pipeline sends: {gb(n['p2p_bytes'])} per step ({t:.3g} s)"
     if part == "compute":
         extra = ", one more forward for recomputation" if c.recompute else ""
-        return f"compute: {n['flops'] / 1e9:.3g} GFLOP on the slowest rank ({t:.3g} s{extra})"
+        where = "per rank, the stages' mean" if n.get("shared") else "on the slowest rank"
+        return f"compute: {n['flops'] / 1e9:.3g} GFLOP {where} ({t:.3g} s{extra})"
     if part == "other":
         return f"each step's fixed cost: the cluster's step overhead and the gradient-norm all-reduces ({t:.3g} s)"
     return f"the optimizer step ({t:.3g} s)"
