@@ -59,10 +59,11 @@ def _timed(fn, repeats: int, group=None, calls: int = 1) -> float:
     return statistics.median(times)
 
 
-def _between_work(fn, repeats: int, calls: int = 10) -> float:
+def _between_work(fn, repeats: int, group, calls: int = 10) -> float:
     """Mean seconds of ``fn`` when it follows a burst of compute, as a collective does in a
     step (ranks then arrive apart, and on shared cores a peer may be waiting for a core), the
-    burst's own time (measured alone) taken off: median of ``repeats`` rounds of ``calls``."""
+    burst's own time (measured alone) taken off: median of ``repeats`` rounds of ``calls``, the
+    ranks of ``group`` (those of ``fn``'s collective) starting together."""
     a = torch.randn(256, 256)
 
     def work():
@@ -72,7 +73,7 @@ def _between_work(fn, repeats: int, calls: int = 10) -> float:
     def both():
         work()
         fn()
-    return max(_timed(both, repeats, calls=calls) - _timed(work, repeats, calls=calls), 0.0)
+    return max(_timed(both, repeats, group, calls) - _timed(work, repeats, group, calls), 0.0)
 
 
 def _slowest(value: float) -> float:
@@ -118,7 +119,7 @@ def _links(rank: int, world: int, backend: str) -> dict:
                 dist.barrier()
                 points[op].append((g, nbytes * factor[op], _slowest(t)))
                 if nbytes == SIZES[0]:
-                    late = max(_between_work(fn, 3) - t, 0.0) if mine is not None else 0.0
+                    late = max(_between_work(fn, 3, mine) - t, 0.0) if mine is not None else 0.0
                     dist.barrier()
                     skews[(op, g)] = _slowest(late)
             if g == 2 and mine is not None:  # one way: a round trip between pairs, halved
@@ -136,7 +137,7 @@ def _links(rank: int, world: int, backend: str) -> dict:
                 dist.barrier()
                 points["send_recv"].append((2, nbytes, _slowest(t if mine is not None else 0.0)))
                 if nbytes == SIZES[0]:
-                    late = max(_between_work(pingpong, 3) / 2 - t, 0.0) if mine is not None else 0.0
+                    late = max(_between_work(pingpong, 3, mine) / 2 - t, 0.0) if mine is not None else 0.0
                     dist.barrier()
                     skews[("send_recv", 2)] = _slowest(late)
         g *= 2
@@ -156,28 +157,29 @@ def _pipeline_overhead(rank: int, world: int) -> dict:
     from plait.parallel.pipeline.schedules import SCHEDULES
 
     pairs = [dist.new_group([r, r + 1]) for r in range(0, world - 1, 2)]
-    if rank >= len(pairs) * 2:
-        dist.barrier()
-        return {schedule: _slowest(0.0) for schedule in SCHEDULES}
-    torch.manual_seed(0)
-    stage = PipelineStage(StageModule([("layer", nn.Linear(4, 4))]), rank % 2, 2, pairs[rank // 2],
-                          loss_fn=lambda out, y: (out - y).square().mean())
-    x, y = torch.randn(16, 4), torch.randn(16, 4)
+    paired = rank < len(pairs) * 2  # an odd world's last rank has no pair: it only joins the world's collectives
+    if paired:
+        torch.manual_seed(0)
+        stage = PipelineStage(StageModule([("layer", nn.Linear(4, 4))]), rank % 2, 2, pairs[rank // 2],
+                              loss_fn=lambda out, y: (out - y).square().mean())
+        x, y = torch.randn(16, 4), torch.randn(16, 4)
     cost = {}
     for schedule in SCHEDULES:
-        times = {m: _timed(lambda m=m: stage.step(x, y, m, schedule), 5, pairs[rank // 2]) for m in (1, 16)}
+        per_micro = 0.0
+        if paired:
+            times = {m: _timed(lambda m=m: stage.step(x, y, m, schedule), 5, pairs[rank // 2]) for m in (1, 16)}
+            per_micro = max(times[16] - times[1], 0.0) / 15
         dist.barrier()
-        cost[schedule] = _slowest(max(times[16] - times[1], 0.0) / 15)
+        cost[schedule] = _slowest(per_micro)
     return cost
 
 
-def _compute(cfg, rank: int, world: int, trained: float):
+def _compute(cfg, profile, rank: int, world: int, trained: float):
     """(rate FLOP/s, seconds per operation, seconds per batch fetched, the optimizer step's
     memory bandwidth, its fixed cost per tensor, and recomputation's cost per forward)."""
     from torch.utils.data import DataLoader
 
     from plait.models import build_model
-    from plait.plan.profile import profile_config, run_chain
     from plait.train.tasks import build_task
 
     task = build_task(cfg.data.name, cfg.data.path, cfg.data.args, cfg.train.loss)
@@ -193,7 +195,6 @@ def _compute(cfg, rank: int, world: int, trained: float):
             if fetched == 3:
                 break
     fetch = (time.perf_counter() - start) / 3
-    profile, _ = profile_config(cfg)
     torch.manual_seed(0)
     model = build_model(cfg.model.name, cfg.model.args, task.info)
     from plait.parallel.compose import Layout
@@ -209,10 +210,7 @@ def _compute(cfg, rank: int, world: int, trained: float):
         if len(xs) < b:
             xs, ys = torch.cat([x] * (b // len(x) + 1))[:b], torch.cat([y] * (b // len(y) + 1))[:b]
 
-        def step():  # as the trainer steps: gradients set to None, allocated again by backward
-            model.zero_grad(set_to_none=True)
-            task.loss(run_chain(model, chain, xs), ys).backward()
-        t = _slowest(_timed(step, 9))
+        t = _slowest(_timed(_step(model, chain, task, xs, ys), 9))
         points.append((flops_per_sample * b, t))
         if b == share:
             plain = t
@@ -226,6 +224,17 @@ def _compute(cfg, rank: int, world: int, trained: float):
     return rate, max(overhead - weights, 0.0) / max(ops, 1), _slowest(fetch), bandwidth, per_tensor, recompute
 
 
+def _step(model, chain, task, xs, ys):
+    """One forward and backward of the model's blocks on ``xs``, as the trainer steps: gradients
+    set to None, allocated again by backward."""
+    from plait.plan.profile import run_chain
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        task.loss(run_chain(model, chain, xs), ys).backward()
+    return step
+
+
 def _recompute_factor(model, chain, task, plain: float, xs, ys) -> float:
     """What recomputation adds to a step, as a share of the forward (1: one more forward): the
     blocks recomputed as the trainer does (``train.recompute``) at one rank's batch ``xs``,
@@ -233,14 +242,11 @@ def _recompute_factor(model, chain, task, plain: float, xs, ys) -> float:
     from plait.parallel.recompute import recompute_blocks
     from plait.plan.profile import run_chain
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        task.loss(run_chain(model, chain, xs), ys).backward()
     forward = _slowest(_timed(lambda: task.loss(run_chain(model, chain, xs), ys), 5))
     own = [block.__dict__.get("forward") for _, block in chain.blocks]
     recompute_blocks(chain.blocks)
     try:
-        again = _slowest(_timed(step, 5))
+        again = _slowest(_timed(_step(model, chain, task, xs, ys), 5))
     finally:
         for (_, block), forward_before in zip(chain.blocks, own):
             if forward_before is None:
@@ -250,7 +256,7 @@ def _recompute_factor(model, chain, task, plain: float, xs, ys) -> float:
     return max(again - plain, 0.0) / max(forward, 1e-9)
 
 
-def _trained(config: str, overrides: list[str], cfg, info) -> tuple[float, float]:
+def _trained(config: str, overrides: list[str], cfg, profile, info) -> tuple[float, float]:
     """A few steps of the config trained data-parallel on every process, the trainer's own code
     (its start-up, imports, data, process groups, run log, the FLOP/s it measures for MFU):
     (what a process holds besides its model's tensors: the largest rank's peak resident memory
@@ -263,7 +269,6 @@ def _trained(config: str, overrides: list[str], cfg, info) -> tuple[float, float
     from plait.plan.cluster import Cluster, Link
     from plait.plan.cost import Candidate, estimate
     from plait.plan.measure import QUIET
-    from plait.plan.profile import profile_config
     from plait.train.config import load_config
     from plait.train.trainer import Trainer
 
@@ -282,7 +287,6 @@ def _trained(config: str, overrides: list[str], cfg, info) -> tuple[float, float
             peak, span = max(per_rank["peak_memory_bytes"]), max(per_rank["time_optimizer_s"])
     got = torch.tensor([peak, span], dtype=torch.float64)
     dist.all_reduce(got, op=dist.ReduceOp.MAX)  # rank 0's, on every rank
-    profile, _ = profile_config(cfg)
     nothing = Cluster("", world, 1.0, {"fp32": 1.0}, Link(0.0, 1.0), Link(0.0, 1.0))
     counted = estimate(profile, nothing, workload(cfg), Candidate(world, 1, 1)).memory_bytes
     return max(got[0].item() - counted, 0.0), got[1].item()
@@ -359,8 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     info = init(cfg.dist.backend, "cpu", cfg.dist.timeout)
     rank, world = info.rank, info.world_size
-    base, trained = _trained(args.config, args.overrides, cfg, info)  # first: nothing else measured has run yet
-    rounds = [(_compute(cfg, rank, world, trained), _links(rank, world, dist.get_backend()) if world > 1 else {},
+    from plait.plan.profile import profile_config
+
+    profile, _ = profile_config(cfg)  # the model on the meta device: the same every round
+    base, trained = _trained(args.config, args.overrides, cfg, profile, info)  # first: nothing else measured has run yet
+    rounds = [(_compute(cfg, profile, rank, world, trained), _links(rank, world, dist.get_backend()) if world > 1 else {},
                _pipeline_overhead(rank, world) if world > 1 else {}) for _ in range(args.rounds)]
     (rate, op_cost, fetch, bandwidth, per_tensor, recompute), links, per_micro = _median(rounds)
     if rank == 0:
