@@ -81,17 +81,22 @@ def settle(name: str, nproc: int, steps: int, count: int, repeats: int) -> None:
                             load_cluster(str(ROOT / "docs" / "plan" / f"cpu{nproc}-{name}.toml")))
     where = {e.candidate.describe(): e for e in ranked}
     ok = [r for r in rows if "error" not in r]
-    picks = [r for r in ok if r["rank"] <= 2]
+
+    def settled(r: dict) -> bool:  # run as often as asked, or failed when run again (and said so)
+        return len(r.get("runs_step_s", [])) > repeats or "settle_error" in r
     with tempfile.TemporaryDirectory() as tmp:
         while True:
             fastest = sorted(ok, key=lambda r: r["step_s"])[:count]
-            picks += [r for r in fastest if len(r.get("runs_step_s", [0])) < 1 + repeats and r not in picks]
-            todo = [r for r in picks if len(r.get("runs_step_s", [0])) < 1 + repeats]
+            todo = [r for r in ok if (r["rank"] <= 2 or r in fastest) and not settled(r)]
             if not todo:
                 break
             for r in todo:
                 got = measured(str(ROOT / MODELS[name]), [], where[r["layout"]], nproc, steps, Path(tmp), "s", repeats)
-                runs = [r["step_s"], *got.get("runs_step_s", [])] if "error" not in got else [r["step_s"]] * (1 + repeats)
+                if "error" in got:  # it keeps its one measured run
+                    r["settle_error"] = got["error"]
+                    print(f"  {r['layout']}: failed again ({got['error']})", flush=True)
+                    continue
+                runs = [r["step_s"], *got["runs_step_s"]]
                 r.update(step_s=statistics.median(runs), runs_step_s=runs)
                 r.update(step_error=r["predicted_step_s"] / r["step_s"] - 1)
                 print(f"  {r['layout']}: {[round(t, 4) for t in runs]}", flush=True)

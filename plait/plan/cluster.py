@@ -96,8 +96,8 @@ class Cluster:
     step_overhead_s: float = 0.0
     microbatch_overhead_s: float = 0.0
     schedule_overhead_s: dict = field(default_factory=dict)
-    """Per schedule, where the file gives ``microbatch_overhead_s`` as a table (a schedule it does
-    not name costs ``microbatch_overhead_s``, then the table's smallest entry)."""
+    """Per schedule, where the file gives ``microbatch_overhead_s`` as a table; a schedule the
+    table does not name costs ``microbatch_overhead_s``, which a table sets to its smallest entry."""
     recompute_factor: float = 1.0
     """What activation recomputation adds to a backward, as a share of the forward: one more
     forward, and (on a CPU) the checkpoint's own bookkeeping per saved tensor."""

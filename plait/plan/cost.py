@@ -280,7 +280,7 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
                        "tail": t_dp + t_gather + t_opt})
         if sum(mem.values()) > sum(worst_mem.values()):
             worst_mem = mem
-        if sum(time.values()) >= max(map(sum, (t.values() for t in times))):
+        if sum(time.values()) >= max(sum(t.values()) for t in times):  # the slowest stage so far
             notes = {"tp_bytes": (tp_bytes + tp_gather) * m * k, "tp_link": tp_link, "dp_bytes": grad, "dp_link": dp_link,
                      "p2p_bytes": sent * m * k, "pp_link": pp_link, "stage": s, "flops": flops * m * k}
     local = min(world, cluster.devices_per_node)
