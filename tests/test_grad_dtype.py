@@ -41,8 +41,15 @@ def local_and_reduced(model_name: str, stage: int, reduce_scatter: bool | None =
     F.cross_entropy(wrapped(x), y).backward()
     if stage == 0:
         return everyone.view(world, -1), torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-    # The units' flat buffers hold the parameters in module order (one unit, or one per child).
-    return everyone.view(world, -1), [(u.rank * u.size, u.size, u.numel, u.shard.grad.clone()) for u in wrapped.units]
+    # Each unit's flat buffer holds its parameters in its own order (stages 1-2: backward order):
+    # every rank's gradients of them, in that order, beside this rank's reduced slice.
+    everyone = everyone.view(world, -1)
+    columns, offset = {}, 0
+    for p in model.parameters():
+        columns[p] = everyone[:, offset : offset + p.numel()]
+        offset += p.numel()
+    return everyone, [(u.rank * u.size, u.size, torch.cat([columns[p] for p in u.params], 1), u.shard.grad.clone())
+                      for u in wrapped.units]
 
 
 def test_small_buckets_are_summed_in_float32_after_a_bf16_transport(world2):
@@ -82,13 +89,10 @@ def test_zero_reduces_in_bf16_within_its_rounding(world2, stage, reduce_scatter)
     """ZeRO's paths (on gloo by default, stage 1 and 2: the flat gradient all-reduced; stage 3:
     each gradient in place, per unit; and the reduce-scatter NCCL takes, forced here): this
     rank's slice of the mean within bf16's rounding."""
-    for rank, (local, slices) in enumerate(world2.run(local_and_reduced, "mlp", stage, reduce_scatter)):
-        offset = 0
-        for start, size, numel, grad in slices:
-            unit = local[:, offset : offset + numel]  # this unit's flat gradients, every rank
-            unit = torch.nn.functional.pad(unit, (0, size * 2 - numel))
+    for rank, (_, slices) in enumerate(world2.run(local_and_reduced, "mlp", stage, reduce_scatter)):
+        for start, size, unit, grad in slices:  # unit: its flat gradients, every rank
+            unit = torch.nn.functional.pad(unit, (0, size * 2 - unit.shape[1]))
             _assert_within_bf16_bound(grad, unit[:, start : start + size])
-            offset += numel
 
 
 def test_the_digits_still_train_with_bf16_gradients(world2, tmp_path):

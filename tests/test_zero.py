@@ -40,10 +40,12 @@ def test_zero_training_equals_one_process(world_name, stage, optimizer, request,
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_with_accumulation_and_clipping(world2, stage, solo, tmp_path):
+    """And in 4 buckets (0.02 MiB: the CNN's fc1 weight alone, the layers after it, the convolutions
+    but the first weight, that weight): the norm is summed over every bucket's slice."""
     options = ["train.grad_clip=0.05"]
     expected, _ = train_example("digits_cnn", options, str(tmp_path / "ref"))
-    results = world2.run(train_example, "digits_cnn", [*options, f"parallel.zero={stage}", "train.accum_steps=2"],
-                         str(tmp_path))
+    results = world2.run(train_example, "digits_cnn", [*options, f"parallel.zero={stage}", "train.accum_steps=2",
+                                                       "parallel.bucket_mb=0.02"], str(tmp_path))
     for rank, (params, _) in enumerate(results):
         assert_close(params, expected, what=f"rank {rank}: ")
 
@@ -115,3 +117,70 @@ def test_reduce_scatter_and_all_reduce_paths_agree(world2, stage):
     for reduce_scatter in (True, False):
         for rank, state in enumerate(world2.run(zero_grads_both_ways, stage, reduce_scatter)):
             assert_close(state, expected, what=f"reduce_scatter={reduce_scatter} rank {rank}: ")
+
+
+def zero_steps(stage: int, bucket_mb: float | None, prefetch: bool, steps: int = 3):
+    """SGD with momentum on each rank's half of a batch: (whole model after ``steps``, units,
+    prefetched gathers, the most units whole at once at any unit's forward or backward)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                          nn.Linear(8, 3))
+    zero = Zero(model, stage=stage, bucket_mb=bucket_mb, prefetch=prefetch)
+    opt = torch.optim.SGD(zero.shard_parameters(), lr=0.5, momentum=0.9)
+    zero.attach(opt)
+    whole = [0]
+
+    def count(*_):
+        whole[0] = max(whole[0], sum(u.full.untyped_storage().size() > 0 for u in zero.units))
+
+    for m in model:  # after ZeRO's own hooks: at the start of each unit's forward and backward
+        m.register_forward_pre_hook(count)
+        m.register_forward_hook(lambda m, args, out: None if out.register_hook(count) else None)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(zero(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+        opt.step()
+    return zero.full_state_dict(), len(zero.units), zero.prefetched, whole[0]
+
+
+def one_process_steps(steps: int = 3) -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                          nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_buckets_train_like_one_process(world2, stage):
+    """Stages 1-2 cut the parameters into buckets, each reduced as soon as its gradients are in,
+    and padded on its own; training is unchanged."""
+    expected = one_process_steps()
+    for rank, (state, units, _, _) in enumerate(world2.run(zero_steps, stage, 100 * 4 / 2**20, False)):
+        assert units == 3, units  # at most 100 floats, backward order: 3+24+8+64, 8+64+8, 48
+        assert_close(state, expected, what=f"stage {stage} rank {rank}: ")
+
+
+def test_stage3_prefetches_the_next_unit(world2):
+    """Each unit's gather is launched during the pass of the unit before it (forward) or after it
+    (backward), from the second forward on (the first one learns the order); no more than two
+    units are whole at once, and training is unchanged."""
+    expected = one_process_steps()
+    for rank, (state, units, prefetched, whole) in enumerate(world2.run(zero_steps, 3, None, True)):
+        assert units == 4
+        # forward: units-1 gathers in steps 2 and 3; backward: units-1 in each of the 3 steps
+        assert prefetched == (2 + 3) * (units - 1), prefetched
+        assert whole == 2, whole  # this one and the next, never more
+        assert_close(state, expected, what=f"rank {rank}: ")
+    for state, _, prefetched, whole in world2.run(zero_steps, 3, None, False):
+        assert prefetched == 0 and whole == 1
+        assert_close(state, expected, what="no prefetch: ")

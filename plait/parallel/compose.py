@@ -239,7 +239,8 @@ class Parallelized:
             if layout.zero:
                 units = [b for _, b in piece] if layout.zero == 3 else None
                 wrapper = Zero(chunk, dp_group, stage=layout.zero, units=units, materialize=materialize,
-                               grad_dtype=GRAD_DTYPES[layout.grad_dtype], compress=layout.compress)
+                               grad_dtype=GRAD_DTYPES[layout.grad_dtype], compress=layout.compress,
+                               bucket_mb=layout.bucket_mb)
             else:
                 if materialize:
                     materialize(chunk)

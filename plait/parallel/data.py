@@ -70,20 +70,25 @@ class _Bucket:
         self.compressed = False
 
 
-def _make_buckets(named: list[tuple[str, nn.Parameter]], cap_bytes: int, first_cap_bytes: int) -> list[_Bucket]:
-    """Cut parameters (already in backward order) into buckets of one dtype and device."""
+def cut_buckets(named: list[tuple[str, nn.Parameter]], cap_bytes: int, first_cap_bytes: int) -> list[list]:
+    """Cut parameters (already in backward order) into buckets of one dtype and device, each at
+    most ``cap_bytes`` (the first ``first_cap_bytes``) unless one parameter alone is larger."""
     buckets, current, size = [], [], 0
     for name, p in named:
         cap = first_cap_bytes if not buckets else cap_bytes
         kind_changes = current and (p.dtype, p.device) != (current[0][1].dtype, current[0][1].device)
         if current and (kind_changes or size + p.numel() * p.element_size() > cap):
-            buckets.append(_Bucket(current))
+            buckets.append(current)
             current, size = [], 0
         current.append((name, p))
         size += p.numel() * p.element_size()
     if current:
-        buckets.append(_Bucket(current))
+        buckets.append(current)
     return buckets
+
+
+def _make_buckets(named: list[tuple[str, nn.Parameter]], cap_bytes: int, first_cap_bytes: int) -> list[_Bucket]:
+    return [_Bucket(bucket) for bucket in cut_buckets(named, cap_bytes, first_cap_bytes)]
 
 
 class DataParallel(EndOfBackward, nn.Module):

@@ -4,10 +4,11 @@
     stage 2  and gradients: reduce-scattered (on gloo: all-reduced, which is faster there, and
              sliced), so each rank keeps only its slice between steps
     stage 3  and parameters: a unit's parameters are all-gathered just before its forward and its
-             backward, and freed right after
+             backward (the next unit's gather launched meanwhile: prefetch), and freed right after
 
-Each unit (the whole model for stages 1-2; for stage 3 the modules given, by default each
-top-level child; ``plait.parallel.compose`` gives the blocks that forward calls) keeps its parameters
+Each unit (for stages 1-2 a bucket of parameters, cut by size in backward order; for stage 3 the
+modules given, by default each top-level child; ``plait.parallel.compose`` gives the blocks that
+forward calls) keeps its parameters
 as views into one flat buffer, padded to a multiple of the world size; rank r owns elements
 [r*S, (r+1)*S). The optimizer trains those slices (``shard_parameters()``): any elementwise
 torch.optim optimizer (SGD, Adam, AdamW) then computes exactly what it would on the whole model.
@@ -30,14 +31,17 @@ from plait.distributed.comm import all_gather_flat, broadcast_tensors, reduce_sc
 from plait.errors import PlaitError
 from plait.parallel.backward import EndOfBackward
 from plait.parallel.compress import Codec, Compression, make_codec
+from plait.parallel.data import cut_buckets
 from plait.parallel.consistency import check_consistency
 
 
 class _Unit:
     """One flat buffer of parameters and this rank's slice of it."""
 
-    def __init__(self, module: nn.Module, params: list[nn.Parameter], world: int, rank: int):
-        self.module, self.params, self.world, self.rank = module, params, world, rank
+    def __init__(self, module: nn.Module, params: list[nn.Parameter], group: dist.ProcessGroup | None):
+        self.module, self.params, self.group = module, params, group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        world = self.world
         self.numel = sum(p.numel() for p in params)
         self.size = -(-self.numel // world)  # slice length S
         first = params[0]
@@ -56,6 +60,8 @@ class _Unit:
         self.codec: Codec | None = None  # stage 1's compressed reduction (parallel.compress), if asked for
         self.compressed = False  # this step's reduction went through the codec
         self.pending, self.work, self.fresh = len(params), None, True
+        self.gathering: dist.Work | None = None  # an all-gather into ``full`` in flight (a prefetch)
+        self.order: int | None = None  # stage 3: its place in the forward order, once it ran
 
     def make_shard(self, own_storage: bool) -> None:
         """This rank's slice as the parameter the optimizer trains [S]: a view of the flat buffer
@@ -69,16 +75,32 @@ class _Unit:
         for p, offset in zip(self.params, self.offsets):
             p.data = self.full[offset : offset + p.numel()].view_as(p)
 
-    def gather(self, group) -> None:
-        """Every rank's slice into the flat buffer (re-allocating it if it was freed)."""
+    def start_gather(self) -> None:
+        """Launch the all-gather of every rank's slice into the flat buffer (re-allocating it if
+        it was freed); ``finish_gather`` waits for it."""
+        self.finish_gather()  # one gather into the buffer at a time
         if self.full.untyped_storage().size() == 0:
             self.full.untyped_storage().resize_(self.full.numel() * self.full.element_size())
         mine = self.shard.detach()
         if self.shard_in_full:  # stages 1-2: never gather from memory the gather writes into
             mine = mine.clone()
-        wait(all_gather_flat(self.full, mine, group, async_op=True), "ZeRO parameter all-gather", group)
+        self.gathering = all_gather_flat(self.full, mine, self.group, async_op=True)
+
+    def finish_gather(self) -> None:
+        work, self.gathering = self.gathering, None
+        if work is not None:
+            wait(work, "ZeRO parameter all-gather", self.group)
+
+    def gather(self) -> None:
+        self.start_gather()
+        self.finish_gather()
+
+    def is_free(self) -> bool:
+        """Stage 3: its parameters' memory is gone, and no gather is bringing it back."""
+        return self.gathering is None and self.full.untyped_storage().size() == 0
 
     def free_full(self) -> None:
+        self.finish_gather()  # never free memory a gather still writes into
         self.full.untyped_storage().resize_(0)  # views stay valid tensors; their memory is gone
 
 
@@ -87,8 +109,16 @@ class Zero(EndOfBackward, nn.Module):
 
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None, stage: int = 1,
                  units: list[nn.Module] | None = None, reduce_scatter: bool | None = None, materialize=None,
-                 grad_dtype: torch.dtype | None = None, compress: Compression | None = None):
-        """``reduce_scatter``: how stages 2-3 reduce gradients; None chooses by backend (see below).
+                 grad_dtype: torch.dtype | None = None, compress: Compression | None = None,
+                 bucket_mb: float | None = 25.0, prefetch: bool = True):
+        """``units``: stage 3's modules, each gathered whole for its forward and backward (default:
+        each top-level child). Stages 1-2 cut the parameters into buckets of ``bucket_mb`` MiB in
+        backward order instead (None: one), so that each bucket's reduction starts while backward
+        goes on and, at stage 2, only the buckets in flight hold whole gradients.
+        ``prefetch`` (stage 3): launch the all-gather of the unit that runs next (in the forward
+        order seen at the first step, reversed in backward) before this unit's pass, so that it
+        travels while this one computes: at most two units are whole at a time.
+        ``reduce_scatter``: how stages 2-3 reduce gradients; None chooses by backend (see below).
         ``grad_dtype``: the dtype gradients are reduced in (``torch.bfloat16``: half the bytes; the
         reduced slice is cast back, so the optimizer and its state stay in the parameters' dtype).
         ``materialize(unit)``: for a module built on the meta device, give a unit's parameters
@@ -103,16 +133,12 @@ class Zero(EndOfBackward, nn.Module):
                              f"not stage {stage} (it reduces slices); parallel.grad_dtype = 'bf16' halves its bytes")
         self.module, self.group, self.stage, self.grad_dtype = module, group, stage, grad_dtype
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        if units is None:
-            units = [m for m in module.children() if any(p.requires_grad for p in m.parameters())] \
-                if stage == 3 else [module]
+        self.prefetch = prefetch and stage == 3
         seen: set[int] = set()
         self.units: list[_Unit] = []
         self._slot = {}
-        for m in units:
-            if materialize is not None:
-                materialize(m)
-            params = [p for p in m.parameters() if p.requires_grad and id(p) not in seen]
+        for m, params in self._groups(module, stage, units, materialize, bucket_mb):
+            params = [p for p in params if id(p) not in seen]
             if not params:
                 continue
             if stage == 3 and any(id(p) in seen for p in m.parameters()):
@@ -120,7 +146,7 @@ class Zero(EndOfBackward, nn.Module):
             seen.update(id(p) for p in params)
             if self.world > 1:
                 broadcast_tensors(params, 0, group)
-            u = _Unit(m, params, self.world, self.rank)
+            u = _Unit(m, params, group)
             u.make_shard(own_storage=stage == 3)
             u.bind_params()
             u.codec = make_codec(compress, u.params, u.offsets, u.numel, group)
@@ -139,9 +165,11 @@ class Zero(EndOfBackward, nn.Module):
                 self._slot[p] = (u, i)
                 p.register_post_accumulate_grad_hook(self._grad_ready)
             if stage == 3:
-                u.module.register_forward_pre_hook(lambda m, args, u=u: u.gather(self.group))
+                u.module.register_forward_pre_hook(lambda m, args, u=u: self._before_forward(u))
                 u.module.register_forward_hook(lambda m, args, out, u=u: self._after_forward(u, out))
         self._sync, self._armed = True, False
+        self._forward_order: list[_Unit] = []  # stage 3: the units as their forwards first ran
+        self.prefetched = 0  # stage 3: gathers that a prefetch had launched before the unit needed them
         self._in_flight: list[_Unit] = []  # units whose gradient reduction was launched, oldest first
         self.peak = {"params": 0, "grads": 0}  # the most held at the end of a backward
         # Measured on 2 CPU ranks: gloo's reduce-scatter of 10M floats takes ~2.5x its all-reduce
@@ -151,8 +179,53 @@ class Zero(EndOfBackward, nn.Module):
             reduce_scatter = dist.get_backend(group) != "gloo"
         self._all_reduce_is_faster = not reduce_scatter
 
+    @staticmethod
+    def _groups(module: nn.Module, stage: int, units, materialize, bucket_mb: float | None):
+        """(module, its trainable parameters) of each unit to be: stage 3's modules, or stages 1-2's
+        buckets (the parameters in reverse order, as their gradients come, cut by size)."""
+        if stage == 3:
+            if units is None:
+                units = [m for m in module.children() if any(p.requires_grad for p in m.parameters())]
+            for m in units:
+                if materialize is not None:
+                    materialize(m)
+                yield m, [p for p in m.parameters() if p.requires_grad]
+            return
+        if materialize is not None:
+            materialize(module)
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad][::-1]
+        if not named:
+            return
+        cap = int(bucket_mb * 2**20) if bucket_mb else sum(p.numel() * p.element_size() for _, p in named)
+        for bucket in cut_buckets(named, cap, cap):
+            yield module, [p for _, p in bucket]
+
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def _before_forward(self, u: _Unit) -> None:
+        """Stage 3: the unit whole before its forward; the next unit's gather launched."""
+        if u.order is None:
+            u.order = len(self._forward_order)
+            self._forward_order.append(u)
+        self._ready(u)
+        if self.prefetch:
+            self._prefetch(u.order + 1)
+
+    def _ready(self, u: _Unit) -> bool:
+        """Make ``u`` whole (waiting for its prefetch, or gathering now); False if it already was."""
+        if u.gathering is not None:
+            self.prefetched += 1
+            u.finish_gather()
+            return True
+        if u.is_free():
+            u.gather()
+            return True
+        return False
+
+    def _prefetch(self, order: int) -> None:
+        if 0 <= order < len(self._forward_order) and self._forward_order[order].is_free():
+            self._forward_order[order].start_gather()
 
     def _after_forward(self, u: _Unit, out) -> None:
         """Stage 3: free the unit, and gather it again when the gradient of its output arrives
@@ -163,11 +236,13 @@ class Zero(EndOfBackward, nn.Module):
             return
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.requires_grad:
-                t.register_hook(lambda grad, u=u: self._regather(u))
+                t.register_hook(lambda grad, u=u: self._regather(u, prefetch=self.prefetch))
 
-    def _regather(self, u: _Unit) -> None:
-        if u.full.untyped_storage().size() == 0:  # the first of its outputs' gradients: every rank alike
-            u.gather(self.group)
+    def _regather(self, u: _Unit, prefetch: bool = False) -> None:
+        """The first of its outputs' gradients (every rank alike): ``u`` whole again for its
+        backward, and the unit before it in the forward order launched."""
+        if self._ready(u) and prefetch and u.order is not None:
+            self._prefetch(u.order - 1)
 
     def gather_for(self, params: list[nn.Parameter]) -> None:
         """Stage 3: gather the units holding ``params`` again, if freed (a zero-bubble pipeline's
@@ -189,7 +264,7 @@ class Zero(EndOfBackward, nn.Module):
 
     def gather_params(self) -> None:
         for u in self.units:
-            u.gather(self.group)
+            u.gather()
 
     def loaded(self) -> None:
         """After a checkpoint was loaded into the slices: stages 1-2 gather the whole parameters."""
@@ -203,7 +278,7 @@ class Zero(EndOfBackward, nn.Module):
             check_consistency(self.module, self.group)
             return
         for u in self.units:
-            u.gather(self.group)
+            u.gather()
             try:
                 check_consistency(u.module, self.group)
             finally:
@@ -334,6 +409,8 @@ class Zero(EndOfBackward, nn.Module):
             self._settle(self._in_flight.pop(0))
         for u in self.units:
             u.pending, u.fresh = len(u.params), True
+            if u.gathering is not None:  # a prefetch whose unit did not run: its parameters would
+                u.free_full()  # be stale after the optimizer step, so they are not kept
 
     # -- export and accounting ------------------------------------------------------------
     @contextmanager
