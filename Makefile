@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 # The report's test renders it in headless Chromium, Debian's package; installed here if missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo test bench clean browser
+.PHONY: venv demo test bench clean browser deepspeed
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,13 @@ browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
 	  echo "make: installing chromium (Debian's package) for the report's browser test"; \
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
+
+# DeepSpeed, the second peer of benchmarks/zero.py (CPU, gloo). Built without pip's isolation:
+# its setup imports torch, and an isolated build would download a CUDA torch to import. No
+# compiled ops (DS_BUILD_OPS=0): the benchmark uses torch's Adam.
+DEEPSPEED := deepspeed==0.19.8
+deepspeed: venv
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation $(DEEPSPEED)
 
 bench: venv
 	$(PY) benchmarks/data_parallel.py

@@ -1,10 +1,17 @@
-"""ZeRO stages 1-3 beside DDP and FSDP2 (``torch.distributed.fsdp.fully_shard``), in one run.
+"""ZeRO stages 1-3 beside DDP, FSDP2 (``torch.distributed.fsdp.fully_shard``) and DeepSpeed's
+ZeRO-2 and ZeRO-3, in one run.
 
     .venv/bin/python benchmarks/zero.py                   # speed and memory, then the 50M memory report
     .venv/bin/python benchmarks/zero.py --skip-report
+    make deepspeed                                        # DeepSpeed into .venv, for the ds2 and ds3 modes
+
+DeepSpeed runs on the CPU over gloo with its defaults for each stage (``overlap_comm`` on, its
+bucket and prefetch sizes as shipped) and the same ``torch.optim.Adam`` (``zero_allow_untested_optimizer``:
+its fused Adam is a compiled op). Without DeepSpeed installed its modes are left out, and said so.
 
 World size 2, one thread per process, the 10M-parameter MLP of benchmarks/data_parallel.py,
-per-worker batch 32, Adam. Each mode runs in fresh processes (peak resident memory is a
+per-worker batch 32, Adam (``zero3-serial``: stage 3 without prefetch, each unit gathered only
+when its pass needs it). Each mode runs in fresh processes (peak resident memory is a
 per-process high-water mark): median step time over timed steps, samples/s, and the peak RSS
 of rank 0 above what the process held before building the model.
 
@@ -31,12 +38,43 @@ from plait.models import mlp
 from plait.parallel.zero import Zero
 from plait.testing import World
 
-MODES = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
+MODES = ("ddp", "fsdp2", "ds2", "ds3", "zero1", "zero2", "zero3", "zero3-serial")
+DEEPSPEED = ("ds2", "ds3")
 
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def has_deepspeed() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def deepspeed_step(stage: int, model: nn.Module, batch: int):
+    """One training step of DeepSpeed's ZeRO ``stage`` on ``model``, as a function of (x, y)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # its calls of torch's renamed collectives
+    import deepspeed
+    from deepspeed.utils import logger
+
+    logger.setLevel("WARNING")
+    config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": stage, "overlap_comm": True},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 2**31}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-4),
+                                      config=config)
+
+    def step(x, y):
+        engine.backward(F.cross_entropy(engine(x), y))
+        engine.step()  # zeroes the gradients too
+
+    return step
 
 
 def wrap(mode: str, model: nn.Module):
@@ -54,24 +92,31 @@ def wrap(mode: str, model: nn.Module):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model, list(model.parameters()), lambda opt: None
-    zero = Zero(model, stage=int(mode[-1]))
+    stage = int(mode[4])  # zero3-serial: stage 3 without prefetch, each unit gathered when needed
+    zero = Zero(model, stage=stage, prefetch=not mode.endswith("serial"))
     return zero, zero.shard_parameters(), zero.attach
 
 
 def speed(mode: str, batch: int, warmup: int, steps: int) -> tuple[float, float]:
     before = rss_mb()
     torch.manual_seed(0)
-    model, params, attach = wrap(mode, mlp(784, 10, hidden=2048, depth=3))
-    opt = torch.optim.Adam(params, lr=1e-4)
-    attach(opt)
+    if mode in DEEPSPEED:
+        step = deepspeed_step(int(mode[-1]), mlp(784, 10, hidden=2048, depth=3), batch)
+    else:
+        model, params, attach = wrap(mode, mlp(784, 10, hidden=2048, depth=3))
+        opt = torch.optim.Adam(params, lr=1e-4)
+        attach(opt)
+
+        def step(x, y):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
     x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
     times = []
     for i in range(warmup + steps):
         dist.barrier()
         start = time.perf_counter()
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        step(x, y)
         elapsed = torch.tensor(time.perf_counter() - start)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         if i >= warmup:
@@ -97,23 +142,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3, help="every mode once per round, modes interleaved")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--skip-report", action="store_true")
     parser.add_argument("--width", type=int, default=4096, help="report model: 3 square layers of this width")
     args = parser.parse_args()
-    results = {}
-    for mode in args.modes:
-        with World(2, timeout_s=600) as world:
-            results[mode] = world.run(speed, mode, args.batch, 5, args.steps, timeout=1800)[0]
+    if not has_deepspeed() and any(m in DEEPSPEED for m in args.modes):
+        print("DeepSpeed is not installed (`make deepspeed`): its modes ds2 and ds3 are left out")
+        args.modes = [m for m in args.modes if m not in DEEPSPEED]
+    runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in args.modes}
+    for _ in range(args.rounds):  # every mode in each round: the machine's drift touches all alike
+        for mode in args.modes:
+            with World(2, timeout_s=600) as world:
+                runs[mode].append(world.run(speed, mode, args.batch, 5, args.steps, timeout=1800)[0])
+    results = {mode: (statistics.median(s for s, _ in r), statistics.median(m for _, m in r)) for mode, r in runs.items()}
     base = results.get("ddp", (None,))[0]
-    print(f"\nworld size 2, 10M-parameter MLP, Adam, batch {args.batch}/worker, median of {args.steps} steps")
-    print(f"{'mode':6} | {'ms/step':>8} | {'samples/s':>9} | {'vs DDP':>6} | {'peak RSS MB (rank 0)':>20}")
+    print(f"\nworld size 2, 10M-parameter MLP, Adam, batch {args.batch}/worker, "
+          f"medians of {args.rounds} rounds of {args.steps} steps' medians")
+    print(f"{'mode':12} | {'ms/step':>8} | {'samples/s':>9} | {'vs DDP':>6} | {'peak RSS MB (rank 0)':>20}")
     for mode, (seconds, peak) in results.items():
         ratio = f"{base / seconds:6.2f}" if base else "     -"
-        print(f"{mode:6} | {seconds * 1e3:8.1f} | {2 * args.batch / seconds:9.0f} | {ratio} | {peak:20.0f}")
-    if "fsdp2" in results and "zero3" in results:
-        print(f"zero3 / FSDP2 speed ratio: {results['fsdp2'][0] / results['zero3'][0]:.2f}; "
-              f"peak memory: {results['zero3'][1]:.0f} vs {results['fsdp2'][1]:.0f} MB")
+        print(f"{mode:12} | {seconds * 1e3:8.1f} | {2 * args.batch / seconds:9.0f} | {ratio} | {peak:20.0f}")
+    for peer, mine in (("fsdp2", "zero3"), ("ds2", "zero2"), ("ds3", "zero3"), ("zero3-serial", "zero3")):
+        if peer in results and mine in results:
+            print(f"{mine} / {peer} speed ratio: {results[peer][0] / results[mine][0]:.2f}; "
+                  f"peak memory: {results[mine][1]:.0f} vs {results[peer][1]:.0f} MB")
     if args.skip_report:
         return
     formula = {1: (4, 4, 8 / 2), 2: (4, 4 / 2, 8 / 2), 3: (4 / 2, 4 / 2, 8 / 2)}
