@@ -102,6 +102,15 @@ def _behind(link, nbytes: float, group: int, calls: int, backward: float, overla
     return skew + max(calls * latency - backward, latency) + transfer * (1 - overlap)
 
 
+def _prefetched(link, nbytes: float, group: int, units: int, compute: float, overlap: float) -> float:
+    """Exposed seconds of ZeRO-3's all-gathers of ``units`` units over one pass of ``compute``
+    seconds: each unit's gather is launched before the pass of the one before it, so all but the
+    first travel behind the computation, by the cluster's ``overlap`` (none on shared cores)."""
+    serial = link.time("all_gather", nbytes, group, units)
+    hidden = min(overlap * serial * (units - 1) / max(units, 1), compute)
+    return serial - hidden
+
+
 def _stages(profile: ModelProfile, pp: int, tp: int) -> list[dict]:
     """Each stage's sums over its blocks under tp (per sample where the blocks' are), cached on
     the profile: thousands of layouts share a few (pp, tp) pairs."""
@@ -222,18 +231,18 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
         slot = t_f + t_b + t_tp + t_p2p
         # data-parallel gradient reduction and ZeRO's gathers, once per step (ZeRO-3: per micro-batch)
         grad = params * grad_bytes
+        buckets = max(1, math.ceil(grad / (work.bucket_mb * 2**20)))  # DataParallel's and ZeRO 1-2's
         t_dp = t_gather = 0.0
         if c.dp > 1:
-            if c.zero == 0:
-                buckets = max(1, math.ceil(grad / (work.bucket_mb * 2**20)))
+            if c.zero < 3:  # buckets reduced as backward fills them (ZeRO 1-2: then slices gathered)
                 t_dp = _behind(dp_link, grad, c.dp, buckets, t_b, cluster.overlap)
-            elif c.zero in (1, 2):
-                t_dp = dp_link.time("all_reduce", grad, c.dp)
-                t_gather = dp_link.time("all_gather", params * 4, c.dp)
+                if c.zero:
+                    t_gather = dp_link.time("all_gather", params * 4, c.dp)
             else:
                 tensors = st["tensors"]  # on gloo each reduced where autograd left it
                 t_dp = m * k * _behind(dp_link, grad, c.dp, tensors, t_b, cluster.overlap)
-                t_gather = 2 * m * k * dp_link.time("all_gather", params * 4, c.dp, len(blocks))
+                t_gather = m * k * sum(_prefetched(dp_link, params * 4, c.dp, len(blocks), t, cluster.overlap)
+                                       for t in (t_f, t_b))
         # the trainer's own per step: the gradient norm over each split axis (the loss is all-reduced
         # at log steps only, between steps)
         t_step = 0.0
@@ -242,8 +251,8 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
                 t_step += cluster.link(span).time("all_reduce", 8, size)
         shard = c.dp if c.zero else 1
         # the step streams this rank's elements, and pays a fixed cost per tensor it updates: each
-        # parameter's, or ZeRO's flat shards (one per stage; stage 3: one per unit)
-        updated = {0: st["tensors"], 3: len(blocks)}.get(c.zero, 1)
+        # parameter's, or ZeRO's flat shards (one per bucket; stage 3: one per unit)
+        updated = {0: st["tensors"], 3: len(blocks)}.get(c.zero, buckets)
         t_opt = (params / shard * optimizer_bytes(work.optimizer, work.grad_clip) / cluster.memory_bandwidth
                  + updated * cluster.optimizer_tensor_s)
         held = _held(c.schedule, m, c.pp, s) if c.pp > 1 else 1
@@ -254,7 +263,9 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
             saved_peak = saved * held
         mem = {
             "params": (params / c.dp + 2 * largest if c.zero == 3 else params) * 4,
-            "grads": {0: params, 1: params, 2: params + params / c.dp, 3: 2 * largest + params / c.dp}[c.zero] * 4,
+            # ZeRO-2 holds whole gradients only for the buckets in flight (at most two)
+            "grads": {0: params, 1: params, 2: min(params, 2 * work.bucket_mb * 2**20 / 4) + params / c.dp,
+                      3: 2 * largest + params / c.dp}[c.zero] * 4,
             "optimizer": params * state_per * 4 / shard,
             "activations": saved_peak,
             "buffers": (sent * 2 + (min(grad, work.bucket_mb * 2**20) if c.precision == "bf16" else 0)
