@@ -6,6 +6,7 @@ every valid layout trained for a few steps (``plait plan --measure``), predicted
     .venv/bin/python benchmarks/planner_local.py --summarize     # only read docs/plan/*_measured.json
     .venv/bin/python benchmarks/planner_local.py --rescore       # predict them again (a changed model)
     .venv/bin/python benchmarks/planner_local.py --settle 8      # the 8 fastest and the plan's top 2: 4 runs each
+    .venv/bin/python benchmarks/planner_local.py --remeasure 'ZeRO-3'   # those layouts run again (an engine changed)
 
 Each model gets its own calibration (``plait calibrate CONFIG --nproc 4``, which times that
 model's blocks), written beside the measurements in docs/plan/. Printed per model: the measured
@@ -103,6 +104,37 @@ def settle(name: str, nproc: int, steps: int, count: int, repeats: int) -> None:
     path.write_text(json.dumps(rows, indent=1))
 
 
+def remeasure(name: str, nproc: int, steps: int, pattern: str) -> None:
+    """Run again, once, every saved layout whose description matches ``pattern`` (a regular
+    expression), replacing its measured figures: for layouts whose engine changed since."""
+    import re
+    import tempfile
+    import time
+
+    from plait.plan import load_cluster, plan_config
+    from plait.plan.measure import measured
+    from plait.train.config import load_config
+
+    path = ROOT / "docs" / "plan" / f"{name}_measured.json"
+    rows = json.loads(path.read_text())
+    ranked, _ = plan_config(load_config(ROOT / MODELS[name], []), nproc,
+                            load_cluster(str(ROOT / "docs" / "plan" / f"cpu{nproc}-{name}.toml")))
+    where = {e.candidate.describe(): e for e in ranked}
+    todo = [r for r in rows if re.search(pattern, r["layout"])]
+    print(f"{name}: {len(todo)} layouts match {pattern!r}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, r in enumerate(todo):
+            got = measured(str(ROOT / MODELS[name]), [], where[r["layout"]], nproc, steps, Path(tmp), "r", 1)
+            for key in ("step_s", "memory_bytes", "runs_step_s", "settle_error", "error", "step_error", "memory_error"):
+                r.pop(key, None)
+            r.update(got, remeasured=time.strftime("%Y-%m-%d"))
+            if "error" not in got:
+                r.update(step_error=r["predicted_step_s"] / r["step_s"] - 1,
+                         memory_error=r["predicted_memory_bytes"] / r["memory_bytes"] - 1)
+            print(f"  [{n + 1}/{len(todo)}] {r['layout']}: {got}", flush=True)
+            path.write_text(json.dumps(rows, indent=1))  # what is done is kept if stopped
+
+
 def summarize(name: str) -> None:
     rows = [r for r in json.loads((ROOT / "docs" / "plan" / f"{name}_measured.json").read_text()) if "error" not in r]
     fastest = min(rows, key=lambda r: r["step_s"])
@@ -130,6 +162,8 @@ def main() -> None:
     parser.add_argument("--settle", type=int, metavar="N", default=0,
                         help="run the N measured fastest and the plan's first two 3 more times each (medians), "
                              "and any layout those medians bring into the N fastest")
+    parser.add_argument("--remeasure", metavar="REGEX",
+                        help="run again, once, the saved layouts whose description matches REGEX")
     parser.add_argument("--nproc", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -138,6 +172,8 @@ def main() -> None:
         if args.calibrate:
             calibrate(name, args.nproc)
             rescore(name, args.nproc)
+        elif args.remeasure:
+            remeasure(name, args.nproc, args.steps, args.remeasure)
         elif args.settle:
             settle(name, args.nproc, args.steps, args.settle, 3)
         elif args.rescore:
