@@ -31,8 +31,8 @@ from plait.distributed.comm import all_gather_flat, broadcast_tensors, reduce_sc
 from plait.errors import PlaitError
 from plait.parallel.backward import EndOfBackward
 from plait.parallel.compress import Codec, Compression, make_codec
-from plait.parallel.data import cut_buckets
 from plait.parallel.consistency import check_consistency
+from plait.parallel.data import cut_buckets
 
 
 class _Unit:
