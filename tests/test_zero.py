@@ -11,7 +11,7 @@ from torch import nn
 import plait
 from plait.parallel.zero import Zero
 
-from conftest import assert_close, train_example
+from conftest import assert_close, make_trainer, train_example
 
 OPTIMIZERS = {"sgd-momentum": ["train.optimizer=sgd", "train.momentum=0.9"],
               "adamw": ["train.optimizer=adamw", "train.lr=0.002", "train.weight_decay=0.01"]}
@@ -50,14 +50,24 @@ def test_zero_with_accumulation_and_clipping(world2, stage, solo, tmp_path):
         assert_close(params, expected, what=f"rank {rank}: ")
 
 
-def test_zero3_with_accumulation(world2, solo, tmp_path):
-    """Stage 3 keeps no full gradients: it reduces after each accumulated batch and adds up its slices."""
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_zero3_with_accumulation(world2, solo, tmp_path, prefetch):
+    """Stage 3 keeps no full gradients: it reduces after each accumulated batch and adds up its
+    slices; with the next block's gather prefetched or not (``parallel.prefetch``)."""
     options = ["train.grad_clip=0.05"]
     expected, _ = train_example("digits_cnn", options, str(tmp_path / "ref"))
-    results = world2.run(train_example, "digits_cnn", [*options, "parallel.zero=3", "train.accum_steps=2"],
-                         str(tmp_path))
+    overrides = [*options, "parallel.zero=3", "train.accum_steps=2", f"parallel.prefetch={str(prefetch).lower()}"]
+    assert world2.run(zero_prefetching, overrides, str(tmp_path / "flag")) == [prefetch] * 2
+    results = world2.run(train_example, "digits_cnn", overrides, str(tmp_path))
     for rank, (params, _) in enumerate(results):
         assert_close(params, expected, what=f"rank {rank}: ")
+
+
+def zero_prefetching(overrides: list[str], out_dir: str) -> bool:
+    """Whether the trainer's ZeRO wrapper prefetches, as the config says."""
+    trainer = make_trainer("digits_cnn", overrides, out_dir)
+    (wrapper,) = trainer.parallel.wrappers
+    return wrapper.prefetch
 
 
 def memory_per_rank(stage: int) -> tuple[dict, int]:

@@ -170,7 +170,10 @@ class ParallelConfig:
     zero: int = 0
     """ZeRO stage (0: none)."""
     bucket_mb: float = 25.0
-    """Gradient all-reduce bucket size in MiB."""
+    """Gradient bucket size in MiB (data parallel and ZeRO 1-2: each reduced as backward fills it)."""
+    prefetch: bool = True
+    """ZeRO-3: launch the next block's all-gather before this block's pass (false: gather each
+    block only when its pass needs it: one block whole at a time instead of two)."""
     allow_unused: bool = False
     """Allow parameters that get no gradient (otherwise an error naming them)."""
     check_consistency: bool = True
