@@ -194,3 +194,25 @@ def test_stage3_prefetches_the_next_unit(world2):
     for state, _, prefetched, whole in world2.run(zero_steps, 3, None, False):
         assert prefetched == 0 and whole == 1
         assert_close(state, expected, what="no prefetch: ")
+
+
+def stage2_peak_gradients() -> tuple[int, dict, int]:
+    """Four equal buckets (one 64 x 64 weight each), two steps: (buckets, peak bytes, padded elements)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(4)])
+    zero = Zero(model, stage=2, bucket_mb=64 * 64 * 4 / 2**20)
+    opt = torch.optim.SGD(zero.shard_parameters(), lr=0.1)
+    zero.attach(opt)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(zero(torch.randn(8, 64)), torch.randint(0, 64, (8,))).backward()
+        opt.step()
+    return len(zero.units), zero.peak, sum(u.size * u.world for u in zero.units)
+
+
+def test_stage2_holds_at_most_two_buckets_whole(world2):
+    """While backward runs, a bucket's whole gradient lives from its first gradient until the next
+    bucket launches: at most two at once, beside every bucket's slice (what the planner counts)."""
+    for units, peak, padded in world2.run(stage2_peak_gradients):
+        assert units == 4
+        assert peak["grads"] == (2 * 64 * 64 + padded // 2) * 4, peak

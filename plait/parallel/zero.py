@@ -171,7 +171,7 @@ class Zero(EndOfBackward, nn.Module):
         self._forward_order: list[_Unit] = []  # stage 3: the units as their forwards first ran
         self.prefetched = 0  # stage 3: gathers that a prefetch had launched before the unit needed them
         self._in_flight: list[_Unit] = []  # units whose gradient reduction was launched, oldest first
-        self.peak = {"params": 0, "grads": 0}  # the most held at the end of a backward
+        self.peak = {"params": 0, "grads": 0}  # the most held at the end of a backward (stage 2: at each launch)
         # Measured on 2 CPU ranks: gloo's reduce-scatter of 10M floats takes ~2.5x its all-reduce
         # (which itself reduce-scatters and all-gathers). On gloo, stages 2-3 all-reduce the
         # transient full gradient and keep their slice: the memory held between steps is the same.
@@ -354,6 +354,8 @@ class Zero(EndOfBackward, nn.Module):
 
     def _launched(self, u: _Unit) -> None:
         self._in_flight.append(u)
+        if self.stage == 2:  # its buckets' whole gradients in flight are the most now, before one settles
+            self._note_peak()
         if self.stage > 1:  # one reduction overlaps the next unit's backward; the one before is
             while len(self._in_flight) > 1:  # settled now, so that at most two units' full
                 self._settle(self._in_flight.pop(0))  # gradients exist at any time
@@ -398,10 +400,13 @@ class Zero(EndOfBackward, nn.Module):
             u.grad_full, u.reduced = None, None
         u.work = None
 
-    def _finish(self) -> None:
-        self._armed = False
+    def _note_peak(self) -> None:
         now = self.memory()
         self.peak = {k: max(self.peak[k], now[k]) for k in self.peak}
+
+    def _finish(self) -> None:
+        self._armed = False
+        self._note_peak()
         for u in self.units:
             if u.pending:
                 raise PlaitError(f"rank {dist.get_rank()}: ZeRO: {u.pending} parameters got no gradient in this backward")
