@@ -123,6 +123,19 @@ def test_memory_model_matches_what_the_engines_hold(name, world2, tmp_path):
         assert got["trained"] == pytest.approx(model["optimizer"] / 2, rel=1e-3), what  # AdamW: 2 per element
 
 
+def test_zero3_without_prefetch_is_planned_with_one_unit_whole():
+    """``parallel.prefetch = false``: the plan holds one whole unit (the largest block) instead of
+    two, as the engine does (tests/test_zero.py counts the engine's)."""
+    from plait.plan.profile import profile_config
+    from plait.train.config import load_config
+
+    overrides = LAYOUTS["dp2-zero3"][1]
+    on = _predicted("gpt_hybrid", overrides, 2).stages[0]
+    off = _predicted("gpt_hybrid", [*overrides, "parallel.prefetch=false"], 2).stages[0]
+    profile, _ = profile_config(load_config(EXAMPLES / "gpt_hybrid.toml", overrides))
+    assert on["params"] - off["params"] == pytest.approx(max(b.params for b in profile.blocks) * 4, rel=1e-12)
+
+
 def test_profile_counts_what_torch_counts():
     """The GPT's profile: FLOPs equal FlopCounterMode's count of the whole model, parameters
     the model's, and each block all-reduces twice forward and twice backward under tp."""

@@ -89,6 +89,8 @@ class Workload:
     nodes: int = 1
     grad_clip: bool = False
     """Clipping all-reduces the gradient norm over each split axis every step."""
+    prefetch: bool = True
+    """ZeRO-3 prefetches the next unit's gather (``parallel.prefetch``): two units whole at once."""
 
 
 def _behind(link, nbytes: float, group: int, calls: int, backward: float, overlap: float) -> float:
@@ -241,7 +243,8 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
             else:
                 tensors = st["tensors"]  # on gloo each reduced where autograd left it
                 t_dp = m * k * _behind(dp_link, grad, c.dp, tensors, t_b, cluster.overlap)
-                t_gather = m * k * sum(_prefetched(dp_link, params * 4, c.dp, len(blocks), t, cluster.overlap)
+                overlap = cluster.overlap if work.prefetch else 0.0  # without it, each gather waits
+                t_gather = m * k * sum(_prefetched(dp_link, params * 4, c.dp, len(blocks), t, overlap)
                                        for t in (t_f, t_b))
         # the trainer's own per step: the gradient norm over each split axis (the loss is all-reduced
         # at log steps only, between steps)
@@ -262,7 +265,7 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
         else:
             saved_peak = saved * held
         mem = {
-            "params": (params / c.dp + 2 * largest if c.zero == 3 else params) * 4,
+            "params": (params / c.dp + (2 if work.prefetch else 1) * largest if c.zero == 3 else params) * 4,
             # ZeRO-2 holds whole gradients only for the buckets in flight (at most two)
             "grads": {0: params, 1: params, 2: min(params, 2 * work.bucket_mb * 2**20 / 4) + params / c.dp,
                       3: 2 * largest + params / c.dp}[c.zero] * 4,
