@@ -25,12 +25,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"gpt": "examples/gpt_hybrid.toml", "mlp": "examples/mlp_10m.toml"}
+PLANS = ROOT / "docs" / "plan"
+
+
+def cluster_file(name: str, nproc: int) -> Path:
+    return PLANS / f"cpu{nproc}-{name}.toml"
+
+
+def saved(name: str, nproc: int) -> tuple[Path, list[dict], list]:
+    """The model's measured rows (their file, the rows) and every layout as planned now, ranked,
+    with the model's cluster file as it is now."""
+    from plait.plan import load_cluster, plan_config
+    from plait.train.config import load_config
+
+    path = PLANS / f"{name}_measured.json"
+    ranked, _ = plan_config(load_config(ROOT / MODELS[name], []), nproc, load_cluster(str(cluster_file(name, nproc))))
+    return path, json.loads(path.read_text()), ranked
 
 
 def measure(name: str, config: str, nproc: int, steps: int) -> None:
-    out = ROOT / "docs" / "plan"
+    out = PLANS
     out.mkdir(parents=True, exist_ok=True)
-    cluster = out / f"cpu{nproc}-{name}.toml"
+    cluster = cluster_file(name, nproc)
     plait = [sys.executable, "-m", "plait.cli"]
     subprocess.run([*plait, "calibrate", config, "--nproc", str(nproc), "-o", str(cluster)], check=True, cwd=ROOT)
     subprocess.run([*plait, "plan", config, "--nproc", str(nproc), "--cluster", str(cluster), "--top", "0",
@@ -40,21 +56,14 @@ def measure(name: str, config: str, nproc: int, steps: int) -> None:
 
 def calibrate(name: str, nproc: int) -> None:
     """The model's cluster file measured again (the measured rows stay as they are)."""
-    cluster = ROOT / "docs" / "plan" / f"cpu{nproc}-{name}.toml"
     subprocess.run([sys.executable, "-m", "plait.cli", "calibrate", MODELS[name], "--nproc", str(nproc), "-o",
-                    str(cluster)], check=True, cwd=ROOT)
+                    str(cluster_file(name, nproc))], check=True, cwd=ROOT)
 
 
 def rescore(name: str, nproc: int) -> None:
     """Predict the measured layouts again with the cost model as it is now and the model's
     cluster file as it is now (the measured figures stay as they were)."""
-    from plait.plan import load_cluster, plan_config
-    from plait.train.config import load_config
-
-    path = ROOT / "docs" / "plan" / f"{name}_measured.json"
-    rows = json.loads(path.read_text())
-    ranked, _ = plan_config(load_config(ROOT / MODELS[name], []), nproc,
-                            load_cluster(str(ROOT / "docs" / "plan" / f"cpu{nproc}-{name}.toml")))
+    path, rows, ranked = saved(name, nproc)
     where = {e.candidate.describe(): (i, e) for i, e in enumerate(ranked)}
     for r in rows:
         i, e = where[r["layout"]]
@@ -72,14 +81,9 @@ def settle(name: str, nproc: int, steps: int, count: int, repeats: int) -> None:
     not by one lucky run (a layout picked for its first run measures slower the next times)."""
     import tempfile
 
-    from plait.plan import load_cluster, plan_config
     from plait.plan.measure import measured
-    from plait.train.config import load_config
 
-    path = ROOT / "docs" / "plan" / f"{name}_measured.json"
-    rows = json.loads(path.read_text())
-    ranked, _ = plan_config(load_config(ROOT / MODELS[name], []), nproc,
-                            load_cluster(str(ROOT / "docs" / "plan" / f"cpu{nproc}-{name}.toml")))
+    path, rows, ranked = saved(name, nproc)
     where = {e.candidate.describe(): e for e in ranked}
     ok = [r for r in rows if "error" not in r]
 
@@ -111,14 +115,9 @@ def remeasure(name: str, nproc: int, steps: int, pattern: str) -> None:
     import tempfile
     import time
 
-    from plait.plan import load_cluster, plan_config
     from plait.plan.measure import measured
-    from plait.train.config import load_config
 
-    path = ROOT / "docs" / "plan" / f"{name}_measured.json"
-    rows = json.loads(path.read_text())
-    ranked, _ = plan_config(load_config(ROOT / MODELS[name], []), nproc,
-                            load_cluster(str(ROOT / "docs" / "plan" / f"cpu{nproc}-{name}.toml")))
+    path, rows, ranked = saved(name, nproc)
     where = {e.candidate.describe(): e for e in ranked}
     todo = [r for r in rows if re.search(pattern, r["layout"])]
     print(f"{name}: {len(todo)} layouts match {pattern!r}", flush=True)
@@ -136,7 +135,7 @@ def remeasure(name: str, nproc: int, steps: int, pattern: str) -> None:
 
 
 def summarize(name: str) -> None:
-    rows = [r for r in json.loads((ROOT / "docs" / "plan" / f"{name}_measured.json").read_text()) if "error" not in r]
+    rows = [r for r in json.loads((PLANS / f"{name}_measured.json").read_text()) if "error" not in r]
     fastest = min(rows, key=lambda r: r["step_s"])
     step = statistics.median(abs(r["step_error"]) for r in rows)
     memory = statistics.median(abs(r["memory_error"]) for r in rows)
