@@ -95,19 +95,25 @@ def test_memory_follows_the_papers_formula(world_name, stage, request):
             assert memory[kind] == per_param * padded, (kind, memory)
 
 
+def sgd_train(module: nn.Module, params, steps: int, attach=lambda optimizer: None) -> None:
+    """SGD with momentum on this rank's share of each step's batch of 8 (all of it in a world of
+    one, or with no process group: the one-process reference)."""
+    opt = torch.optim.SGD(params, lr=0.5, momentum=0.9)
+    attach(opt)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(module(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+        opt.step()
+
+
 def zero_grads_both_ways(stage: int, reduce_scatter: bool):
     """Two SGD steps on each rank's half of a batch; the whole model's parameters afterwards."""
     torch.manual_seed(0)
     zero = Zero(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), stage=stage, reduce_scatter=reduce_scatter)
-    opt = torch.optim.SGD(zero.shard_parameters(), lr=0.5, momentum=0.9)
-    zero.attach(opt)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    for step in range(2):
-        gen = torch.Generator().manual_seed(step)
-        x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(zero(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
-        opt.step()
+    sgd_train(zero, zero.shard_parameters(), 2, zero.attach)
     return zero.full_state_dict()
 
 
@@ -116,28 +122,25 @@ def test_reduce_scatter_and_all_reduce_paths_agree(world2, stage):
     """Gloo all-reduces by default (faster there); NCCL reduce-scatters: both must train alike."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    for step in range(2):
-        gen = torch.Generator().manual_seed(step)
-        x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    sgd_train(model, model.parameters(), 2)
     expected = {k: v.detach() for k, v in model.state_dict().items()}
     for reduce_scatter in (True, False):
         for rank, state in enumerate(world2.run(zero_grads_both_ways, stage, reduce_scatter)):
             assert_close(state, expected, what=f"reduce_scatter={reduce_scatter} rank {rank}: ")
 
 
+def deeper() -> nn.Sequential:
+    """Four layers (ZeRO-3: four units), seeded."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                         nn.Linear(8, 3))
+
+
 def zero_steps(stage: int, bucket_mb: float | None, prefetch: bool, steps: int = 3):
     """SGD with momentum on each rank's half of a batch: (whole model after ``steps``, units,
     prefetched gathers, the most units whole at once at any unit's forward or backward)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-                          nn.Linear(8, 3))
+    model = deeper()
     zero = Zero(model, stage=stage, bucket_mb=bucket_mb, prefetch=prefetch)
-    opt = torch.optim.SGD(zero.shard_parameters(), lr=0.5, momentum=0.9)
-    zero.attach(opt)
     whole = [0]
 
     def count(*_):
@@ -146,27 +149,13 @@ def zero_steps(stage: int, bucket_mb: float | None, prefetch: bool, steps: int =
     for m in model:  # after ZeRO's own hooks: at the start of each unit's forward and backward
         m.register_forward_pre_hook(count)
         m.register_forward_hook(lambda m, args, out: None if out.register_hook(count) else None)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    for step in range(steps):
-        gen = torch.Generator().manual_seed(step)
-        x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(zero(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
-        opt.step()
+    sgd_train(zero, zero.shard_parameters(), steps, zero.attach)
     return zero.full_state_dict(), len(zero.units), zero.prefetched, whole[0]
 
 
 def one_process_steps(steps: int = 3) -> dict:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-                          nn.Linear(8, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    for step in range(steps):
-        gen = torch.Generator().manual_seed(step)
-        x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    model = deeper()
+    sgd_train(model, model.parameters(), steps)
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
