@@ -136,6 +136,18 @@ def test_zero3_without_prefetch_is_planned_with_one_unit_whole():
     assert on["params"] - off["params"] == pytest.approx(max(b.params for b in profile.blocks) * 4, rel=1e-12)
 
 
+def test_zero3_backwards_that_find_the_last_unit_whole():
+    """ZeRO-3 keeps a stage's last unit whole from a forward into a backward that comes right
+    after it: 1F1B's steady state (all but stage s's p - s - 1 warm-up micro-batches), GPipe's first
+    backward only, every backward without a pipeline."""
+    from plait.plan.cost import _kept
+
+    m, p = 8, 4
+    assert [_kept("1f1b", m, p, s) for s in range(p)] == [m - (p - s - 1) for s in range(p)]
+    assert [_kept("zbh1", m, p, s) for s in range(p)] == [m - (p - s - 1) for s in range(p)]
+    assert [_kept("gpipe", m, p, s) for s in range(p)] == [1] * p
+
+
 def test_profile_counts_what_torch_counts():
     """The GPT's profile: FLOPs equal FlopCounterMode's count of the whole model, parameters
     the model's, and each block all-reduces twice forward and twice backward under tp."""

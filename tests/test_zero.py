@@ -138,7 +138,8 @@ def deeper() -> nn.Sequential:
 
 def zero_steps(stage: int, bucket_mb: float | None, prefetch: bool, steps: int = 3):
     """SGD with momentum on each rank's half of a batch: (whole model after ``steps``, units,
-    prefetched gathers, the most units whole at once at any unit's forward or backward)."""
+    prefetched gathers, the most units whole at once at any unit's forward or backward, all
+    gathers)."""
     model = deeper()
     zero = Zero(model, stage=stage, bucket_mb=bucket_mb, prefetch=prefetch)
     whole = [0]
@@ -150,7 +151,8 @@ def zero_steps(stage: int, bucket_mb: float | None, prefetch: bool, steps: int =
         m.register_forward_pre_hook(count)
         m.register_forward_hook(lambda m, args, out: None if out.register_hook(count) else None)
     sgd_train(zero, zero.shard_parameters(), steps, zero.attach)
-    return zero.full_state_dict(), len(zero.units), zero.prefetched, whole[0]
+    gathers = sum(u.gathers for u in zero.units)
+    return zero.full_state_dict(), len(zero.units), zero.prefetched, whole[0], gathers
 
 
 def one_process_steps(steps: int = 3) -> dict:
@@ -164,24 +166,27 @@ def test_buckets_train_like_one_process(world2, stage):
     """Stages 1-2 cut the parameters into buckets, each reduced as soon as its gradients are in,
     and padded on its own; training is unchanged."""
     expected = one_process_steps()
-    for rank, (state, units, _, _) in enumerate(world2.run(zero_steps, stage, 100 * 4 / 2**20, False)):
+    for rank, (state, units, *_) in enumerate(world2.run(zero_steps, stage, 100 * 4 / 2**20, False)):
         assert units == 3, units  # at most 100 floats, backward order: 3+24+8+64, 8+64+8, 48
         assert_close(state, expected, what=f"stage {stage} rank {rank}: ")
 
 
 def test_stage3_prefetches_the_next_unit(world2):
     """Each unit's gather is launched during the pass of the unit before it (forward) or after it
-    (backward), from the second forward on (the first one learns the order); no more than two
-    units are whole at once, and training is unchanged."""
+    (backward), from the second forward on (the first one learns the order); the last unit stays
+    whole from its forward into its backward from the second step on; no more than two units are
+    whole at once, and training is unchanged."""
     expected = one_process_steps()
-    for rank, (state, units, prefetched, whole) in enumerate(world2.run(zero_steps, 3, None, True)):
+    for rank, (state, units, prefetched, whole, gathers) in enumerate(world2.run(zero_steps, 3, None, True)):
         assert units == 4
         # forward: units-1 gathers in steps 2 and 3; backward: units-1 in each of the 3 steps
         assert prefetched == (2 + 3) * (units - 1), prefetched
+        # every unit in each forward, and in each backward but the last unit's in steps 2 and 3
+        assert gathers == 3 * 2 * units - 2, gathers
         assert whole == 2, whole  # this one and the next, never more
         assert_close(state, expected, what=f"rank {rank}: ")
-    for state, _, prefetched, whole in world2.run(zero_steps, 3, None, False):
-        assert prefetched == 0 and whole == 1
+    for state, _, prefetched, whole, gathers in world2.run(zero_steps, 3, None, False):
+        assert prefetched == 0 and whole == 1 and gathers == 3 * 2 * 4 - 2, (prefetched, whole, gathers)
         assert_close(state, expected, what="no prefetch: ")
 
 

@@ -5,6 +5,7 @@
              sliced), so each rank keeps only its slice between steps
     stage 3  and parameters: a unit's parameters are all-gathered just before its forward and its
              backward (the next unit's gather launched meanwhile: prefetch), and freed right after
+             (the forward's last unit stays whole into the backward that starts with it)
 
 Each unit (for stages 1-2 a bucket of parameters, cut by size in backward order; for stage 3 the
 modules given, by default each top-level child; ``plait.parallel.compose`` gives the blocks that
@@ -62,6 +63,8 @@ class _Unit:
         self.pending, self.work, self.fresh = len(params), None, True
         self.gathering: dist.Work | None = None  # an all-gather into ``full`` in flight (a prefetch)
         self.order: int | None = None  # stage 3: its place in the forward order, once it ran
+        self.kept = False  # stage 3: left whole after its forward, for its backward
+        self.gathers = 0  # all-gathers launched into ``full``
 
     def make_shard(self, own_storage: bool) -> None:
         """This rank's slice as the parameter the optimizer trains [S]: a view of the flat buffer
@@ -85,6 +88,7 @@ class _Unit:
         if self.shard_in_full:  # stages 1-2: never gather from memory the gather writes into
             mine = mine.clone()
         self.gathering = all_gather_flat(self.full, mine, self.group, async_op=True)
+        self.gathers += 1
 
     def finish_gather(self) -> None:
         work, self.gathering = self.gathering, None
@@ -169,6 +173,7 @@ class Zero(EndOfBackward, nn.Module):
                 u.module.register_forward_hook(lambda m, args, out, u=u: self._after_forward(u, out))
         self._sync, self._armed = True, False
         self._forward_order: list[_Unit] = []  # stage 3: the units as their forwards first ran
+        self._order_known = False  # stage 3: a whole forward and backward have run
         self.prefetched = 0  # stage 3: gathers that a prefetch had launched before the unit needed them
         self._in_flight: list[_Unit] = []  # units whose gradient reduction was launched, oldest first
         self.peak = {"params": 0, "grads": 0}  # the most held at the end of a backward (stage 2: at each launch)
@@ -204,10 +209,17 @@ class Zero(EndOfBackward, nn.Module):
         return self.module(*args, **kwargs)
 
     def _before_forward(self, u: _Unit) -> None:
-        """Stage 3: the unit whole before its forward; the next unit's gather launched."""
+        """Stage 3: the unit whole before its forward; the next unit's gather launched. A new
+        forward (the first unit's) frees a last unit kept whole for a backward that did not come
+        first, so that no more units are whole than without keeping it."""
         if u.order is None:
             u.order = len(self._forward_order)
             self._forward_order.append(u)
+        if u.order == 0:
+            for kept in self.units:
+                if kept.kept:
+                    kept.kept = False
+                    kept.free_full()
         self._ready(u)
         if self.prefetch:
             self._prefetch(u.order + 1)
@@ -230,18 +242,26 @@ class Zero(EndOfBackward, nn.Module):
     def _after_forward(self, u: _Unit, out) -> None:
         """Stage 3: free the unit, and gather it again when the gradient of its output arrives
         (a hook on the output tensors themselves, which stay the tensors the module returned:
-        a caller may hold on to them, as a pipeline stage does)."""
-        u.free_full()
+        a caller may hold on to them, as a pipeline stage does). The last unit of the forward
+        order (known from the first backward on) stays whole when a backward may follow: its
+        backward comes first, so it would be gathered again at once (one all-gather a pass saved)."""
         if not torch.is_grad_enabled():
+            u.free_full()
             return
+        if self._order_known and u.order == len(self._forward_order) - 1:
+            u.kept = True
+        else:
+            u.free_full()
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 t.register_hook(lambda grad, u=u: self._regather(u, prefetch=self.prefetch))
 
     def _regather(self, u: _Unit, prefetch: bool = False) -> None:
         """The first of its outputs' gradients (every rank alike): ``u`` whole again for its
-        backward, and the unit before it in the forward order launched."""
-        if self._ready(u) and prefetch and u.order is not None:
+        backward (or still whole: kept since its forward), and the unit before it in the forward
+        order launched."""
+        kept, u.kept = u.kept, False
+        if (self._ready(u) or kept) and prefetch and u.order is not None:
             self._prefetch(u.order - 1)
 
     def gather_for(self, params: list[nn.Parameter]) -> None:
@@ -405,7 +425,7 @@ class Zero(EndOfBackward, nn.Module):
         self.peak = {k: max(self.peak[k], now[k]) for k in self.peak}
 
     def _finish(self) -> None:
-        self._armed = False
+        self._armed, self._order_known = False, True
         self._note_peak()
         for u in self.units:
             if u.pending:
@@ -414,7 +434,8 @@ class Zero(EndOfBackward, nn.Module):
             self._settle(self._in_flight.pop(0))
         for u in self.units:
             u.pending, u.fresh = len(u.params), True
-            if u.gathering is not None:  # a prefetch whose unit did not run: its parameters would
+            if u.gathering is not None or u.kept:  # a prefetch whose unit did not run, or a unit
+                u.kept = False  # kept for a backward that did not reach it: its parameters would
                 u.free_full()  # be stale after the optimizer step, so they are not kept
 
     # -- export and accounting ------------------------------------------------------------

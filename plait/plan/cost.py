@@ -124,7 +124,7 @@ def _stages(profile: ModelProfile, pp: int, tp: int) -> list[dict]:
             blocks = profile.blocks[starts[s] : starts[s + 1]]
             held = [bl.params - bl.split_params + bl.split_params / tp for bl in blocks]
             kept = [bl.saved + bl.saved_split / tp for bl in blocks]
-            rows.append({"params": sum(held), "largest": max(held, default=0.0), "ops": sum(bl.ops for bl in blocks),
+            rows.append({"params": sum(held), "largest": max(held, default=0.0), "last": held[-1] if held else 0.0, "ops": sum(bl.ops for bl in blocks),
                          "flops": sum(bl.flops - bl.split_flops + bl.split_flops / tp for bl in blocks),
                          "tp_reduce": sum(bl.tp_reduce for bl in blocks), "tp_gather": sum(bl.tp_gather for bl in blocks),
                          "tp_calls": sum(bl.tp_calls for bl in blocks), "tensors": sum(bl.tensors for bl in blocks),
@@ -190,6 +190,14 @@ def _held(schedule: str, m: int, p: int, s: int) -> int:
     return in_flight(SCHEDULES[schedule](m, p, s))
 
 
+@lru_cache(maxsize=4096)
+def _kept(schedule: str, m: int, p: int, s: int) -> int:
+    """Backward passes of stage s that come right after one of its forwards: ZeRO-3 keeps the
+    last unit whole from a forward into such a backward (one gather fewer)."""
+    actions = SCHEDULES[schedule](m, p, s)
+    return sum(a[0] in "BI" and b[0] == "F" for b, a in zip(actions, actions[1:]))
+
+
 def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candidate) -> Estimate:
     world = c.dp * c.pp * c.tp
     b = work.batch_size / (c.dp * work.accum_steps * c.microbatches)  # samples per micro-batch
@@ -244,8 +252,14 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
                 tensors = st["tensors"]  # on gloo each reduced where autograd left it
                 t_dp = m * k * _behind(dp_link, grad, c.dp, tensors, t_b, cluster.overlap)
                 overlap = cluster.overlap if work.prefetch else 0.0  # without it, each gather waits
-                t_gather = m * k * sum(_prefetched(dp_link, params * 4, c.dp, len(blocks), t, overlap)
-                                       for t in (t_f, t_b))
+                units = len(blocks)
+                forward = _prefetched(dp_link, params * 4, c.dp, units, t_f, overlap)
+                backward = _prefetched(dp_link, params * 4, c.dp, units, t_b, overlap)
+                # a backward right after a forward finds the last unit still whole
+                kept = _kept(c.schedule, m, c.pp, s) if c.pp > 1 else m
+                last = st["last"] if units > 1 else params
+                short = _prefetched(dp_link, (params - last) * 4, c.dp, units - 1, t_b, overlap)
+                t_gather = k * (m * forward + kept * short + (m - kept) * backward)
         # the trainer's own per step: the gradient norm over each split axis (the loss is all-reduced
         # at log steps only, between steps)
         t_step = 0.0
