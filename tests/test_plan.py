@@ -148,6 +148,22 @@ def test_zero3_backwards_that_find_the_last_unit_whole():
     assert [_kept("gpipe", m, p, s) for s in range(p)] == [1] * p
 
 
+def test_zero3_layouts_hold_the_runtime_calibrated_under_zero3(tmp_path):
+    """A cluster file's ``zero3_base_memory_bytes`` is ZeRO-3's runtime memory (plait train returns
+    freed blocks to the system there); every other layout holds ``base_memory_bytes``; without
+    the field ZeRO-3 holds the same as the others."""
+    from plait.plan import plan_config
+    from plait.plan.cluster import load_cluster
+    from plait.train.config import load_config
+
+    cfg = load_config(EXAMPLES / "mlp_10m.toml", [])
+    for zero3 in (1.5e8, None):
+        extra = {} if zero3 is None else {"zero3_base_memory_bytes": zero3}
+        cluster = load_cluster(str(_cluster_file(tmp_path, base_memory_bytes=4e8, **extra)))
+        runtime = {e.candidate.zero: e.memory["runtime"] for e in plan_config(cfg, 4, cluster=cluster)[0]}
+        assert runtime == {0: 4e8, 1: 4e8, 2: 4e8, 3: zero3 or 4e8}, runtime
+
+
 def test_profile_counts_what_torch_counts():
     """The GPT's profile: FLOPs equal FlopCounterMode's count of the whole model, parameters
     the model's, and each block all-reduces twice forward and twice backward under tp."""
@@ -205,6 +221,7 @@ def test_a_model_that_fits_no_layout_says_what_is_short(tmp_path, capsys):
     ({"flops": {"efficiency": 0.5}}, "missing table [flops] with fp32 and/or bf16"),
     ({"overlap": 2}, "overlap must be between 0 and 1, got 2"),
     ({"optimizer_tensor_s": -1e-5}, "optimizer_tensor_s must be >= 0, got -1e-05"),
+    ({"zero3_base_memory_bytes": -1}, "zero3_base_memory_bytes must be >= 0, got -1"),
     ({"microbatch_overhead_s": {"zb": 1e-3}}, "microbatch_overhead_s: expected seconds per schedule (gpipe, 1f1b, zbh1)"),
     ({"bandwith": 1}, "unknown field 'bandwith'"),
 ])
@@ -249,6 +266,7 @@ def test_calibrate_then_measure(tmp_path):
 
     cluster = load_cluster(str(out))
     assert cluster.devices_per_node == 3 and cluster.flops["fp32"] > 0 and cluster.base_memory_bytes > 1e8
+    assert cluster.zero3_base_memory_bytes > 1e8  # linreg trained with ZeRO-3 too
     assert cluster.optimizer_tensor_s > 0  # the trainer's optimizer span is more than linreg's few elements' bytes
     assert cluster.recompute_factor > 0  # the step with the blocks recomputed was measured slower
     assert set(cluster.schedule_overhead_s) == {"gpipe", "1f1b", "zbh1"}  # each schedule's own cost per micro-batch

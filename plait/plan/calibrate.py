@@ -32,9 +32,11 @@ from one minute to the next; one round moved the planner's median error by 7 poi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -256,13 +258,14 @@ def _recompute_factor(model, chain, task, plain: float, xs, ys) -> float:
     return max(again - plain, 0.0) / max(forward, 1e-9)
 
 
-def _trained(config: str, overrides: list[str], cfg, profile, info) -> tuple[float, float]:
-    """A few steps of the config trained data-parallel on every process, the trainer's own code
-    (its start-up, imports, data, process groups, run log, the FLOP/s it measures for MFU):
-    (what a process holds besides its model's tensors: the largest rank's peak resident memory
-    while training less the bytes the cost model counts for that layout's tensors; the slowest
-    rank's optimizer span per step). Where the batch does not split over every process: the
-    memory after the trainer's imports and a plot (``_imported_memory``), and no span (0)."""
+def _trained(config: str, overrides: list[str], cfg, profile, info, zero: int = 0) -> tuple[float, float]:
+    """A few steps of the config trained data-parallel on every process (with ZeRO stage
+    ``zero``), the trainer's own code (its start-up, imports, data, process groups, run log, the
+    FLOP/s it measures for MFU): (what a process holds besides its model's tensors: the largest
+    rank's peak resident memory while training less the bytes the cost model counts for that
+    layout's tensors; the slowest rank's optimizer span per step). Where the batch does not
+    split over every process: the memory after the trainer's imports and a plot
+    (``_imported_memory``), and no span (0)."""
     import tempfile
 
     from plait.plan import workload
@@ -278,7 +281,7 @@ def _trained(config: str, overrides: list[str], cfg, profile, info) -> tuple[flo
     steps = 8  # logged every 4: the figures of the last 4, the first (the optimizer's state made) left out
     peak = span = 0.0
     with tempfile.TemporaryDirectory(prefix="plait-calibrate-") as tmp:
-        sets = [*overrides, *QUIET, f"parallel.dp={world}", "parallel.pp=1", "parallel.tp=1", "parallel.zero=0",
+        sets = [*overrides, *QUIET, f"parallel.dp={world}", "parallel.pp=1", "parallel.tp=1", f"parallel.zero={zero}",
                 f"train.steps={steps}", f"run.log_every={steps // 2}", f'run.out_dir="{tmp}"', 'run.name="calibrate"']
         trainer = Trainer(load_config(config, sets), info)
         trainer.fit()
@@ -288,8 +291,26 @@ def _trained(config: str, overrides: list[str], cfg, profile, info) -> tuple[flo
     got = torch.tensor([peak, span], dtype=torch.float64)
     dist.all_reduce(got, op=dist.ReduceOp.MAX)  # rank 0's, on every rank
     nothing = Cluster("", world, 1.0, {"fp32": 1.0}, Link(0.0, 1.0), Link(0.0, 1.0))
-    counted = estimate(profile, nothing, workload(cfg), Candidate(world, 1, 1)).memory_bytes
+    counted = estimate(profile, nothing, workload(cfg), Candidate(world, 1, 1, zero=zero)).memory_bytes
     return max(got[0].item() - counted, 0.0), got[1].item()
+
+
+def _zero3_base(config: str, overrides: list[str], cfg, profile, info) -> float | None:
+    """What a ZeRO-3 process holds besides its model's tensors: on glibc less than data
+    parallelism's, as ``plait train`` has freed blocks of 4 MiB and more go back to the system
+    for ZeRO-3 (``return_freed_memory``) while data parallelism's heap keeps the gradients it
+    freed. The config trained a few steps with ZeRO-3 on every process, in processes of their
+    own (the peak resident memory and the allocator's threshold last as long as the process).
+    None where the model cannot run ZeRO-3 (weights tied across its blocks, no blocks) or the
+    batch does not split over every process."""
+    from plait.errors import PlaitError
+
+    if info.world_size < 2 or cfg.train.batch_size % (info.world_size * cfg.train.accum_steps):
+        return None
+    try:
+        return _trained(config, overrides, cfg, profile, info, zero=3)[0]
+    except PlaitError:  # the same check fails on every rank, before any collective of the run
+        return None
 
 
 def _imported_memory(cfg) -> float:
@@ -356,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--zero3-only", action="store_true", help="only ZeRO-3's runtime memory, as JSON to OUTPUT")
+    parser.add_argument("--zero3-from", help="ZeRO-3's runtime memory, from a --zero3-only run")
     args = parser.parse_args(argv)
     from plait.distributed.env import init, shutdown
     from plait.train.config import load_config
@@ -366,13 +389,24 @@ def main(argv: list[str] | None = None) -> int:
     from plait.plan.profile import profile_config
 
     profile, _ = profile_config(cfg)  # the model on the meta device: the same every round
+    if args.zero3_only:
+        zero3 = _zero3_base(args.config, args.overrides, cfg, profile, info)
+        if rank == 0:
+            with open(args.output, "w") as f:
+                json.dump(zero3, f)
+        shutdown()
+        return 0
     base, trained = _trained(args.config, args.overrides, cfg, profile, info)  # first: nothing else measured has run yet
     rounds = [(_compute(cfg, profile, rank, world, trained), _links(rank, world, dist.get_backend()) if world > 1 else {},
                _pipeline_overhead(rank, world) if world > 1 else {}) for _ in range(args.rounds)]
     (rate, op_cost, fetch, bandwidth, per_tensor, recompute), links, per_micro = _median(rounds)
+    zero3 = None
+    if args.zero3_from:
+        with open(args.zero3_from) as f:
+            zero3 = json.load(f)
     if rank == 0:
-        write(args.output, world, rate, op_cost, base, fetch, (bandwidth, per_tensor), links, args.config, per_micro,
-              recompute)
+        write(args.output, world, rate, op_cost, (base, zero3), fetch, (bandwidth, per_tensor), links, args.config,
+              per_micro, recompute)
     shutdown()
     return 0
 
@@ -387,10 +421,15 @@ def _median(rounds):
     return statistics.median(rounds)
 
 
-def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch: float, optimizer: tuple,
+def write(path: str, world: int, rate: float, op_cost: float, base: tuple, fetch: float, optimizer: tuple,
           links: dict, config: str, per_micro: dict, recompute: float = 1.0) -> None:
-    """``optimizer``: (bytes per second streamed, fixed seconds per tensor)."""
+    """``base``: (a process's runtime memory, the same under ZeRO-3); ``optimizer``: (bytes per
+    second streamed, fixed seconds per tensor)."""
     bandwidth, per_tensor = optimizer
+    base, zero3 = base
+    zero3_line = (f"zero3_base_memory_bytes = {zero3:.4g}  # the same with ZeRO-3 (freed blocks of 4 MiB and more "
+                  "returned; its own processes)" if zero3 is not None
+                  else "# zero3_base_memory_bytes: not measured (the model or batch does not run ZeRO-3 here)")
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     cores = os.cpu_count() or 1
     when = time.strftime("%Y-%m-%d %H:%M")
@@ -400,6 +439,7 @@ def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch
              f"devices_per_node = {world}",
              f"memory_bytes = {pages / world:.4g}          # the host's memory shared by the processes",
              f"base_memory_bytes = {base:.4g}     # a training process besides its model's tensors (dp={world}, a few steps)",
+             zero3_line,
              f"memory_bandwidth = {bandwidth:.4g}      # the optimizer step (and clip) on the model's elements, flat (at least 1M)",
              f"optimizer_tensor_s = {per_tensor:.4g}   # and per tensor: the trainer's own span (dp={world}) beyond its bytes",
              f"op_overhead_s = {op_cost:.4g}         # fitted with the rate below on the model's blocks, less the weights' reads",
@@ -434,9 +474,13 @@ def calibrate(config: str, overrides: list[str], nproc: int, output: str, rounds
     from plait.train.config import load_config
 
     load_config(config, overrides)  # a bad config: one line before any process starts
-    module_args = [config, os.path.abspath(output), "--rounds", str(rounds)] + [a for o in overrides
-                                                                                for a in ("--set", o)]
-    launch(LaunchSpec(nproc=nproc, run_id="calibrate", module="plait.plan.calibrate", module_args=module_args))
+    sets = [a for o in overrides for a in ("--set", o)]
+    with tempfile.TemporaryDirectory(prefix="plait-calibrate-") as tmp:
+        zero3 = os.path.join(tmp, "zero3.json")
+        launch(LaunchSpec(nproc=nproc, run_id="calibrate-zero3", module="plait.plan.calibrate",
+                          module_args=[config, zero3, "--zero3-only", *sets]))
+        module_args = [config, os.path.abspath(output), "--rounds", str(rounds), "--zero3-from", zero3, *sets]
+        launch(LaunchSpec(nproc=nproc, run_id="calibrate", module="plait.plan.calibrate", module_args=module_args))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     devices_per_node = 8
     memory_bytes = 80e9          # per device: what the model may use
     base_memory_bytes = 0        # held by every process besides the model (a CPU process's runtime)
+    zero3_base_memory_bytes = 0  # the same under ZeRO-3 (default: base_memory_bytes)
     memory_bandwidth = 2.0e12    # bytes/s, what an optimizer step streams at
     optimizer_tensor_s = 0.0     # the optimizer step's fixed cost per parameter tensor it updates
     op_overhead_s = 5e-6         # fixed cost of each dispatched operation (launch, Python)
@@ -88,6 +89,9 @@ class Cluster:
     intra: Link
     inter: Link
     base_memory_bytes: float = 0.0
+    zero3_base_memory_bytes: float | None = None
+    """A process's runtime under ZeRO-3, where ``plait train`` returns freed blocks of 4 MiB and
+    more to the system (glibc; None: ``base_memory_bytes``)."""
     memory_bandwidth: float = 1e12
     optimizer_tensor_s: float = 0.0
     """The optimizer step's fixed cost per parameter tensor (a per-tensor loop's operations, and
@@ -167,7 +171,8 @@ def _overheads(data: dict, where: str) -> dict:
     return {"microbatch_overhead_s": min(each.values()), "schedule_overhead_s": each}
 
 
-FIELDS = {"name", "devices_per_node", "cores", "memory_bytes", "base_memory_bytes", "memory_bandwidth",
+FIELDS = {"name", "devices_per_node", "cores", "memory_bytes", "base_memory_bytes", "zero3_base_memory_bytes",
+          "memory_bandwidth",
           "optimizer_tensor_s", "op_overhead_s",
           "step_overhead_s", "microbatch_overhead_s", "recompute_factor", "overlap", "flops", "intra", "inter"}
 
@@ -197,6 +202,8 @@ def parse_cluster(data: dict, where: str) -> Cluster:
         memory_bytes=_number(data, "memory_bytes", where), flops=rates,
         intra=_link(data, "intra", where), inter=_link(data, "inter", where),
         base_memory_bytes=_number(data, "base_memory_bytes", where, positive=False, default=0.0),
+        zero3_base_memory_bytes=(_number(data, "zero3_base_memory_bytes", where, positive=False)
+                                 if "zero3_base_memory_bytes" in data else None),
         memory_bandwidth=_number(data, "memory_bandwidth", where, default=1e12),
         optimizer_tensor_s=_number(data, "optimizer_tensor_s", where, positive=False, default=0.0),
         op_overhead_s=_number(data, "op_overhead_s", where, positive=False, default=0.0),

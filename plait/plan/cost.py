@@ -287,7 +287,8 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
             "activations": saved_peak,
             "buffers": (sent * 2 + (min(grad, work.bucket_mb * 2**20) if c.precision == "bf16" else 0)
                         + (2 * params * 2 if c.precision == "bf16" else 0)),
-            "runtime": cluster.base_memory_bytes,
+            "runtime": cluster.base_memory_bytes if c.zero < 3 or cluster.zero3_base_memory_bytes is None
+            else cluster.zero3_base_memory_bytes,
         }
         time = {
             "compute": (t_f + t_b) * m * k,
