@@ -222,8 +222,9 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
         reads = params * (2 if c.precision == "bf16" else 4) / cluster.memory_bandwidth  # the weights, per pass
         t_f = flops / rate + ops * cluster.op_overhead_s + reads
         t_b = flops * profile.backward_ratio / rate + ops * profile.backward_ops_ratio * cluster.op_overhead_s + 2 * reads
-        if c.recompute:  # the forward again, and what the checkpoint's bookkeeping costs (calibrated)
-            t_b += cluster.recompute_factor * t_f
+        if c.recompute:  # the forward again, and what the checkpoint's bookkeeping costs (calibrated);
+            # ZB-H1 recomputes for its input pass and again for its weight pass
+            t_b += cluster.recompute_factor * t_f * (2 if c.schedule == "zbh1" and c.pp > 1 else 1)
         tp_bytes = st["tp_reduce"] * b * act_scale
         tp_gather = st["tp_gather"] * b * act_scale
         tp_calls = st["tp_calls"]

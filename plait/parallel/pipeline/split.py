@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd.graph import GradientEdge, Node
 
+from plait.parallel import recompute
+
 
 def _node(t: torch.Tensor) -> Node | None:
     """The node a tensor's gradient enters: its grad_fn, or a leaf's gradient accumulator."""
@@ -52,7 +54,13 @@ class WeightGradients:
 
     def backward(self, before=None) -> None:
         """Accumulate the parameters' gradients into ``.grad`` (their hooks run as in any backward);
-        ``before(params)`` first, for each autograd call (ZeRO-3 gathers what it will read)."""
+        ``before(params)`` first, for each autograd call (ZeRO-3 gathers what it will read).
+        A recomputed block (``train.recompute``) is recomputed once for all the calls."""
+        with recompute.shared():
+            self._backward(before)
+        self._groups, self._kept = [], {}
+
+    def _backward(self, before) -> None:
         for k, group in enumerate(self._groups):
             edges, grads, pins = [], [], []
             for root, grad in group.roots:
@@ -79,7 +87,6 @@ class WeightGradients:
             finally:
                 for pin in pins:
                     pin.remove()
-        self._groups, self._kept = [], {}
 
 
 def backward_input(outputs: tuple[torch.Tensor, ...], grads: tuple[torch.Tensor, ...] | None,
@@ -146,8 +153,9 @@ def backward_input(outputs: tuple[torch.Tensor, ...], grads: tuple[torch.Tensor,
     try:
         found = [None] * len(wanted)
         if first_pass and wanted:
-            found = list(torch.autograd.grad([o for o, _ in first_pass], wanted, [g for _, g in first_pass],
-                                             retain_graph=True, allow_unused=True))
+            with recompute.shared():  # what recomputation saved is not kept until the weight pass
+                found = list(torch.autograd.grad([o for o, _ in first_pass], wanted, [g for _, g in first_pass],
+                                                 retain_graph=True, allow_unused=True))
     finally:
         for hook in hooks:
             hook.remove()
