@@ -63,7 +63,6 @@ class _Unit:
         self.pending, self.work, self.fresh = len(params), None, True
         self.gathering: dist.Work | None = None  # an all-gather into ``full`` in flight (a prefetch)
         self.order: int | None = None  # stage 3: its place in the forward order, once it ran
-        self.kept = False  # stage 3: left whole after its forward, for its backward
         self.gathers = 0  # all-gathers launched into ``full``
 
     def make_shard(self, own_storage: bool) -> None:
@@ -174,6 +173,7 @@ class Zero(EndOfBackward, nn.Module):
         self._sync, self._armed = True, False
         self._forward_order: list[_Unit] = []  # stage 3: the units as their forwards first ran
         self._order_known = False  # stage 3: a whole forward and backward have run
+        self._kept: _Unit | None = None  # stage 3: the last unit, left whole after its forward for its backward
         self.prefetched = 0  # stage 3: gathers that a prefetch had launched before the unit needed them
         self._in_flight: list[_Unit] = []  # units whose gradient reduction was launched, oldest first
         self.peak = {"params": 0, "grads": 0}  # the most held at the end of a backward (stage 2: at each launch)
@@ -216,10 +216,7 @@ class Zero(EndOfBackward, nn.Module):
             u.order = len(self._forward_order)
             self._forward_order.append(u)
         if u.order == 0:
-            for kept in self.units:
-                if kept.kept:
-                    kept.kept = False
-                    kept.free_full()
+            self._drop_kept()
         self._ready(u)
         if self.prefetch:
             self._prefetch(u.order + 1)
@@ -249,7 +246,7 @@ class Zero(EndOfBackward, nn.Module):
             u.free_full()
             return
         if self._order_known and u.order == len(self._forward_order) - 1:
-            u.kept = True
+            self._kept = u
         else:
             u.free_full()
         for t in out if isinstance(out, (tuple, list)) else (out,):
@@ -260,7 +257,9 @@ class Zero(EndOfBackward, nn.Module):
         """The first of its outputs' gradients (every rank alike): ``u`` whole again for its
         backward (or still whole: kept since its forward), and the unit before it in the forward
         order launched."""
-        kept, u.kept = u.kept, False
+        kept = self._kept is u
+        if kept:
+            self._kept = None
         if (self._ready(u) or kept) and prefetch and u.order is not None:
             self._prefetch(u.order - 1)
 
@@ -420,6 +419,11 @@ class Zero(EndOfBackward, nn.Module):
             u.grad_full, u.reduced = None, None
         u.work = None
 
+    def _drop_kept(self) -> None:
+        if self._kept is not None:
+            self._kept.free_full()
+            self._kept = None
+
     def _note_peak(self) -> None:
         now = self.memory()
         self.peak = {k: max(self.peak[k], now[k]) for k in self.peak}
@@ -434,9 +438,9 @@ class Zero(EndOfBackward, nn.Module):
             self._settle(self._in_flight.pop(0))
         for u in self.units:
             u.pending, u.fresh = len(u.params), True
-            if u.gathering is not None or u.kept:  # a prefetch whose unit did not run, or a unit
-                u.kept = False  # kept for a backward that did not reach it: its parameters would
+            if u.gathering is not None:  # a prefetch whose unit did not run: its parameters would
                 u.free_full()  # be stale after the optimizer step, so they are not kept
+        self._drop_kept()  # nor a unit kept for a backward that did not reach it
 
     # -- export and accounting ------------------------------------------------------------
     @contextmanager

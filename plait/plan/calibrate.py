@@ -400,13 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     rounds = [(_compute(cfg, profile, rank, world, trained), _links(rank, world, dist.get_backend()) if world > 1 else {},
                _pipeline_overhead(rank, world) if world > 1 else {}) for _ in range(args.rounds)]
     (rate, op_cost, fetch, bandwidth, per_tensor, recompute), links, per_micro = _median(rounds)
-    zero3 = None
-    if args.zero3_from:
-        with open(args.zero3_from) as f:
-            zero3 = json.load(f)
     if rank == 0:
-        write(args.output, world, rate, op_cost, (base, zero3), fetch, (bandwidth, per_tensor), links, args.config,
-              per_micro, recompute)
+        zero3 = None
+        if args.zero3_from:
+            with open(args.zero3_from) as f:
+                zero3 = json.load(f)
+        write(args.output, world, rate, op_cost, base, fetch, (bandwidth, per_tensor), links, args.config, per_micro,
+              recompute, zero3)
     shutdown()
     return 0
 
@@ -421,12 +421,11 @@ def _median(rounds):
     return statistics.median(rounds)
 
 
-def write(path: str, world: int, rate: float, op_cost: float, base: tuple, fetch: float, optimizer: tuple,
-          links: dict, config: str, per_micro: dict, recompute: float = 1.0) -> None:
-    """``base``: (a process's runtime memory, the same under ZeRO-3); ``optimizer``: (bytes per
-    second streamed, fixed seconds per tensor)."""
+def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch: float, optimizer: tuple,
+          links: dict, config: str, per_micro: dict, recompute: float = 1.0, zero3: float | None = None) -> None:
+    """``optimizer``: (bytes per second streamed, fixed seconds per tensor); ``zero3``: the runtime
+    memory of a ZeRO-3 process (None: not measured)."""
     bandwidth, per_tensor = optimizer
-    base, zero3 = base
     zero3_line = (f"zero3_base_memory_bytes = {zero3:.4g}  # the same with ZeRO-3 (freed blocks of 4 MiB and more "
                   "returned; its own processes)" if zero3 is not None
                   else "# zero3_base_memory_bytes: not measured (the model or batch does not run ZeRO-3 here)")

@@ -124,7 +124,8 @@ def _stages(profile: ModelProfile, pp: int, tp: int) -> list[dict]:
             blocks = profile.blocks[starts[s] : starts[s + 1]]
             held = [bl.params - bl.split_params + bl.split_params / tp for bl in blocks]
             kept = [bl.saved + bl.saved_split / tp for bl in blocks]
-            rows.append({"params": sum(held), "largest": max(held, default=0.0), "last": held[-1] if held else 0.0, "ops": sum(bl.ops for bl in blocks),
+            rows.append({"params": sum(held), "largest": max(held, default=0.0), "last": held[-1] if held else 0.0,
+                         "ops": sum(bl.ops for bl in blocks),
                          "flops": sum(bl.flops - bl.split_flops + bl.split_flops / tp for bl in blocks),
                          "tp_reduce": sum(bl.tp_reduce for bl in blocks), "tp_gather": sum(bl.tp_gather for bl in blocks),
                          "tp_calls": sum(bl.tp_calls for bl in blocks), "tensors": sum(bl.tensors for bl in blocks),
