@@ -65,13 +65,15 @@ def test_top_k_sends_plus_holds_back_exactly_what_each_rank_had(world2):
     assert torch.equal(results[1]["sum"], results[0]["sum"])
 
 
-def test_power_sgd_approximation_plus_residuals_is_the_sum(world2):
+@pytest.mark.parametrize("rank_r", [2, 5], ids=["r2-outer-products", "r5-matmul"])
+def test_power_sgd_approximation_plus_residuals_is_the_sum(rank_r, world2):
     """PowerSGD: the residuals plus the approximation add up to what the ranks had. Each residual
     is M_r - A/2, one subtraction rounding (<= EPS |residual|) after a halving (exact); adding
     the two residuals and A rounds twice more: |sum of residuals + A - sum of M| <= 4 EPS
     (|M_0| + |M_1| + |A|) elementwise. Tensors that do not shrink go whole (residual zero, the
-    sum exact), and the result is the same on both ranks."""
-    results = world2.run(one_reduction, "powersgd", 2, False)
+    sum exact), and the result is the same on both ranks. r = 2 forms the approximation as outer
+    products, r = 5 as a matrix product."""
+    results = world2.run(one_reduction, "powersgd", rank_r, False)
     a, b = results
     assert a["compressed"] == [0, 2]  # the linear and the conv; the biases and the 7x5 matrix go whole
     assert torch.equal(a["sum"], b["sum"])
@@ -198,3 +200,23 @@ def test_refused_with_the_parameter_server():
 
     with pytest.raises(ConfigError, match="parallel.compress: not available with parallel.strategy = 'ps'"):
         load_config(EXAMPLES / "linreg.toml", ["parallel.strategy=ps", "parallel.compress=topk"])
+
+
+def test_the_k_largest_are_found_as_topk_finds_them():
+    """The sampled threshold is a shortcut, never an approximation: the values selected are
+    exactly ``torch.topk``'s, on a typical sample and on one drawn from the largest values only
+    (its threshold then clears fewer than k, and the whole tensor is searched)."""
+    from plait.parallel.compress import largest, largest_above
+
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(200_000, generator=gen).abs()
+    k = 2_000
+    expected = torch.topk(values, k).values
+    found = largest(values, k, 8192, torch.Generator().manual_seed(1))
+    assert found.unique().numel() == k
+    assert torch.equal(values[found].sort(descending=True).values, expected)
+    biased = expected[:500]  # a sample of the largest only: its threshold lies above the k-th
+    found = largest_above(values, k, biased)
+    assert torch.equal(values[found].sort(descending=True).values, expected)
+    ties = torch.zeros(200_000)  # all equal: every value clears the threshold
+    assert largest(ties, k, 8192, torch.Generator().manual_seed(1)).unique().numel() == k

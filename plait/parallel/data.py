@@ -234,6 +234,9 @@ class DataParallel(EndOfBackward, nn.Module):
                 bucket.work = dist.all_reduce(sent, group=self.group, async_op=True)
 
     def _wait_launched(self) -> None:
+        for bucket in self._buckets:  # every compressed bucket's second round in flight at once
+            if bucket.compressed:
+                bucket.codec.exchange(bucket.buffer)
         for k, bucket in enumerate(self._buckets):
             if bucket.compressed:
                 bucket.codec.finish(bucket.buffer)

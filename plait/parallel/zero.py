@@ -434,6 +434,9 @@ class Zero(EndOfBackward, nn.Module):
         for u in self.units:
             if u.pending:
                 raise PlaitError(f"rank {dist.get_rank()}: ZeRO: {u.pending} parameters got no gradient in this backward")
+        for u in self._in_flight:  # every compressed unit's second round in flight at once
+            if u.compressed:
+                u.codec.exchange(u.grad_full[: u.numel])
         while self._in_flight:
             self._settle(self._in_flight.pop(0))
         for u in self.units:
