@@ -138,23 +138,24 @@ def test_cut_points():
         cut_points(blocks, 3, cuts=[5, 2])
 
 
-def _batch(step: int):
+def _batch(step: int, sizes: list[int] | None = None):
     gen = torch.Generator().manual_seed(100 + step)
-    return torch.randn(16, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    n = sizes[step] if sizes else 16
+    return torch.randn(n, 8, generator=gen), torch.randint(0, 3, (n,), generator=gen)
 
 
-def reference_training(steps: int):
+def reference_training(steps: int, sizes: list[int] | None = None):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for step in range(steps):
-        x, y = _batch(step)
+        x, y = _batch(step, sizes)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
     return dict(model.named_parameters())
 
 
-def pipeline_training(steps: int, microbatches: int, schedule: str, v: int = 1):
+def pipeline_training(steps: int, microbatches: int, schedule: str, v: int = 1, sizes: list[int] | None = None):
     """Every rank is one stage (of v chunks: pieces s, s + p, ... of the model cut in p * v);
     returns its parameters (named as in the whole model)."""
     p, s = dist.get_world_size(), dist.get_rank()
@@ -167,7 +168,7 @@ def pipeline_training(steps: int, microbatches: int, schedule: str, v: int = 1):
     opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
     losses = []
     for step in range(steps):
-        x, y = _batch(step)
+        x, y = _batch(step, sizes)
         opt.zero_grad()
         loss = stage.step(x, y, microbatches, schedule)
         losses.append(None if loss is None else loss.item())
@@ -218,6 +219,21 @@ def test_interleaved_pipeline_training_equals_one_process(world_name, schedule, 
     events = json.loads(write_chrome_trace(traces, tmp_path / "trace.json").read_text())["traceEvents"]
     assert {e["name"] for e in events if e.get("ph") == "X"} == {f"{k}{i}.{c}" for k in "FB" for i in range(microbatches)
                                                                 for c in range(v)}
+
+
+@pytest.mark.parametrize("schedule, v", [("1f1b", 1), ("zbh1", 1), ("1f1b", 2)], ids=["1f1b", "zbh1", "1f1b-v2"])
+def test_batches_of_changing_size_between_steps(schedule, v, world2):
+    """A step's first activations are received as shaped the step before (a receive posted
+    before their header is read); where the batch changed, the sender's filler takes that
+    receive and the real ones follow: training still equals one process. Sizes 16 -> 8 (changed),
+    8 (as predicted), 16, 12 (changed again); v = 2 sends both ways over one link."""
+    sizes = [16, 8, 8, 16, 12]
+    expected = {n: q.detach() for n, q in reference_training(5, sizes).items()}
+    results = world2.run(pipeline_training, 5, 2, schedule, v, sizes)
+    merged = {}
+    for params, *_ in results:
+        merged.update(params)
+    assert_close(merged, expected)
 
 
 def check_mismatched_stages():

@@ -140,7 +140,10 @@ class PipelineStage:
         self.trace.append(("F", i, start - self.t0, time.perf_counter() - self.t0, c))
         if not end:
             link = self._link(piece + 1)
-            link.send(out, encode_header(out) if i == 0 else None)
+            if i == 0:
+                link.send_first(out, c)
+            else:
+                link.send(out)
             link.known(("G", c, i), [(o.dtype, tuple(o.shape)) for o in out if o.is_floating_point()])
         self._saved[(i, c)] = (inputs, out)
         self.max_in_flight = max(self.max_in_flight, len(self._saved))
