@@ -5,8 +5,8 @@ shape of each tensor), so shapes are learned at run time; gradients flow back wi
 sent forward. From the second step on, the receiver posts the first activations' receive with
 the shapes of the step before, beside the header's, instead of after reading it (a receive posted
 only then cost two transport round trips on busy cores, 3-4 ms of a 60 ms step, all of it
-bubble); a sender whose shapes changed first sends a filler of the old shapes into it. Sends are non-blocking (a stage never waits for its neighbour to take a message).
-In a step, a stage knows from the schedule every message each neighbour will send it, in the
+bubble); a sender whose shapes changed first sends a filler of the old shapes into it. Sends
+are non-blocking (a stage never waits for its neighbour to take a message). In a step, a stage knows from the schedule every message each neighbour will send it, in the
 order it sends them (``Link.expect``); it posts the receives in that order, each as soon as its
 shape is known, so a message lands while the stage computes, and messages of either direction
 and any chunk share one link without tags (so the same runs on gloo and NCCL). Taking one
