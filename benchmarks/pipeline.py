@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, bubble_fraction, cut_points
-from plait.parallel.pipeline.trace import ideal_bubble, measured_bubble
+from plait.parallel.pipeline.trace import aligned, ideal_bubble, measured_bubble
 from plait.testing import World
 
 BATCH, WIDTH = 64, 1024
@@ -98,8 +98,9 @@ def time_steps(impl: str, name: str, m: int, warmup: int, steps: int) -> tuple[f
             times.append(elapsed.item())
     bubble = None
     if impl == "plait":
-        traces = [None, None]
-        dist.all_gather_object(traces, stage.trace)
+        stamped = [None, None]
+        dist.all_gather_object(stamped, stage.stamped_trace())
+        traces = aligned(stamped)
         bubble = measured_bubble(traces), ideal_bubble(traces, schedule)
     return statistics.median(times), bubble
 

@@ -345,3 +345,19 @@ def test_tuple_activations_with_integer_tensors(world2, schedule):
     for grads in world2.run(tuple_pipeline, 4, schedule):
         got.update(grads)
     assert_close(got, expected)
+
+
+def test_traces_align_on_one_host_only():
+    """Stages that entered a step 2 ms apart: on one host their traces shift onto the earliest
+    origin (the step then spans from the first start to the last end on one clock); across
+    hosts, whose clocks are not comparable, they stay on their own."""
+    from plait.parallel.pipeline.trace import aligned
+
+    early = [("F", 0, 0.0, 0.010, 0), ("B", 0, 0.030, 0.050, 0)]
+    late = [("F", 0, 0.008, 0.018, 0), ("B", 0, 0.040, 0.050, 0)]  # its own origin 2 ms later
+    same = aligned([("a", 5.000, early), ("a", 5.002, late)])
+    assert same[0] == early
+    assert [k for k, *_ in same[1]] == ["F", "B"]  # times to the rounding of 5.002 - 5.000
+    assert [t for _, _, b, e, _ in same[1] for t in (b, e)] == pytest.approx([0.010, 0.020, 0.042, 0.052], abs=1e-12)
+    assert measured_bubble(same) > measured_bubble([early, late])  # the step spans 52 ms, not 50
+    assert aligned([("a", 5.000, early), ("b", 5.002, late)]) == [early, late]

@@ -31,7 +31,7 @@ from plait.observe.trace import write_run_trace
 from plait.parallel.compose import Layout, parallelize
 from plait.parallel.materialize import build_deferred, is_meta
 from plait.parallel.pipeline.schedules import bubble_fraction
-from plait.parallel.pipeline.trace import ideal_bubble, measured_bubble, plot_timeline, write_chrome_trace
+from plait.parallel.pipeline.trace import aligned, ideal_bubble, measured_bubble, plot_timeline, write_chrome_trace
 from plait.train.checkpoint import Checkpointer, read_manifest
 from plait.train.config import Config, TrainConfig
 from plait.train.metrics import RunLog
@@ -331,8 +331,9 @@ class Trainer:
 
     def _write_trace(self) -> dict:
         """Gather every stage's timeline of this step; rank 0 writes the trace and the plot."""
-        traces = [None] * self.pp
-        dist.all_gather_object(traces, self.parallel.pipe.trace, group=self.mesh.group("pp"))
+        stamped = [None] * self.pp
+        dist.all_gather_object(stamped, self.parallel.pipe.stamped_trace(), group=self.mesh.group("pp"))
+        traces = aligned(stamped)
         m, p, schedule, v = self.cfg.pipeline.microbatches, self.pp, self.cfg.pipeline.schedule, self.cfg.pipeline.virtual
         report = {"pipeline_schedule": schedule, "pipeline_microbatches": m, "pipeline_virtual": v,
                   "bubble_measured": measured_bubble(traces), "bubble_theory": bubble_fraction(m, p, schedule, v),

@@ -11,6 +11,7 @@ stages v times, the last stage sending chunk c's output to the first stage's chu
 
 from __future__ import annotations
 
+import socket
 import time
 from contextlib import nullcontext
 
@@ -122,6 +123,10 @@ class PipelineStage:
             for link in self.links.values():
                 link.flush()
         return torch.stack(self._losses).sum() if self.last else None
+
+    def stamped_trace(self) -> tuple[str, float, list]:
+        """The last step's trace with its host and origin, for ``trace.aligned``."""
+        return socket.gethostname(), self.t0, self.trace
 
     def _forward(self, i: int, c: int, x, y, scale: float) -> None:
         piece = self._piece(c)

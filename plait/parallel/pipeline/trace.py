@@ -13,6 +13,19 @@ KINDS = {"F": ("forward", "#8ecae6"), "B": ("backward", "#219ebc"), "I": ("input
          "W": ("weight gradient", "#ffb703")}
 
 
+def aligned(stamped: list[tuple[str, float, Trace]]) -> list[Trace]:
+    """The stages' traces on one clock, from each stage's (host, origin, trace), its times
+    counted from ``origin`` (``time.perf_counter``, the host's monotonic clock). The stages
+    enter a step up to ~3 ms apart here, as much as a traced pass: on one host the traces shift
+    by their origins' differences; across hosts the clocks are not comparable and each trace
+    stays on its own origin (the step's start)."""
+    if len({host for host, _, _ in stamped}) > 1:
+        return [trace for _, _, trace in stamped]
+    first = min(origin for _, origin, _ in stamped)
+    return [[(k, i, b + shift, e + shift, c) for k, i, b, e, c in trace]
+            for shift, trace in ((origin - first, trace) for _, origin, trace in stamped)]
+
+
 def measured_bubble(traces: list[Trace]) -> float:
     """Mean over stages of the idle share of the step (from the first start to the last end)."""
     start = min(t[2] for trace in traces for t in trace)
