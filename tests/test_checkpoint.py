@@ -435,3 +435,28 @@ def test_async_checkpoints_resume_bitwise_exact(world2, uninterrupted, tmp_path)
     for name in expected_params:
         assert torch.equal(params[name], expected_params[name]), name
     assert losses == expected_losses
+
+
+def gather_between_ranks(payload_kind: str):
+    import torch.distributed as dist
+
+    from plait.distributed.comm import all_gather_data
+
+    rank = dist.get_rank()
+    if payload_kind == "data":  # ranks of different lengths, non-ASCII text, nested containers
+        return all_gather_data({"rank": rank, "name": "é" * (3 * rank + 1), "span": (1, 2.5), "none": None}, "test")
+    try:  # what only a pickle could carry is refused on the sending rank, before anything is sent
+        all_gather_data(torch.zeros(1), "test")
+    except TypeError as exc:
+        return str(exc)
+    return "sent"
+
+
+def test_what_ranks_gather_is_data_never_a_pickle(world2):
+    """The manifest's file records, the cut check's errors and the traces travel between ranks
+    as JSON (``all_gather_data``), not as pickles: what a peer sends cannot run code here."""
+    got = world2.run(gather_between_ranks, "data")
+    expected = [{"rank": r, "name": "é" * (3 * r + 1), "span": [1, 2.5], "none": None} for r in range(2)]
+    assert got == [expected, expected]
+    refused = world2.run(gather_between_ranks, "tensor")
+    assert all("not JSON serializable" in r for r in refused)

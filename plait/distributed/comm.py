@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 
@@ -112,3 +113,22 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], src_group_rank: int, grou
         for t in same:
             t.data.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+def all_gather_data(obj, what: str, group=None) -> list:
+    """Every rank's ``obj``, in rank order: plain data (None, booleans, numbers, strings, lists,
+    dicts with string keys; tuples come back as lists), sent as JSON bytes. Unlike
+    ``all_gather_object``, which unpickles whatever a peer sends, nothing received can run code."""
+    on_gpu = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
+    world = dist.get_world_size(group)
+    sizes = torch.empty(world, dtype=torch.int64, device=device)
+    wait(all_gather_flat(sizes, torch.tensor([data.numel()], device=device), group, async_op=True), what, group)
+    longest = int(sizes.max())
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    rows = torch.empty(world * longest, dtype=torch.uint8, device=device)
+    wait(all_gather_flat(rows, padded, group, async_op=True), what, group)
+    rows = rows.view(world, longest).cpu()
+    return [json.loads(bytes(rows[r, : int(n)].tolist())) for r, n in enumerate(sizes.tolist())]

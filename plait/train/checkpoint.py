@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.distributed.comm import barrier
+from plait.distributed.comm import all_gather_data, barrier
 from plait.errors import PlaitError, first_line
 from plait.parallel.shards import Chunks, checkpoint_tensors, held_whole, unsplit_names
 
@@ -187,8 +187,7 @@ class Checkpointer:
         final = partial.with_name(f"step_{step:08d}")
         world = dist.get_world_size(group)
         files, self._written = self._written, {}  # hashed as they were written
-        everyone = [None] * world
-        dist.all_gather_object(everyone, files, group=group)
+        everyone = all_gather_data(files, f"checkpoint commit of step {step}", group)
         if self.rank == 0:
             files = {k: v for part in everyone for k, v in part.items()}
             for name in sorted(f.name for f in partial.iterdir() if f.name != MANIFEST):

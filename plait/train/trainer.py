@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from plait.data.datasets import stacked
 from plait.data.partition import PartitionSampler
-from plait.distributed.comm import all_gather_flat, all_reduce, barrier
+from plait.distributed.comm import all_gather_data, all_gather_flat, all_reduce, barrier
 from plait.distributed.env import DistInfo
 from plait.distributed.mesh import Mesh
 from plait.errors import ConfigError, PlaitError
@@ -319,11 +319,7 @@ class Trainer:
 
     def _write_run_trace(self, spans: list, steps: range) -> None:
         """Every rank's spans of the traced steps; rank 0 writes them as one Perfetto trace."""
-        everyone = [None] * self.info.world_size
-        if self.info.world_size > 1:
-            dist.all_gather_object(everyone, spans)
-        else:
-            everyone = [spans]
+        everyone = all_gather_data(spans, "gathering the traced steps") if self.info.world_size > 1 else [spans]
         if self.log:
             names = [f"rank {r} ({', '.join(f'{a}={self.mesh.coords_of(r)[a]}' for a in ('dp', 'pp', 'tp'))})"
                      for r in range(self.info.world_size)]
@@ -331,9 +327,8 @@ class Trainer:
 
     def _write_trace(self) -> dict:
         """Gather every stage's timeline of this step; rank 0 writes the trace and the plot."""
-        stamped = [None] * self.pp
-        dist.all_gather_object(stamped, self.parallel.pipe.stamped_trace(), group=self.mesh.group("pp"))
-        traces = aligned(stamped)
+        traces = aligned(all_gather_data(self.parallel.pipe.stamped_trace(), "gathering the pipeline trace",
+                                         self.mesh.group("pp")))
         m, p, schedule, v = self.cfg.pipeline.microbatches, self.pp, self.cfg.pipeline.schedule, self.cfg.pipeline.virtual
         report = {"pipeline_schedule": schedule, "pipeline_microbatches": m, "pipeline_virtual": v,
                   "bubble_measured": measured_bubble(traces), "bubble_theory": bubble_fraction(m, p, schedule, v),

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait.distributed.comm import all_gather_data
 from plait.errors import PlaitError
 from plait.observe.timing import span
 from plait.parallel.pipeline.p2p import FAILED, OK, Key, Link, encode_header
@@ -242,8 +243,7 @@ class PipelineStage:
                 self._link(piece + 1).send(out if ok else (), encode_header(out if ok else (), OK if ok else FAILED))
         for link in self.links.values():
             link.flush()
-        errors = [None] * self.stages
-        dist.all_gather_object(errors, error, group=self.group)
+        errors = all_gather_data(error, "pipeline check of the cut", self.group)
         failed = sorted((int(e.split("|")[0]), e.split("|", 1)[1]) for e in errors if e and e != "upstream")
         if failed:
             piece, e = failed[0]
