@@ -11,6 +11,8 @@ those workers through ``plait.train.guard``); in sync mode it ends the run, nami
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 
@@ -208,17 +210,27 @@ class _Progress:
 
 def _gather_to_rank0(server: ParameterServer, model, layout: PSLayout) -> list[ServerStats] | None:
     """Servers send their shard and stats to rank 0, which writes the whole model's parameters."""
-    if server.index > 0:
-        dist.send_object_list([server.stats, server.shard.detach()], dst=0, group=layout.group)
+    if server.index > 0:  # the stats as JSON bytes, the shard as a tensor: nothing rank 0 unpickles
+        stats = torch.frombuffer(bytearray(json.dumps(dataclasses.asdict(server.stats)).encode()), dtype=torch.uint8)
+        for t in (torch.tensor([stats.numel()]), stats, server.shard.detach().contiguous()):
+            dist.send(t, dst=0, group=layout.group)
         return None
-    flat = torch.empty(layout.numel)
+    flat = torch.empty(layout.numel, dtype=server.shard.dtype)
     scatter(server.shard.detach(), server.segments, flat)
     everyone = [server.stats]
     for s in range(1, len(layout.servers)):
-        box = [None, None]
-        dist.recv_object_list(box, src=layout.servers[s], group=layout.group)
-        everyone.append(box[0])
-        scatter(box[1], layout.segments[s], flat)
+        src = layout.servers[s]
+        size = torch.empty(1, dtype=torch.int64)
+        dist.recv(size, src=src, group=layout.group)
+        stats = torch.empty(int(size), dtype=torch.uint8)
+        dist.recv(stats, src=src, group=layout.group)
+        shard = torch.empty(sum(hi - lo for lo, hi in layout.segments[s]), dtype=flat.dtype)
+        dist.recv(shard, src=src, group=layout.group)
+        fields = json.loads(bytes(stats.tolist()))
+        for name in ("clocks", "lost"):  # JSON keys are strings; these are ranks
+            fields[name] = {int(k): v for k, v in fields[name].items()}
+        everyone.append(ServerStats(**fields))
+        scatter(shard, layout.segments[s], flat)
     offset = 0
     with torch.no_grad():
         for _, p in trainable(model):
