@@ -6,11 +6,12 @@ sent forward. From the second step on, the receiver posts the first activations'
 the shapes of the step before, beside the header's, instead of after reading it (a receive posted
 only then cost two transport round trips on busy cores, 3-4 ms of a 60 ms step, all of it
 bubble); a sender whose shapes changed first sends a filler of the old shapes into it. Sends
-are non-blocking (a stage never waits for its neighbour to take a message). In a step, a stage knows from the schedule every message each neighbour will send it, in the
-order it sends them (``Link.expect``); it posts the receives in that order, each as soon as its
-shape is known, so a message lands while the stage computes, and messages of either direction
-and any chunk share one link without tags (so the same runs on gloo and NCCL). Taking one
-waits, bounded by the process group's timeout.
+are non-blocking (a stage never waits for its neighbour to take a message). In a step, a stage
+knows from the schedule every message each neighbour will send it, in the order it sends them
+(``Link.expect``); it posts the receives in that order, each as soon as its shape is known, so a
+message lands while the stage computes, and messages of either direction and any chunk share
+one link without tags (so the same runs on gloo and NCCL). Taking one waits, bounded by the
+process group's timeout.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class Link:
         self.posted: dict[Key, list[tuple[torch.Tensor, dist.Work]]] = {}
         self.sent: dict[int, list[Spec]] = {}  # chunk -> the shapes of its first activations sent last step
         self.predicted: dict[int, list[Spec]] = {}  # chunk -> those received last step: the peer's ``sent``
-        self.speculative: set[int] = set()  # chunks whose first activations are posted as predicted, unconfirmed
+        self.speculative: int | None = None  # the chunk whose first activations are posted as predicted,
+        # unconfirmed: nothing is posted after them until its header is read, so there is one at most
 
     def _what(self, kind: str) -> str:
         return f"rank {self.peer} ({'gradients' if kind == 'G' else 'activations'})"
@@ -135,14 +137,14 @@ class Link:
         """Post the receives of the next messages, in order, as far as their shapes are known
         (a chunk's first activations as predicted: then nothing after them until confirmed, for
         a filler may come first)."""
-        while self.next < len(self.order) and not self.speculative:
+        while self.next < len(self.order) and self.speculative is None:
             key = self.order[self.next]
             kind, chunk, i = key
             specs = [(torch.int64, (HEADER_WORDS,))] if kind == "H" else \
                 self.specs.get(("A", chunk) if kind == "A" else key)
             if specs is None and kind == "A" and i == 0 and chunk in self.predicted:
                 specs = self.predicted[chunk]
-                self.speculative.add(chunk)
+                self.speculative = chunk
             if specs is None:
                 return
             with span("comm", f"pipeline receive from {self._what(kind)} posted"):
@@ -155,8 +157,8 @@ class Link:
         if status != OK:
             raise PlaitError(f"pipeline: rank {self.peer} failed; see its error")
         self.specs[("A", chunk)] = self.predicted[chunk] = specs
-        if chunk in self.speculative:
-            self.speculative.discard(chunk)
+        if chunk == self.speculative:
+            self.speculative = None
             if spec_of(t for t, _ in self.posted[("A", chunk, 0)]) != specs:  # it takes the filler;
                 self._wait(("A", chunk, 0))  # nothing was posted after it: the real one is next
                 self.posted[("A", chunk, 0)] = self._irecv(specs)
@@ -168,15 +170,14 @@ class Link:
     def take(self, key: Key) -> tuple[torch.Tensor, ...]:
         """Message ``key``, waiting for it. Where its receive is not posted yet, the headers
         before it are (the peer sent them first): they are read, and what they describe posted."""
-        if key[0] == "A" and key[1] in self.speculative:
+        if key[0] == "A" and key[1] == self.speculative:
             self._confirm(key[1])
         while key not in self.posted:
             if self.next == len(self.order) or key not in self.order[self.next:]:
                 raise PlaitError(f"pipeline: no message {key} from rank {self.peer} in this step's schedule")
             kind, chunk, _ = self.order[self.next]
-            speculated = next(iter(self.speculative), None)
-            if speculated is not None:
-                chunk = speculated
+            if self.speculative is not None:
+                chunk = self.speculative
             elif kind != "A" or ("H", chunk, 0) not in self.posted:
                 raise PlaitError(f"pipeline: message {key} from rank {self.peer} is taken before "
                                  f"{self.order[self.next]}, whose shape is not known yet")

@@ -22,7 +22,7 @@ from torch import nn
 from plait.distributed.comm import all_gather_data
 from plait.errors import PlaitError
 from plait.observe.timing import span
-from plait.parallel.pipeline.p2p import FAILED, OK, Key, Link, encode_header
+from plait.parallel.pipeline.p2p import FAILED, OK, Key, Link, encode_header, spec_of
 from plait.parallel.pipeline.schedules import SCHEDULES
 from plait.parallel.pipeline.split import WeightGradients, backward_input
 
@@ -150,7 +150,7 @@ class PipelineStage:
                 link.send_first(out, c)
             else:
                 link.send(out)
-            link.known(("G", c, i), [(o.dtype, tuple(o.shape)) for o in out if o.is_floating_point()])
+            link.known(("G", c, i), spec_of(o for o in out if o.is_floating_point()))
         self._saved[(i, c)] = (inputs, out)
         self.max_in_flight = max(self.max_in_flight, len(self._saved))
 
