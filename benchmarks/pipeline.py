@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from plait.distributed.comm import all_gather_data
 from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, bubble_fraction, cut_points
 from plait.parallel.pipeline.trace import aligned, ideal_bubble, measured_bubble
 from plait.testing import World
@@ -98,9 +99,7 @@ def time_steps(impl: str, name: str, m: int, warmup: int, steps: int) -> tuple[f
             times.append(elapsed.item())
     bubble = None
     if impl == "plait":
-        stamped = [None, None]
-        dist.all_gather_object(stamped, stage.stamped_trace())
-        traces = aligned(stamped)
+        traces = aligned(all_gather_data(stage.stamped_trace(), "gathering the pipeline trace"))
         bubble = measured_bubble(traces), ideal_bubble(traces, schedule)
     return statistics.median(times), bubble
 

@@ -115,13 +115,23 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], src_group_rank: int, grou
             offset += t.numel()
 
 
+def data_bytes(obj) -> torch.Tensor:
+    """``obj`` (plain data: None, booleans, numbers, strings, lists, dicts with string keys) as
+    JSON bytes in a uint8 tensor: what a peer may be sent instead of a pickle."""
+    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+
+
+def from_data_bytes(t: torch.Tensor):
+    """The inverse of ``data_bytes`` (tuples come back as lists): nothing in it can run code."""
+    return json.loads(bytes(t.cpu().tolist()))
+
+
 def all_gather_data(obj, what: str, group=None) -> list:
-    """Every rank's ``obj``, in rank order: plain data (None, booleans, numbers, strings, lists,
-    dicts with string keys; tuples come back as lists), sent as JSON bytes. Unlike
-    ``all_gather_object``, which unpickles whatever a peer sends, nothing received can run code."""
+    """Every rank's ``obj``, in rank order, sent as ``data_bytes``. Unlike ``all_gather_object``,
+    which unpickles whatever a peer sends, nothing received can run code."""
     on_gpu = dist.get_backend(group) == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
+    data = data_bytes(obj).to(device)
     world = dist.get_world_size(group)
     sizes = torch.empty(world, dtype=torch.int64, device=device)
     wait(all_gather_flat(sizes, torch.tensor([data.numel()], device=device), group, async_op=True), what, group)
@@ -131,4 +141,4 @@ def all_gather_data(obj, what: str, group=None) -> list:
     rows = torch.empty(world * longest, dtype=torch.uint8, device=device)
     wait(all_gather_flat(rows, padded, group, async_op=True), what, group)
     rows = rows.view(world, longest).cpu()
-    return [json.loads(bytes(rows[r, : int(n)].tolist())) for r, n in enumerate(sizes.tolist())]
+    return [from_data_bytes(rows[r, : int(n)]) for r, n in enumerate(sizes.tolist())]

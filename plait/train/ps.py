@@ -12,7 +12,6 @@ those workers through ``plait.train.guard``); in sync mode it ends the run, nami
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from plait.distributed.comm import data_bytes, from_data_bytes
 from plait.distributed.env import DistInfo
 from plait.errors import ConfigError
 from plait.models import build_model, builds_deferred
@@ -211,7 +211,7 @@ class _Progress:
 def _gather_to_rank0(server: ParameterServer, model, layout: PSLayout) -> list[ServerStats] | None:
     """Servers send their shard and stats to rank 0, which writes the whole model's parameters."""
     if server.index > 0:  # the stats as JSON bytes, the shard as a tensor: nothing rank 0 unpickles
-        stats = torch.frombuffer(bytearray(json.dumps(dataclasses.asdict(server.stats)).encode()), dtype=torch.uint8)
+        stats = data_bytes(dataclasses.asdict(server.stats))
         for t in (torch.tensor([stats.numel()]), stats, server.shard.detach().contiguous()):
             dist.send(t, dst=0, group=layout.group)
         return None
@@ -226,7 +226,7 @@ def _gather_to_rank0(server: ParameterServer, model, layout: PSLayout) -> list[S
         dist.recv(stats, src=src, group=layout.group)
         shard = torch.empty(sum(hi - lo for lo, hi in layout.segments[s]), dtype=flat.dtype)
         dist.recv(shard, src=src, group=layout.group)
-        fields = json.loads(bytes(stats.tolist()))
+        fields = from_data_bytes(stats)
         for name in ("clocks", "lost"):  # JSON keys are strings; these are ranks
             fields[name] = {int(k): v for k, v in fields[name].items()}
         everyone.append(ServerStats(**fields))
