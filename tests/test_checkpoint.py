@@ -460,3 +460,37 @@ def test_what_ranks_gather_is_data_never_a_pickle(world2):
     assert got == [expected, expected]
     refused = world2.run(gather_between_ranks, "tensor")
     assert all("not JSON serializable" in r for r in refused)
+
+
+def gather_unsplit_without_pickles():
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    from plait.parallel.shards import gather_unsplit, tensor_pieces
+
+    def no_pickles(*args, **kwargs):
+        raise AssertionError("an object collective (a pickle) was used")
+
+    rank = dist.get_rank()
+    weight = torch.arange(12, dtype=torch.float32).view(4, 3) + 0.5
+    half = torch.arange(5, dtype=torch.bfloat16) * 0.25
+    count = torch.arange(3, dtype=torch.int64) + 7
+    lo, hi = (0, 5) if rank == 0 else (5, 12)  # a ZeRO-like shard of the weight's elements
+    held = [(weight.reshape(-1)[lo:hi], tensor_pieces("w", weight, lo, hi))]
+    held += [(half, tensor_pieces("h", half))] if rank == 0 else [(count, tensor_pieces("n", count))]
+    saved = c10d._object_to_tensor, c10d._tensor_to_object
+    c10d._object_to_tensor = c10d._tensor_to_object = no_pickles
+    try:  # this world's processes serve later tests: put the object collectives back
+        got = gather_unsplit(held)
+    finally:
+        c10d._object_to_tensor, c10d._tensor_to_object = saved
+    return {name: (str(t.dtype), t.tolist()) for name, t in sorted(got.items())}
+
+
+def test_unsplit_parameters_travel_as_tensors(world2):
+    """``unsplit_parameters`` assembles tensors of several dtypes, split unevenly across ranks,
+    with no object collective (they are made to fail): layout as JSON, values as tensors."""
+    expected = {"h": ("torch.bfloat16", [0.0, 0.25, 0.5, 0.75, 1.0]),
+                "n": ("torch.int64", [7, 8, 9]),
+                "w": ("torch.float32", (torch.arange(12.0).view(4, 3) + 0.5).tolist())}
+    assert world2.run(gather_unsplit_without_pickles) == [expected, expected]

@@ -126,19 +126,30 @@ def from_data_bytes(t: torch.Tensor):
     return json.loads(bytes(t.cpu().tolist()))
 
 
+def group_device(group) -> torch.device:
+    """Where a collective of ``group`` takes its tensors: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_ragged(tensor: torch.Tensor, what: str, group=None) -> list[torch.Tensor]:
+    """Every rank's 1-D ``tensor`` (lengths may differ, dtypes must agree), in rank order, on
+    the CPU: the lengths go first, then every rank's tensor padded to the longest."""
+    device = group_device(group)
+    world = dist.get_world_size(group)
+    sizes = torch.empty(world, dtype=torch.int64, device=device)
+    wait(all_gather_flat(sizes, torch.tensor([tensor.numel()], device=device), group, async_op=True), what, group)
+    longest = int(sizes.max())
+    padded = torch.zeros(longest, dtype=tensor.dtype, device=device)
+    padded[: tensor.numel()] = tensor.reshape(-1)
+    rows = torch.empty(world * longest, dtype=tensor.dtype, device=device)
+    wait(all_gather_flat(rows, padded, group, async_op=True), what, group)
+    rows = rows.view(world, longest).cpu()
+    return [rows[r, : int(n)] for r, n in enumerate(sizes.tolist())]
+
+
 def all_gather_data(obj, what: str, group=None) -> list:
     """Every rank's ``obj``, in rank order, sent as ``data_bytes``. Unlike ``all_gather_object``,
     which unpickles whatever a peer sends, nothing received can run code."""
-    on_gpu = dist.get_backend(group) == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    data = data_bytes(obj).to(device)
-    world = dist.get_world_size(group)
-    sizes = torch.empty(world, dtype=torch.int64, device=device)
-    wait(all_gather_flat(sizes, torch.tensor([data.numel()], device=device), group, async_op=True), what, group)
-    longest = int(sizes.max())
-    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
-    padded[: data.numel()] = data
-    rows = torch.empty(world * longest, dtype=torch.uint8, device=device)
-    wait(all_gather_flat(rows, padded, group, async_op=True), what, group)
-    rows = rows.view(world, longest).cpu()
-    return [from_data_bytes(rows[r, : int(n)]) for r, n in enumerate(sizes.tolist())]
+    return [from_data_bytes(t) for t in all_gather_ragged(data_bytes(obj), what, group)]

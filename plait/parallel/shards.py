@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from plait.distributed.comm import all_gather_data, all_gather_ragged, group_device
 from plait.errors import PlaitError
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
@@ -139,16 +140,29 @@ def unit_pieces(names: list[str], params: list[torch.Tensor], offsets: list[int]
 
 def gather_unsplit(held: list[tuple[torch.Tensor, list[Piece]]], group=None) -> dict[str, torch.Tensor]:
     """Every unsplit tensor, assembled on every rank from what all ranks hold (for tests and
-    small models: it sends every piece to every rank)."""
-    mine = [(p.name, p.offsets, p.sizes, p.shape, p.view(t.detach().reshape(-1)).cpu().clone())
+    small models: it sends every piece to every rank). Where each piece goes travels as JSON
+    data, its values as tensors, one all-gather per dtype: nothing received is unpickled."""
+    mine = [(p.name, p.offsets, p.sizes, p.shape, p.view(t.detach().reshape(-1)))
             for t, pieces in held for p in pieces]
-    everyone = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
+    header = [[name, list(offsets), list(sizes), list(shape), str(values.dtype).removeprefix("torch."), values.numel()]
+              for name, offsets, sizes, shape, values in mine]
+    headers = all_gather_data(header, "gathering the unsplit parameters' layout", group)
     out: dict[str, torch.Tensor] = {}
-    for part in everyone:
-        for name, offsets, sizes, shape, values in part:
-            whole = out.setdefault(name, torch.zeros(shape, dtype=values.dtype))
-            whole[tuple(slice(o, o + z) for o, z in zip(offsets, sizes))] = values
+    for dtype_name in sorted({row[4] for rows in headers for row in rows}):
+        dtype = getattr(torch, dtype_name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise PlaitError(f"gathering the unsplit parameters: a peer named {dtype_name!r}, not a dtype")
+        ours = [values.reshape(-1) for *_, values in mine if values.dtype == dtype]
+        flat = torch.cat(ours) if ours else torch.empty(0, dtype=dtype)
+        everyone = all_gather_ragged(flat.to(group_device(group)), "gathering the unsplit parameters", group)
+        for rows, values in zip(headers, everyone):
+            at = 0
+            for name, offsets, sizes, shape, kind, n in rows:
+                if kind != dtype_name:
+                    continue
+                whole = out.setdefault(name, torch.zeros(shape, dtype=dtype))
+                whole[tuple(slice(o, o + z) for o, z in zip(offsets, sizes))] = values[at : at + n].view(sizes)
+                at += n
     return out
 
 
