@@ -14,7 +14,7 @@ import plait
 from plait.parallel.pipeline import SCHEDULES, PipelineStage, StageModule, blocks_of, bubble_fraction, cut_points
 from plait.parallel.pipeline.schedules import VIRTUAL, gpipe, in_flight, one_f_one_b, simulate, zb_h1
 from plait.parallel.pipeline.split import backward_input
-from plait.parallel.pipeline.trace import ideal_bubble, measured_bubble, write_chrome_trace
+from plait.parallel.pipeline.trace import ideal_bubble, measured_bubble, replayed_bubble, write_chrome_trace
 
 from conftest import assert_close, train_until_error
 
@@ -66,8 +66,29 @@ def test_schedules_idle_as_theory_says_with_equal_passes(p, m, v):
     per stage (each pass a v-th of the stage's) (p-1)/(vm+p-1)."""
     units = {"F": 1, "B": 2, "I": 1, "W": 1}
     for schedule in SCHEDULES if v == 1 else VIRTUAL:
-        idle = simulate(schedule, m, p, lambda s, kind: units[kind], v)
+        idle = simulate(schedule, m, p, lambda s, kind, *_: units[kind], v)
         assert idle == pytest.approx(bubble_fraction(m, p, schedule, v))
+
+
+def test_a_traced_step_splits_its_bubble_into_engine_spread_and_imbalance():
+    """1F1B, p = m = 2, passes of unequal times with gaps between them. Replayed with each
+    pass's own time and nothing between (worked by hand): stage 0 F0 [0,1] F1 [1,3] B0 [4,7]
+    B1 [9,10], stage 1 F0 [1,3] B0 [3,4] F1 [4,5] B1 [5,9]: busy 7 and 8 of 10, bubble 0.25;
+    the measured bubble (the gaps) is larger; the ideal one takes each kind's median time."""
+    took = [{("F", 0): 1, ("F", 1): 2, ("B", 0): 3, ("B", 1): 1}, {("F", 0): 2, ("B", 0): 1, ("F", 1): 1, ("B", 1): 4}]
+    traces = []
+    for s in range(2):
+        clock, trace = 0.5 * s, []
+        for kind, i, c in SCHEDULES["1f1b"](2, 2, s, 1):
+            clock += 1.5  # a gap before every pass, as messages and bookkeeping would leave
+            trace.append((kind, i, clock, clock + took[s][(kind, i)], c))
+            clock += took[s][(kind, i)]
+        traces.append(trace)
+    assert replayed_bubble(traces, "1f1b") == pytest.approx(0.25)
+    assert measured_bubble(traces) > 0.25
+    medians = {"F": 1.5, "B": 2.0}, {"F": 1.5, "B": 2.5}  # each stage's median per kind
+    ideal = simulate("1f1b", 2, 2, lambda s, kind, *_: medians[s][kind])
+    assert ideal_bubble(traces, "1f1b") == pytest.approx(ideal) and ideal != pytest.approx(0.25)
 
 
 class _Tied(nn.Module):

@@ -45,7 +45,7 @@ def test_a_core_for_every_process_is_the_schedule_on_a_clock(schedule, m, p):
         return
     passes = _passes(random.Random(f"{schedule}{m}{p}"), p)
     span = replay(schedule, m, passes, [0.0] * p, group=1, cores=p)
-    idle = simulate(schedule, m, p, lambda s, kind: passes[s][kind])
+    idle = simulate(schedule, m, p, lambda s, kind, *_: passes[s][kind])
     busy = _work(schedule, m, passes, [0.0] * p)
     assert span == pytest.approx(sum(busy) / (p * (1 - idle)), rel=1e-9)
 

@@ -31,7 +31,8 @@ from plait.observe.trace import write_run_trace
 from plait.parallel.compose import Layout, parallelize
 from plait.parallel.materialize import build_deferred, is_meta
 from plait.parallel.pipeline.schedules import bubble_fraction
-from plait.parallel.pipeline.trace import aligned, ideal_bubble, measured_bubble, plot_timeline, write_chrome_trace
+from plait.parallel.pipeline.trace import (aligned, ideal_bubble, measured_bubble, plot_timeline, replayed_bubble,
+                                          write_chrome_trace)
 from plait.train.checkpoint import Checkpointer, read_manifest
 from plait.train.config import Config, TrainConfig
 from plait.train.metrics import RunLog
@@ -332,7 +333,7 @@ class Trainer:
         m, p, schedule, v = self.cfg.pipeline.microbatches, self.pp, self.cfg.pipeline.schedule, self.cfg.pipeline.virtual
         report = {"pipeline_schedule": schedule, "pipeline_microbatches": m, "pipeline_virtual": v,
                   "bubble_measured": measured_bubble(traces), "bubble_theory": bubble_fraction(m, p, schedule, v),
-                  "bubble_ideal": ideal_bubble(traces, schedule)}
+                  "bubble_ideal": ideal_bubble(traces, schedule), "bubble_replayed": replayed_bubble(traces, schedule)}
         if self.log:
             write_chrome_trace(traces, self.log.dir / "pipeline_trace.json")
             plot_timeline(traces, self.log.dir / "pipeline_timeline.png",

@@ -87,7 +87,8 @@ VIRTUAL = ("gpipe", "1f1b")
 
 def simulate(schedule: str, m: int, p: int, duration, v: int = 1) -> float:
     """The schedule's bubble with free communication and no cost between passes: every stage
-    runs its actions in order, each pass taking ``duration(stage, kind)`` and starting once the
+    runs its actions in order, each pass taking ``duration(stage, kind, micro-batch, chunk)``
+    and starting once the
     pass it takes the output of has ended (F after the previous piece's F; B and I after the next
     piece's). The idle share of the step, averaged over stages, as ``trace.measured_bubble``
     counts it from a real step."""
@@ -106,7 +107,7 @@ def simulate(schedule: str, m: int, p: int, duration, v: int = 1) -> float:
                 if (peer, kind, i) not in ended:
                     continue
                 clock[s] = max(clock[s], ended[(peer, kind, i)])
-            took = duration(s, kind)
+            took = duration(s, kind, i, c)
             clock[s] += took
             busy[s] += took
             ended[(piece, kind, i)] = clock[s]

@@ -35,18 +35,29 @@ def measured_bubble(traces: list[Trace]) -> float:
 
 
 def ideal_bubble(traces: list[Trace], schedule: str) -> float:
-    """The bubble this schedule would have with these passes' own times (each stage's median per
-    kind) and nothing between them: what ``measured_bubble`` exceeds it by is the cost of
-    communication and of the bookkeeping between passes; what it exceeds the closed form by, of
+    """The bubble this schedule would have with these passes' typical times (each stage's median
+    per kind) and nothing between them: what it exceeds the closed form by is the cost of
     unequal stages and passes."""
     times: dict = {}
     for s, trace in enumerate(traces):
         for kind, _, begin, end, _ in trace:
             times.setdefault((s, kind), []).append(end - begin)
     median = {key: statistics.median(v) for key, v in times.items()}
+    return _replay(traces, schedule, lambda s, kind, *_: median[(s, kind)])
+
+
+def replayed_bubble(traces: list[Trace], schedule: str) -> float:
+    """The bubble this schedule would have with each traced pass's own time and nothing between
+    passes: what ``measured_bubble`` exceeds it by is the engine's (messages on the wire, the
+    bookkeeping between passes); what it exceeds ``ideal_bubble`` by, the passes' spread."""
+    took = {(s, kind, mb, c): end - begin for s, trace in enumerate(traces) for kind, mb, begin, end, c in trace}
+    return _replay(traces, schedule, lambda s, kind, i, c: took[(s, kind, i, c)])
+
+
+def _replay(traces: list[Trace], schedule: str, duration) -> float:
     v = chunks(traces)
     m = sum(1 for kind, *_ in traces[0] if kind == "F") // v
-    return simulate(schedule, m, len(traces), lambda s, kind: median[(s, kind)], v)
+    return simulate(schedule, m, len(traces), duration, v)
 
 
 def chunks(traces: list[Trace]) -> int:
