@@ -164,6 +164,33 @@ def test_zero3_layouts_hold_the_runtime_calibrated_under_zero3(tmp_path):
         assert runtime == {0: 4e8, 1: 4e8, 2: 4e8, 3: zero3 or 4e8}, runtime
 
 
+def test_the_fits_fixed_part_bounds_what_the_weights_cost(tmp_path):
+    """Calibration fits a pass as FLOPs / rate + a fixed part. That part holds the weights' reads
+    (at the optimizer's bandwidth) and a cost per operation; where it is smaller than the reads
+    alone, the reads are all of it (the blocks read faster than the optimizer streams), and the
+    planner charges no more than was measured."""
+    from plait.plan.calibrate import split_intercept
+
+    weight_bytes, ops, bandwidth = 120e6, 40, 3e9  # reads: 0.04 s at that bandwidth
+    op_cost, reads_at = split_intercept(0.05, weight_bytes, ops, bandwidth)
+    assert reads_at == bandwidth and op_cost == pytest.approx(0.01 / ops)
+    op_cost, reads_at = split_intercept(0.01, weight_bytes, ops, bandwidth)
+    assert op_cost == 0 and weight_bytes / reads_at == pytest.approx(0.01)
+    assert split_intercept(-0.5, weight_bytes, ops, bandwidth) == (0.0, pytest.approx(1000 * bandwidth))
+
+    from plait.plan import plan_config
+    from plait.plan.cluster import load_cluster
+    from plait.train.config import load_config
+
+    cfg = load_config(EXAMPLES / "mlp_10m.toml", [])
+    steps = {}
+    for faster in (None, 4 * 3e9):  # the same cluster, its passes reading weights 4x the optimizer's rate
+        extra = {} if faster is None else {"weights_bandwidth": faster}
+        cluster = load_cluster(str(_cluster_file(tmp_path, memory_bandwidth=3e9, **extra)))
+        steps[faster] = {e.candidate.describe(): e.step_s for e in plan_config(cfg, 4, cluster=cluster)[0]}
+    assert all(steps[12e9][k] < steps[None][k] for k in steps[None])
+
+
 def test_profile_counts_what_torch_counts():
     """The GPT's profile: FLOPs equal FlopCounterMode's count of the whole model, parameters
     the model's, and each block all-reduces twice forward and twice backward under tp."""
@@ -222,6 +249,7 @@ def test_a_model_that_fits_no_layout_says_what_is_short(tmp_path, capsys):
     ({"overlap": 2}, "overlap must be between 0 and 1, got 2"),
     ({"optimizer_tensor_s": -1e-5}, "optimizer_tensor_s must be >= 0, got -1e-05"),
     ({"zero3_base_memory_bytes": -1}, "zero3_base_memory_bytes must be >= 0, got -1"),
+    ({"weights_bandwidth": 0}, "weights_bandwidth must be positive, got 0"),
     ({"microbatch_overhead_s": {"zb": 1e-3}}, "microbatch_overhead_s: expected seconds per schedule (gpipe, 1f1b, zbh1)"),
     ({"bandwith": 1}, "unknown field 'bandwith'"),
 ])
@@ -270,6 +298,7 @@ def test_calibrate_then_measure(tmp_path):
     assert cluster.optimizer_tensor_s > 0  # the trainer's optimizer span is more than linreg's few elements' bytes
     assert cluster.recompute_factor > 0  # the step with the blocks recomputed was measured slower
     assert set(cluster.schedule_overhead_s) == {"gpipe", "1f1b", "zbh1"}  # each schedule's own cost per micro-batch
+    assert cluster.weight_reads() >= cluster.memory_bandwidth  # the optimizer's, or faster where the fit says so
     assert set(cluster.intra.ops) == {"all_reduce", "all_gather", "reduce_scatter", "send_recv"}
     rows = tmp_path / "rows.json"
     done = subprocess.run([sys.executable, "-m", "plait.cli", "plan", linreg, "--nproc", "2", "--cluster", str(out),

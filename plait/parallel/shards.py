@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from plait.distributed.comm import all_gather_data, all_gather_ragged, group_device
 from plait.errors import PlaitError

@@ -222,8 +222,22 @@ def _compute(cfg, profile, rank: int, world: int, trained: float):
     recompute = _recompute_factor(model, chain, task, plain, x[:share], y[:share])
     # measured after the base memory (its tensors are not the runtime's) and the blocks' times
     bandwidth, per_tensor = _optimizer(cfg, list(model.parameters()), trained)
-    weights = 3 * 4 * profile.params / bandwidth
-    return rate, max(overhead - weights, 0.0) / max(ops, 1), _slowest(fetch), bandwidth, per_tensor, recompute
+    op_cost, weights_bandwidth = split_intercept(overhead, 3 * 4 * profile.params, ops, bandwidth)
+    return rate, op_cost, _slowest(fetch), bandwidth, per_tensor, recompute, weights_bandwidth
+
+
+def split_intercept(overhead: float, weight_bytes: float, ops: int, bandwidth: float) -> tuple[float, float]:
+    """(seconds per operation, the bandwidth the weights are read at) from the fit's fixed part
+    ``overhead``: the ``weight_bytes`` a forward and backward read at the optimizer's
+    ``bandwidth``, and what is left over the ``ops`` operations. Where the fixed part is smaller
+    than those reads, the blocks read their weights faster than the optimizer streams (a matrix
+    product reads each weight once, in order; on shared cores not every process reads at once):
+    the reads are the whole fixed part, at the bandwidth that makes them so, and an operation
+    costs nothing beyond them."""
+    weights = weight_bytes / bandwidth
+    if overhead >= weights:
+        return (overhead - weights) / max(ops, 1), bandwidth
+    return 0.0, weight_bytes / max(overhead, weights * 1e-3)  # at most 1000x the optimizer's
 
 
 def _step(model, chain, task, xs, ys):
@@ -399,14 +413,14 @@ def main(argv: list[str] | None = None) -> int:
     base, trained = _trained(args.config, args.overrides, cfg, profile, info)  # first: nothing else measured has run yet
     rounds = [(_compute(cfg, profile, rank, world, trained), _links(rank, world, dist.get_backend()) if world > 1 else {},
                _pipeline_overhead(rank, world) if world > 1 else {}) for _ in range(args.rounds)]
-    (rate, op_cost, fetch, bandwidth, per_tensor, recompute), links, per_micro = _median(rounds)
+    (rate, op_cost, fetch, bandwidth, per_tensor, recompute, weights_bandwidth), links, per_micro = _median(rounds)
     if rank == 0:
         zero3 = None
         if args.zero3_from:
             with open(args.zero3_from) as f:
                 zero3 = json.load(f)
-        write(args.output, world, rate, op_cost, base, fetch, (bandwidth, per_tensor), links, args.config, per_micro,
-              recompute, zero3)
+        write(args.output, world, rate, op_cost, base, fetch, (bandwidth, per_tensor, weights_bandwidth), links,
+              args.config, per_micro, recompute, zero3)
     shutdown()
     return 0
 
@@ -423,9 +437,10 @@ def _median(rounds):
 
 def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch: float, optimizer: tuple,
           links: dict, config: str, per_micro: dict, recompute: float = 1.0, zero3: float | None = None) -> None:
-    """``optimizer``: (bytes per second streamed, fixed seconds per tensor); ``zero3``: the runtime
-    memory of a ZeRO-3 process (None: not measured)."""
-    bandwidth, per_tensor = optimizer
+    """``optimizer``: (bytes per second streamed, fixed seconds per tensor, and the bytes per
+    second the blocks' passes read their weights at); ``zero3``: the runtime memory of a ZeRO-3
+    process (None: not measured)."""
+    bandwidth, per_tensor, weights_bandwidth = optimizer
     zero3_line = (f"zero3_base_memory_bytes = {zero3:.4g}  # the same with ZeRO-3 (freed blocks of 4 MiB and more "
                   "returned; its own processes)" if zero3 is not None
                   else "# zero3_base_memory_bytes: not measured (the model or batch does not run ZeRO-3 here)")
@@ -440,6 +455,8 @@ def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch
              f"base_memory_bytes = {base:.4g}     # a training process besides its model's tensors (dp={world}, a few steps)",
              zero3_line,
              f"memory_bandwidth = {bandwidth:.4g}      # the optimizer step (and clip) on the model's elements, flat (at least 1M)",
+             f"weights_bandwidth = {weights_bandwidth:.4g}     # the blocks' passes reading their weights: the bandwidth above, "
+             "or faster where the fit's fixed part is smaller than those reads",
              f"optimizer_tensor_s = {per_tensor:.4g}   # and per tensor: the trainer's own span (dp={world}) beyond its bytes",
              f"op_overhead_s = {op_cost:.4g}         # fitted with the rate below on the model's blocks, less the weights' reads",
              f"step_overhead_s = {fetch:.4g}       # fetching one rank's batch",

@@ -6,6 +6,8 @@
     base_memory_bytes = 0        # held by every process besides the model (a CPU process's runtime)
     zero3_base_memory_bytes = 0  # the same under ZeRO-3 (default: base_memory_bytes)
     memory_bandwidth = 2.0e12    # bytes/s, what an optimizer step streams at
+    weights_bandwidth = 2.0e12   # bytes/s, the weights read by each forward and backward pass
+                                 # (optional; default memory_bandwidth)
     optimizer_tensor_s = 0.0     # the optimizer step's fixed cost per parameter tensor it updates
     op_overhead_s = 5e-6         # fixed cost of each dispatched operation (launch, Python)
     step_overhead_s = 0.0        # fixed cost of each step (data, bookkeeping)
@@ -93,6 +95,10 @@ class Cluster:
     """A process's runtime under ZeRO-3, where ``plait train`` returns freed blocks of 4 MiB and
     more to the system (glibc; None: ``base_memory_bytes``)."""
     memory_bandwidth: float = 1e12
+    weights_bandwidth: float | None = None
+    """What a forward or backward pass reads its weights at (None: ``memory_bandwidth``).
+    ``plait calibrate`` sets it where the blocks' own times show the weights read faster than the
+    optimizer streams its state."""
     optimizer_tensor_s: float = 0.0
     """The optimizer step's fixed cost per parameter tensor (a per-tensor loop's operations, and
     the gradient-norm clip's), beyond the bytes it streams."""
@@ -111,6 +117,10 @@ class Cluster:
     devices: a process computes faster while others idle (the pipeline's fill and drain)."""
     nodes: int = 1
     source: str = ""
+
+    def weight_reads(self) -> float:
+        """Bytes per second a pass reads its weights at."""
+        return self.weights_bandwidth or self.memory_bandwidth
 
     def microbatch_overhead(self, schedule: str) -> float:
         """A pipeline stage's own cost per micro-batch under ``schedule``."""
@@ -172,7 +182,7 @@ def _overheads(data: dict, where: str) -> dict:
 
 
 FIELDS = {"name", "devices_per_node", "cores", "memory_bytes", "base_memory_bytes", "zero3_base_memory_bytes",
-          "memory_bandwidth",
+          "memory_bandwidth", "weights_bandwidth",
           "optimizer_tensor_s", "op_overhead_s",
           "step_overhead_s", "microbatch_overhead_s", "recompute_factor", "overlap", "flops", "intra", "inter"}
 
@@ -205,6 +215,7 @@ def parse_cluster(data: dict, where: str) -> Cluster:
         zero3_base_memory_bytes=(_number(data, "zero3_base_memory_bytes", where, positive=False)
                                  if "zero3_base_memory_bytes" in data else None),
         memory_bandwidth=_number(data, "memory_bandwidth", where, default=1e12),
+        weights_bandwidth=_number(data, "weights_bandwidth", where) if "weights_bandwidth" in data else None,
         optimizer_tensor_s=_number(data, "optimizer_tensor_s", where, positive=False, default=0.0),
         op_overhead_s=_number(data, "op_overhead_s", where, positive=False, default=0.0),
         step_overhead_s=_number(data, "step_overhead_s", where, positive=False, default=0.0),

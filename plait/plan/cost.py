@@ -220,7 +220,7 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
         blocks = profile.blocks[starts[s] : starts[s + 1]]
         params, largest, ops = st["params"], st["largest"], st["ops"]
         flops = st["flops"] * b
-        reads = params * (2 if c.precision == "bf16" else 4) / cluster.memory_bandwidth  # the weights, per pass
+        reads = params * (2 if c.precision == "bf16" else 4) / cluster.weight_reads()  # the weights, per pass
         t_f = flops / rate + ops * cluster.op_overhead_s + reads
         t_b = flops * profile.backward_ratio / rate + ops * profile.backward_ops_ratio * cluster.op_overhead_s + 2 * reads
         if c.recompute:  # the forward again, and what the checkpoint's bookkeeping costs (calibrated);
