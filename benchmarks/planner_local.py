@@ -5,7 +5,7 @@ every valid layout trained for a few steps (``plait plan --measure``), predicted
     .venv/bin/python benchmarks/planner_local.py --calibrate     # calibrate again, keep the measurements
     .venv/bin/python benchmarks/planner_local.py --summarize     # only read docs/plan/*_measured.json
     .venv/bin/python benchmarks/planner_local.py --rescore       # predict them again (a changed model)
-    .venv/bin/python benchmarks/planner_local.py --settle 8      # the 8 fastest and the plan's top 2: 4 runs each
+    .venv/bin/python benchmarks/planner_local.py --settle 8      # the 8 fastest and the plan's top 2: 5 rounds, in turn
     .venv/bin/python benchmarks/planner_local.py --remeasure 'ZeRO-3'   # those layouts run again (an engine changed)
 
 Each model gets its own calibration (``plait calibrate CONFIG --nproc 4``, which times that
@@ -75,10 +75,12 @@ def rescore(name: str, nproc: int) -> None:
 
 
 def settle(name: str, nproc: int, steps: int, count: int, repeats: int) -> None:
-    """Run again, ``repeats`` times each, the ``count`` layouts measured fastest and the plan's
-    first two, and again for any layout that the new medians bring into the fastest ``count``,
-    until those all have as many runs: which is fastest is decided by medians of as many runs,
-    not by one lucky run (a layout picked for its first run measures slower the next times)."""
+    """Run again the ``count`` layouts fastest in the sweep and the plan's first two, in
+    ``repeats`` rounds that each run every one of them once (in turn, so that the machine's
+    slow minutes fall on all alike), and again for any layout that the new medians bring into
+    the fastest ``count``. A settled layout's time is the median of these runs alone: the
+    sweep's run, for which it was picked, is left out (a layout picked for a lucky run measures
+    slower the next times). Earlier settled runs are discarded."""
     import tempfile
 
     from plait.plan.measure import measured
@@ -86,25 +88,34 @@ def settle(name: str, nproc: int, steps: int, count: int, repeats: int) -> None:
     path, rows, ranked = saved(name, nproc)
     where = {e.candidate.describe(): e for e in ranked}
     ok = [r for r in rows if "error" not in r]
-
-    def settled(r: dict) -> bool:  # run as often as asked, or failed when run again (and said so)
-        return len(r.get("runs_step_s", [])) > repeats or "settle_error" in r
+    for r in ok:  # back to the sweep's one run
+        sweep = r.pop("sweep_step_s", None) or (r["runs_step_s"][0] if "runs_step_s" in r else r["step_s"])
+        for key in ("runs_step_s", "settle_error"):
+            r.pop(key, None)
+        r.update(step_s=sweep, step_error=r["predicted_step_s"] / sweep - 1)
     with tempfile.TemporaryDirectory() as tmp:
         while True:
             fastest = sorted(ok, key=lambda r: r["step_s"])[:count]
-            todo = [r for r in ok if (r["rank"] <= 2 or r in fastest) and not settled(r)]
+            todo = [r for r in ok if (r["rank"] <= 2 or r in fastest) and "runs_step_s" not in r
+                    and "settle_error" not in r]
             if not todo:
                 break
+            runs: dict[int, list[float]] = {id(r): [] for r in todo}
+            for round_ in range(repeats):
+                for r in todo[round_ % len(todo):] + todo[: round_ % len(todo)]:  # each round starts elsewhere
+                    if "settle_error" in r:
+                        continue
+                    got = measured(str(ROOT / MODELS[name]), [], where[r["layout"]], nproc, steps, Path(tmp), "s", 1)
+                    if "error" in got:  # it keeps its sweep run, and says so
+                        r["settle_error"] = got["error"]
+                        print(f"  {r['layout']}: failed again ({got['error']})", flush=True)
+                        continue
+                    runs[id(r)].append(got["step_s"])
+                    print(f"  round {round_ + 1}/{repeats} {r['layout']}: {got['step_s']:.4f}", flush=True)
             for r in todo:
-                got = measured(str(ROOT / MODELS[name]), [], where[r["layout"]], nproc, steps, Path(tmp), "s", repeats)
-                if "error" in got:  # it keeps its one measured run
-                    r["settle_error"] = got["error"]
-                    print(f"  {r['layout']}: failed again ({got['error']})", flush=True)
-                    continue
-                runs = [r["step_s"], *got["runs_step_s"]]
-                r.update(step_s=statistics.median(runs), runs_step_s=runs)
-                r.update(step_error=r["predicted_step_s"] / r["step_s"] - 1)
-                print(f"  {r['layout']}: {[round(t, 4) for t in runs]}", flush=True)
+                if "settle_error" not in r:
+                    r.update(sweep_step_s=r["step_s"], runs_step_s=runs[id(r)], step_s=statistics.median(runs[id(r)]))
+                    r.update(step_error=r["predicted_step_s"] / r["step_s"] - 1)
     path.write_text(json.dumps(rows, indent=1))
 
 
@@ -124,7 +135,8 @@ def remeasure(name: str, nproc: int, steps: int, pattern: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n, r in enumerate(todo):
             got = measured(str(ROOT / MODELS[name]), [], where[r["layout"]], nproc, steps, Path(tmp), "r", 1)
-            for key in ("step_s", "memory_bytes", "runs_step_s", "settle_error", "error", "step_error", "memory_error"):
+            for key in ("step_s", "memory_bytes", "runs_step_s", "sweep_step_s", "settle_error", "error", "step_error",
+                        "memory_error"):
                 r.pop(key, None)
             r.update(got, remeasured=time.strftime("%Y-%m-%d"))
             if "error" not in got:
@@ -142,6 +154,11 @@ def summarize(name: str) -> None:
     print(f"\n{name}: {len(rows)} layouts; measured fastest {fastest['layout']} ({fastest['step_s']:.4f} s), "
           f"predicted #{fastest['rank']}; median |error| step time {step:.1%}, peak memory {memory:.1%}")
     by_measured = sorted(rows, key=lambda r: r["step_s"])
+    for r in rows[:2]:
+        if r is not fastest and "runs_step_s" in r and "runs_step_s" in fastest:
+            print(f"  the plan's #{r['rank']} measured {r['step_s'] / fastest['step_s'] - 1:.1%} slower than the fastest; "
+                  f"that it is slower at all, on their runs: p = {slower_p(r['runs_step_s'], fastest['runs_step_s']):.2f} "
+                  "(exact permutation test of the medians' difference)")
     print("| plan # | layout | predicted s | measured s (rank) | error | predicted GB | measured GB | error |")
     print("|---|---|---|---|---|---|---|---|")
     shown = rows[:5] + [r for r in rows[5:] if r in by_measured[:3]] + rows[-3:]
@@ -149,6 +166,22 @@ def summarize(name: str) -> None:
         print(f"| {r['rank']} | {r['layout']} | {r['predicted_step_s']:.3f} | {r['step_s']:.3f} "
               f"({by_measured.index(r) + 1}) | {r['step_error']:+.0%} | {r['predicted_memory_bytes'] / 1e9:.3f} | "
               f"{r['memory_bytes'] / 1e9:.3f} | {r['memory_error']:+.0%} |")
+
+
+def slower_p(a: list[float], b: list[float]) -> float:
+    """How often the runs ``a`` and ``b``, dealt into two groups of their sizes every way
+    there is, put a median difference at least as large as median(a) - median(b): the p-value
+    of "a's layout is slower than b's" when both layouts are in truth equally fast."""
+    import itertools
+
+    runs, seen = a + b, median_gap(a, b)
+    splits = list(itertools.combinations(range(len(runs)), len(a)))
+    return sum(median_gap([runs[i] for i in pick], [runs[i] for i in range(len(runs)) if i not in pick]) >= seen - 1e-15
+               for pick in splits) / len(splits)
+
+
+def median_gap(a: list[float], b: list[float]) -> float:
+    return statistics.median(a) - statistics.median(b)
 
 
 def main() -> None:
@@ -159,8 +192,9 @@ def main() -> None:
     parser.add_argument("--rescore", action="store_true",
                         help="predict the saved measurements again with the current model and cluster files")
     parser.add_argument("--settle", type=int, metavar="N", default=0,
-                        help="run the N measured fastest and the plan's first two 3 more times each (medians), "
-                             "and any layout those medians bring into the N fastest")
+                        help="run the N fastest in the sweep and the plan's first two --rounds times each, in "
+                             "turn (medians of these runs), and any layout those medians bring into the N fastest")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of --settle")
     parser.add_argument("--remeasure", metavar="REGEX",
                         help="run again, once, the saved layouts whose description matches REGEX")
     parser.add_argument("--nproc", type=int, default=4)
@@ -174,7 +208,7 @@ def main() -> None:
         elif args.remeasure:
             remeasure(name, args.nproc, args.steps, args.remeasure)
         elif args.settle:
-            settle(name, args.nproc, args.steps, args.settle, 3)
+            settle(name, args.nproc, args.steps, args.settle, args.rounds)
         elif args.rescore:
             rescore(name, args.nproc)
         elif not args.summarize:
