@@ -191,6 +191,30 @@ def test_the_fits_fixed_part_bounds_what_the_weights_cost(tmp_path):
     assert all(steps[12e9][k] < steps[None][k] for k in steps[None])
 
 
+def test_pass_scale_is_interpolated_between_the_calibrated_sizes(tmp_path):
+    """``pass_scale``: the blocks' measured time over the fitted line at each calibrated number
+    of samples per micro-batch; linear in log(samples) between them, the nearest beyond them;
+    a plan's passes at those sizes are scaled by it, and without it by nothing."""
+    from plait.plan import plan_config
+    from plait.plan.cluster import load_cluster
+    from plait.train.config import load_config
+
+    cluster = load_cluster(str(_cluster_file(tmp_path, pass_scale={"1": 0.8, "4": 1.2, "16": 1.0})))
+    assert cluster.scale_at(1) == 0.8 and cluster.scale_at(4) == 1.2 and cluster.scale_at(16) == 1.0
+    assert cluster.scale_at(2) == pytest.approx(1.0) and cluster.scale_at(8) == pytest.approx(1.1)  # halfway in log
+    assert cluster.scale_at(0.5) == 0.8 and cluster.scale_at(64) == 1.0
+    assert load_cluster(str(_cluster_file(tmp_path))).scale_at(3) == 1.0
+
+    cfg = load_config(EXAMPLES / "mlp_10m.toml", [])
+    plans = {}
+    for scale in ({"1": 2.0}, {}):  # every pass twice as long, or as fitted
+        cluster = load_cluster(str(_cluster_file(tmp_path, pass_scale=scale)))
+        plans[bool(scale)] = {e.candidate.describe(): e for e in plan_config(cfg, 4, cluster=cluster)[0]}
+    for name, e in plans[False].items():
+        slow = plans[True][name]
+        assert slow.step_s > e.step_s and slow.memory_bytes == e.memory_bytes
+
+
 def test_profile_counts_what_torch_counts():
     """The GPT's profile: FLOPs equal FlopCounterMode's count of the whole model, parameters
     the model's, and each block all-reduces twice forward and twice backward under tp."""
@@ -250,6 +274,8 @@ def test_a_model_that_fits_no_layout_says_what_is_short(tmp_path, capsys):
     ({"optimizer_tensor_s": -1e-5}, "optimizer_tensor_s must be >= 0, got -1e-05"),
     ({"zero3_base_memory_bytes": -1}, "zero3_base_memory_bytes must be >= 0, got -1"),
     ({"weights_bandwidth": 0}, "weights_bandwidth must be positive, got 0"),
+    ({"pass_scale": {"0": 1.2}}, "pass_scale: keys are samples per micro-batch (whole numbers from 1), got '0'"),
+    ({"pass_scale": {"4": -1}}, "pass_scale: 4 must be positive, got -1"),
     ({"microbatch_overhead_s": {"zb": 1e-3}}, "microbatch_overhead_s: expected seconds per schedule (gpipe, 1f1b, zbh1)"),
     ({"bandwith": 1}, "unknown field 'bandwith'"),
 ])
@@ -299,6 +325,7 @@ def test_calibrate_then_measure(tmp_path):
     assert cluster.recompute_factor > 0  # the step with the blocks recomputed was measured slower
     assert set(cluster.schedule_overhead_s) == {"gpipe", "1f1b", "zbh1"}  # each schedule's own cost per micro-batch
     assert cluster.weight_reads() >= cluster.memory_bandwidth  # the optimizer's, or faster where the fit says so
+    assert {1, 2, 4}.issubset(cluster.pass_scale) and all(r > 0 for r in cluster.pass_scale.values())
     assert set(cluster.intra.ops) == {"all_reduce", "all_gather", "reduce_scatter", "send_recv"}
     rows = tmp_path / "rows.json"
     done = subprocess.run([sys.executable, "-m", "plait.cli", "plan", linreg, "--nproc", "2", "--cluster", str(out),

@@ -4,9 +4,11 @@ Every local process measures at once, as in training (processes that share a hos
 cores and memory bus):
 
 - compute: the config's model, built for real, forward and backward of its blocks at micro-batch
-  sizes from the whole batch down to an eighth of one rank's share and one sample, fitted (least squares) as
-  FLOPs / rate + operations x a fixed cost each (each size's error relative): the ``[flops]``
-  rate and ``op_overhead_s``; the same step with the blocks recomputed (``train.recompute``)
+  sizes from the whole batch down to an eighth of one rank's share and one sample, and every
+  power of two between, fitted (least squares) as FLOPs / rate + a fixed part (each size's error
+  relative): the ``[flops]`` rate; the fixed part split into the weights' reads and operations x
+  a fixed cost each (``split_intercept``: ``weights_bandwidth``, ``op_overhead_s``); each size's
+  time over the line's (``pass_scale``); the same step with the blocks recomputed (``train.recompute``)
   at one rank's batch, against it and its forward: ``recompute_factor``;
 - links: all-reduce, all-gather, reduce-scatter (as Plait runs it on the backend) and send/recv,
   4 KiB, 1 MiB, 8 MiB and 32 MiB, over groups of 2 consecutive ranks up to all of them, all groups at once;
@@ -206,7 +208,8 @@ def _compute(cfg, profile, rank: int, world: int, trained: float):
     ops = sum(b.ops for b in profile.blocks) * (1 + profile.backward_ops_ratio)
     points = []
     # one sample (what a pipeline of as many micro-batches as samples runs) up to the whole batch
-    sizes = sorted({1, max(1, share // 8), max(1, share // 2), share, cfg.train.batch_size})
+    sizes = sorted({1, max(1, share // 8), max(1, share // 2), share, cfg.train.batch_size,
+                    *(2**i for i in range(cfg.train.batch_size.bit_length()))})  # and every power of two
     for b in sizes:
         xs, ys = x[:b], y[:b]
         if len(xs) < b:
@@ -223,7 +226,8 @@ def _compute(cfg, profile, rank: int, world: int, trained: float):
     # measured after the base memory (its tensors are not the runtime's) and the blocks' times
     bandwidth, per_tensor = _optimizer(cfg, list(model.parameters()), trained)
     op_cost, weights_bandwidth = split_intercept(overhead, 3 * 4 * profile.params, ops, bandwidth)
-    return rate, op_cost, _slowest(fetch), bandwidth, per_tensor, recompute, weights_bandwidth
+    scale = {b: t / (overhead + x / rate) for b, (x, t) in zip(sizes, points)}  # where the line misses
+    return rate, op_cost, _slowest(fetch), bandwidth, per_tensor, recompute, weights_bandwidth, scale
 
 
 def split_intercept(overhead: float, weight_bytes: float, ops: int, bandwidth: float) -> tuple[float, float]:
@@ -413,14 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     base, trained = _trained(args.config, args.overrides, cfg, profile, info)  # first: nothing else measured has run yet
     rounds = [(_compute(cfg, profile, rank, world, trained), _links(rank, world, dist.get_backend()) if world > 1 else {},
                _pipeline_overhead(rank, world) if world > 1 else {}) for _ in range(args.rounds)]
-    (rate, op_cost, fetch, bandwidth, per_tensor, recompute, weights_bandwidth), links, per_micro = _median(rounds)
+    (rate, op_cost, fetch, bandwidth, per_tensor, recompute, weights_bandwidth, scale), links, per_micro = _median(rounds)
     if rank == 0:
         zero3 = None
         if args.zero3_from:
             with open(args.zero3_from) as f:
                 zero3 = json.load(f)
         write(args.output, world, rate, op_cost, base, fetch, (bandwidth, per_tensor, weights_bandwidth), links,
-              args.config, per_micro, recompute, zero3)
+              args.config, per_micro, recompute, zero3, scale)
     shutdown()
     return 0
 
@@ -436,7 +440,8 @@ def _median(rounds):
 
 
 def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch: float, optimizer: tuple,
-          links: dict, config: str, per_micro: dict, recompute: float = 1.0, zero3: float | None = None) -> None:
+          links: dict, config: str, per_micro: dict, recompute: float = 1.0, zero3: float | None = None,
+          scale: dict | None = None) -> None:
     """``optimizer``: (bytes per second streamed, fixed seconds per tensor, and the bytes per
     second the blocks' passes read their weights at); ``zero3``: the runtime memory of a ZeRO-3
     process (None: not measured)."""
@@ -464,6 +469,8 @@ def write(path: str, world: int, rate: float, op_cost: float, base: float, fetch
              + " }  # a pipeline stage's own cost per micro-batch, by schedule (two tiny stages)"
              if per_micro else "microbatch_overhead_s = 0.0",
              f"recompute_factor = {recompute:.4g}     # what recomputation adds, as a share of the forward",
+             "pass_scale = { " + ", ".join(f'"{b}" = {r:.4g}' for b, r in sorted((scale or {}).items()))
+             + " }  # samples per micro-batch -> the blocks' time measured there over the fitted line",
              "overlap = 0.0                # gloo runs on the same cores as backward",
              f"cores = {cores if cores < world else 0}                    # the processes share these cores",
              "",

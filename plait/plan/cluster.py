@@ -14,6 +14,8 @@
     microbatch_overhead_s = 0.0  # a pipeline stage's own cost per micro-batch (schedule, send latency);
                                  # or per schedule: { gpipe = 2e-3, 1f1b = 2e-3, zbh1 = 3e-3 }
     recompute_factor = 1.0       # what recomputation adds to a backward, in forwards (1: one more)
+    pass_scale = { "1" = 1.3, "64" = 1.0 }  # optional: samples per micro-batch -> the blocks' measured time
+                                 # over the fitted one (between sizes interpolated, beyond clamped)
     overlap = 0.9                # share of a bucketed all-reduce that backward hides (0..1)
     cores = 0                    # cores the node's processes share (0: none shared; CPUs)
 
@@ -111,6 +113,9 @@ class Cluster:
     recompute_factor: float = 1.0
     """What activation recomputation adds to a backward, as a share of the forward: one more
     forward, and (on a CPU) the checkpoint's own bookkeeping per saved tensor."""
+    pass_scale: dict = field(default_factory=dict)
+    """Samples per micro-batch -> the blocks' time measured there over the fitted line's (a pass
+    is not linear in its samples at a few: matrix-vector kernels, kernel choices)."""
     overlap: float = 0.0
     cores: int = 0
     """Cores a node's processes share (0: each device computes on its own). Fewer than the
@@ -121,6 +126,20 @@ class Cluster:
     def weight_reads(self) -> float:
         """Bytes per second a pass reads its weights at."""
         return self.weights_bandwidth or self.memory_bandwidth
+
+    def scale_at(self, samples: float) -> float:
+        """``pass_scale`` at ``samples``: linear in log(samples) between the sizes it gives,
+        the nearest one's beyond them, 1 without it."""
+        if not self.pass_scale:
+            return 1.0
+        sizes = sorted(self.pass_scale)
+        if samples <= sizes[0]:
+            return self.pass_scale[sizes[0]]
+        for lo, hi in zip(sizes, sizes[1:]):
+            if samples <= hi:
+                w = math.log(samples / lo) / math.log(hi / lo)
+                return self.pass_scale[lo] * (1 - w) + self.pass_scale[hi] * w
+        return self.pass_scale[sizes[-1]]
 
     def microbatch_overhead(self, schedule: str) -> float:
         """A pipeline stage's own cost per micro-batch under ``schedule``."""
@@ -165,6 +184,18 @@ def _link(table: dict, key: str, where: str) -> Link:
                 ops, _number(t, "skew_s", f"{where}: [{key}]", positive=False, default=0.0))
 
 
+def _pass_scale(table, where: str) -> dict:
+    label = f"{where}: pass_scale"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{label}: expected a table of samples per micro-batch -> factor, got {table!r}")
+    out = {}
+    for key in table:
+        if not str(key).isdigit() or int(key) < 1:
+            raise ConfigError(f"{label}: keys are samples per micro-batch (whole numbers from 1), got {key!r}")
+        out[int(key)] = _number(table, key, label)
+    return out
+
+
 def _overheads(data: dict, where: str) -> dict:
     """``microbatch_overhead_s``: one number, or a table of them by schedule."""
     from plait.parallel.pipeline.schedules import SCHEDULES
@@ -184,7 +215,8 @@ def _overheads(data: dict, where: str) -> dict:
 FIELDS = {"name", "devices_per_node", "cores", "memory_bytes", "base_memory_bytes", "zero3_base_memory_bytes",
           "memory_bandwidth", "weights_bandwidth",
           "optimizer_tensor_s", "op_overhead_s",
-          "step_overhead_s", "microbatch_overhead_s", "recompute_factor", "overlap", "flops", "intra", "inter"}
+          "step_overhead_s", "microbatch_overhead_s", "recompute_factor", "pass_scale", "overlap", "flops", "intra",
+          "inter"}
 
 
 def parse_cluster(data: dict, where: str) -> Cluster:
@@ -221,6 +253,7 @@ def parse_cluster(data: dict, where: str) -> Cluster:
         step_overhead_s=_number(data, "step_overhead_s", where, positive=False, default=0.0),
         **_overheads(data, where),
         recompute_factor=_number(data, "recompute_factor", where, positive=False, default=1.0),
+        pass_scale=_pass_scale(data.get("pass_scale", {}), where),
         overlap=overlap, cores=int(_number(data, "cores", where, positive=False, default=0.0)), source=where)
 
 

@@ -221,8 +221,10 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
         params, largest, ops = st["params"], st["largest"], st["ops"]
         flops = st["flops"] * b
         reads = params * (2 if c.precision == "bf16" else 4) / cluster.weight_reads()  # the weights, per pass
-        t_f = flops / rate + ops * cluster.op_overhead_s + reads
-        t_b = flops * profile.backward_ratio / rate + ops * profile.backward_ops_ratio * cluster.op_overhead_s + 2 * reads
+        scale = cluster.scale_at(b)  # where a pass at b samples is off the calibrated line
+        t_f = (flops / rate + ops * cluster.op_overhead_s + reads) * scale
+        t_b = (flops * profile.backward_ratio / rate + ops * profile.backward_ops_ratio * cluster.op_overhead_s
+               + 2 * reads) * scale
         if c.recompute:  # the forward again, and what the checkpoint's bookkeeping costs (calibrated);
             # ZB-H1 recomputes for its input pass and again for its weight pass
             t_b += cluster.recompute_factor * t_f * (2 if c.schedule == "zbh1" and c.pp > 1 else 1)
