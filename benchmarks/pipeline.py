@@ -27,9 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from plait.distributed.comm import all_gather_data
 from plait.parallel.pipeline import PipelineStage, StageModule, blocks_of, bubble_fraction, cut_points
-from plait.parallel.pipeline.trace import aligned, ideal_bubble, measured_bubble, replayed_bubble
+from plait.parallel.pipeline.trace import ideal_bubble, measured_bubble, replayed_bubble
 from plait.testing import World
 
 BATCH, WIDTH, LAYERS = 64, 1024, 12
@@ -56,8 +55,8 @@ def my_chunks(v: int) -> list[nn.Module]:
 
 
 def time_steps(impl: str, name: str, m: int, warmup: int, steps: int) -> tuple[float, float | None]:
-    """Median seconds per step (slowest rank), and Plait's measured and ideal bubble (medians over
-    the timed steps)."""
+    """Median seconds per step (slowest rank), and Plait's measured, replayed and ideal bubble
+    (medians over the timed steps)."""
     schedule, v = SCHEDULES[name]
     chunks = my_chunks(v)
     opt = torch.optim.SGD(nn.ModuleList(chunks).parameters(), lr=0.01)
@@ -100,7 +99,7 @@ def time_steps(impl: str, name: str, m: int, warmup: int, steps: int) -> tuple[f
         if i >= warmup:
             times.append(elapsed.item())
             if impl == "plait":  # after the timed span: each step's trace
-                traces = aligned(all_gather_data(stage.stamped_trace(), "gathering the pipeline trace"))
+                traces = stage.all_traces()
                 bubbles.append((measured_bubble(traces), replayed_bubble(traces, schedule), ideal_bubble(traces, schedule)))
     bubble = tuple(statistics.median(b[j] for b in bubbles) for j in range(3)) if bubbles else None
     return statistics.median(times), bubble

@@ -126,7 +126,7 @@ def from_data_bytes(t: torch.Tensor):
     return json.loads(bytes(t.cpu().tolist()))
 
 
-def group_device(group) -> torch.device:
+def _group_device(group) -> torch.device:
     """Where a collective of ``group`` takes its tensors: the current GPU under NCCL, else the CPU."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -136,7 +136,7 @@ def group_device(group) -> torch.device:
 def all_gather_ragged(tensor: torch.Tensor, what: str, group=None) -> list[torch.Tensor]:
     """Every rank's 1-D ``tensor`` (lengths may differ, dtypes must agree), in rank order, on
     the CPU: the lengths go first, then every rank's tensor padded to the longest."""
-    device = group_device(group)
+    device = _group_device(group)
     world = dist.get_world_size(group)
     sizes = torch.empty(world, dtype=torch.int64, device=device)
     wait(all_gather_flat(sizes, torch.tensor([tensor.numel()], device=device), group, async_op=True), what, group)

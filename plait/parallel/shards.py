@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from plait.distributed.comm import all_gather_data, all_gather_ragged, group_device
+from plait.distributed.comm import all_gather_data, all_gather_ragged
 from plait.errors import PlaitError
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
@@ -153,7 +153,7 @@ def gather_unsplit(held: list[tuple[torch.Tensor, list[Piece]]], group=None) -> 
             raise PlaitError(f"gathering the unsplit parameters: a peer named {dtype_name!r}, not a dtype")
         ours = [values.reshape(-1) for *_, values in mine if values.dtype == dtype]
         flat = torch.cat(ours) if ours else torch.empty(0, dtype=dtype)
-        everyone = all_gather_ragged(flat.to(group_device(group)), "gathering the unsplit parameters", group)
+        everyone = all_gather_ragged(flat, "gathering the unsplit parameters", group)
         for rows, values in zip(headers, everyone):
             at = 0
             for name, offsets, sizes, shape, kind, n in rows:

@@ -31,7 +31,7 @@ from plait.observe.trace import write_run_trace
 from plait.parallel.compose import Layout, parallelize
 from plait.parallel.materialize import build_deferred, is_meta
 from plait.parallel.pipeline.schedules import bubble_fraction
-from plait.parallel.pipeline.trace import (aligned, ideal_bubble, measured_bubble, plot_timeline, replayed_bubble,
+from plait.parallel.pipeline.trace import (ideal_bubble, measured_bubble, plot_timeline, replayed_bubble,
                                           write_chrome_trace)
 from plait.train.checkpoint import Checkpointer, read_manifest
 from plait.train.config import Config, TrainConfig
@@ -328,8 +328,7 @@ class Trainer:
 
     def _write_trace(self) -> dict:
         """Gather every stage's timeline of this step; rank 0 writes the trace and the plot."""
-        traces = aligned(all_gather_data(self.parallel.pipe.stamped_trace(), "gathering the pipeline trace",
-                                         self.mesh.group("pp")))
+        traces = self.parallel.pipe.all_traces()
         m, p, schedule, v = self.cfg.pipeline.microbatches, self.pp, self.cfg.pipeline.schedule, self.cfg.pipeline.virtual
         report = {"pipeline_schedule": schedule, "pipeline_microbatches": m, "pipeline_virtual": v,
                   "bubble_measured": measured_bubble(traces), "bubble_theory": bubble_fraction(m, p, schedule, v),

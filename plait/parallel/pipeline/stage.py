@@ -25,6 +25,7 @@ from plait.observe.timing import span
 from plait.parallel.pipeline.p2p import FAILED, OK, Key, Link, encode_header, spec_of
 from plait.parallel.pipeline.schedules import SCHEDULES
 from plait.parallel.pipeline.split import WeightGradients, backward_input
+from plait.parallel.pipeline.trace import aligned
 
 
 def _as_tuple(x) -> tuple[torch.Tensor, ...]:
@@ -125,9 +126,11 @@ class PipelineStage:
                 link.flush()
         return torch.stack(self._losses).sum() if self.last else None
 
-    def stamped_trace(self) -> tuple[str, float, list]:
-        """The last step's trace with its host and origin, for ``trace.aligned``."""
-        return socket.gethostname(), self.t0, self.trace
+    def all_traces(self) -> list[list]:
+        """Every stage's trace of the last step, in stage order, on one clock where the stages
+        share a host (``trace.aligned``); a collective of the stages' group."""
+        stamped = (socket.gethostname(), self.t0, self.trace)
+        return aligned(all_gather_data(stamped, "gathering the pipeline trace", self.group))
 
     def _forward(self, i: int, c: int, x, y, scale: float) -> None:
         piece = self._piece(c)
