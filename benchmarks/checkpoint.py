@@ -1,7 +1,7 @@
 """Plait's sharded checkpoint (torch.distributed.checkpoint underneath) beside torch.save.
 
-    .venv/bin/python benchmarks/checkpoint.py              # ~100M parameters, world size 2, 6 rounds
-    .venv/bin/python benchmarks/checkpoint.py --width 2048 --rounds 2
+    .venv/bin/python benchmarks/checkpoint.py              # ~100M parameters, world size 2, 10 rounds
+    .venv/bin/python benchmarks/checkpoint.py --width 2048 --rounds 2 --async-rounds 1
 
 The state is a model of ``layers`` square linear layers and its SGD-momentum state (2 fp32
 tensors per parameter). Plait: both ranks write their share in parallel and rank 0 commits;
@@ -46,14 +46,23 @@ def build(width: int, layers: int):
     return model, opt
 
 
-def measure(width: int, layers: int, root: str, rounds: int, threads: int) -> dict[str, list[float]]:
+def measure(width: int, layers: int, root: str, rounds: int, async_rounds: int, threads: int) -> dict[str, list[float]]:
     HashingWriter.THREADS = threads
     model, opt = build(width, layers)
     times = {"plait save": [], "plait load": [], "torch.save": [], "torch.load": []}
     ckpt = Checkpointer(Path(root) / "plait", keep=1)
 
-    def plait_side(r: int, times: dict) -> None:
+    def settled() -> None:
+        """Each timed save starts on a quiet disk: the last deletion done (Plait deletes an old
+        checkpoint on a thread, which would otherwise overlap whatever comes next; torch's file
+        is deleted after its load, or ``open(..., "wb")`` would free its blocks inside the timed
+        save: this disk is mounted with ``discard``) and every dirty page written out."""
+        ckpt.wait()
+        os.sync()
         dist.barrier()
+
+    def plait_side(r: int, times: dict) -> None:
+        settled()
         start = time.perf_counter()
         path = ckpt.save(r + 1, model, opt, {})
         times["plait save"].append(time.perf_counter() - start)
@@ -64,7 +73,7 @@ def measure(width: int, layers: int, root: str, rounds: int, threads: int) -> di
         times["plait load"].append(time.perf_counter() - start)
 
     def torch_side(r: int, times: dict) -> None:
-        dist.barrier()
+        settled()
         if dist.get_rank() == 0:
             file = Path(root) / "torch.pt"
             start = time.perf_counter()
@@ -76,6 +85,7 @@ def measure(width: int, layers: int, root: str, rounds: int, threads: int) -> di
             start = time.perf_counter()
             torch.load(file, weights_only=True)
             times["torch.load"].append(time.perf_counter() - start)
+            file.unlink()
         dist.barrier()
 
     for r in range(rounds):
@@ -84,7 +94,7 @@ def measure(width: int, layers: int, root: str, rounds: int, threads: int) -> di
         for side in ((plait_side, torch_side) if r % 2 == 0 else (torch_side, plait_side)):
             side(r, times)
         dist.barrier()
-    times.update(during_async_save(model, opt, Path(root) / "async", rounds))
+    times.update(during_async_save(model, opt, Path(root) / "async", async_rounds))
     return times
 
 
@@ -123,7 +133,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=int, default=5000)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of save and load, each side")
+    parser.add_argument("--async-rounds", type=int, default=3, help="asynchronous saves (each ~15 s here)")
     parser.add_argument("--threads", type=int, default=HashingWriter.THREADS, help="files (and threads) per rank")
     args = parser.parse_args()
     params = args.layers * (args.width * args.width + args.width)
@@ -131,11 +142,12 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="plait-bench-ckpt-")
     try:
         with World(2, timeout_s=600) as world:
-            times = world.run(measure, args.width, args.layers, root, args.rounds, args.threads, timeout=1800)[0]
+            times = world.run(measure, args.width, args.layers, root, args.rounds, args.async_rounds, args.threads,
+                              timeout=1800)[0]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\n{params / 1e6:.0f}M parameters + SGD momentum = {megabytes:.0f} MB; world size 2; "
-          f"median of {args.rounds} rounds")
+          f"median of {args.rounds} rounds ({args.async_rounds} asynchronous)")
     print(f"{'operation':12} | {'seconds':>8} | {'MB/s':>8}")
     med = {k: statistics.median(v) for k, v in times.items()}
     for op, seconds in list(med.items())[:4]:

@@ -116,6 +116,28 @@ def test_checkpoints_beyond_keep_go_out_of_sight_at_once_and_are_deleted_in_the_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]
 
 
+def test_files_are_hashed_once_and_torch_save_is_left_as_it_was(solo, tmp_path, monkeypatch):
+    """DCP's per-tensor ``torch.save`` skips its own record CRC while Plait hashes the file whole;
+    the caller's setting is as it was, and the checkpoint loads (its manifest CRCs checked)."""
+    from plait.train import dcp_io
+
+    seen, write = [], dcp_io._HashingStream.write
+
+    def recording(self, data):
+        seen.append(torch.serialization.get_crc32_options())
+        return write(self, data)
+
+    monkeypatch.setattr(dcp_io._HashingStream, "write", recording)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = Checkpointer(tmp_path).save(1, model, opt, {})
+    assert seen and not any(seen)
+    assert torch.serialization.get_crc32_options()
+    fresh = nn.Linear(4, 2)
+    Checkpointer(tmp_path).load(path, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
+    assert torch.equal(fresh.weight, model.weight)
+
+
 def stall_and_wait(sleep_rank: int, seconds: float):
     model = plait.DataParallel(nn.Linear(4, 2))
     if dist.get_rank() == sleep_rank:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.utils.serialization import config as serialization_config
 
 from plait.errors import first_line
 from plait.parallel.shards import Chunks
@@ -123,7 +124,13 @@ class _HashingStream:
 
 class _HashingFileSystem(FileSystem):
     """DCP's file system, hashing each file as it is written (one pass over the bytes, not a
-    second read of the file): ``records`` maps a file's name to its size and CRC-32."""
+    second read of the file): ``records`` maps a file's name to its size and CRC-32.
+
+    DCP writes each tensor into the file as a ``torch.save`` zip archive, and ``torch.save``
+    hashes every record with a CRC-32 of its own: a second pass over bytes hashed here already
+    (0.09 s of CPU per 400 MB, in a 0.45 s save of 400 MB a rank). It is off while a file is written, in the
+    writing thread only (torch's config patches are thread-local); ``torch.load`` reads such
+    records unverified, and the manifest's CRC of each file is checked before DCP reads it."""
 
     def __init__(self):
         super().__init__()
@@ -136,7 +143,8 @@ class _HashingFileSystem(FileSystem):
                 yield stream
                 return
             hashing = _HashingStream(stream)
-            yield hashing
+            with serialization_config.patch({"save.compute_crc32": False}):
+                yield hashing
             self.records[Path(path).name] = {"bytes": hashing.size, "crc32": hashing.crc}
 
     def rename(self, path, new_path) -> None:
