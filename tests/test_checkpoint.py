@@ -116,9 +116,8 @@ def test_checkpoints_beyond_keep_go_out_of_sight_at_once_and_are_deleted_in_the_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]
 
 
-def test_files_are_hashed_once_and_torch_save_is_left_as_it_was(solo, tmp_path, monkeypatch):
-    """DCP's per-tensor ``torch.save`` skips its own record CRC while Plait hashes the file whole;
-    the caller's setting is as it was, and the checkpoint loads (its manifest CRCs checked)."""
+def crc_settings_seen(monkeypatch) -> list[bool]:
+    """Filled, as DCP writes a checkpoint's files, with torch.save's record-CRC setting at each write."""
     from plait.train import dcp_io
 
     seen, write = [], dcp_io._HashingStream.write
@@ -128,6 +127,13 @@ def test_files_are_hashed_once_and_torch_save_is_left_as_it_was(solo, tmp_path, 
         return write(self, data)
 
     monkeypatch.setattr(dcp_io._HashingStream, "write", recording)
+    return seen
+
+
+def test_files_are_hashed_once_and_torch_save_is_left_as_it_was(solo, tmp_path, monkeypatch):
+    """DCP's per-tensor ``torch.save`` skips its own record CRC while Plait hashes the file whole;
+    the caller's setting is as it was, and the checkpoint loads (its manifest CRCs checked)."""
+    seen = crc_settings_seen(monkeypatch)
     model = nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = Checkpointer(tmp_path).save(1, model, opt, {})
@@ -136,6 +142,34 @@ def test_files_are_hashed_once_and_torch_save_is_left_as_it_was(solo, tmp_path, 
     fresh = nn.Linear(4, 2)
     Checkpointer(tmp_path).load(path, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
     assert torch.equal(fresh.weight, model.weight)
+
+
+def test_where_torchs_setting_is_the_processs_records_keep_their_crc(solo, tmp_path, monkeypatch):
+    """Where a torch config patch is seen by every thread (older torch), four writer threads
+    patching and restoring it could leave it off: the records keep their CRC there."""
+    from plait.train import dcp_io
+
+    class SameThread:  # what another thread sees of a process-wide patch: what this one sees
+        def __init__(self, target):
+            self.target = target
+
+        def start(self):
+            self.target()
+
+        def join(self):
+            pass
+
+    dcp_io._record_crc_off.cache_clear()
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(dcp_io.threading, "Thread", SameThread)
+            assert dcp_io._record_crc_off() is None
+        seen = crc_settings_seen(monkeypatch)
+        model = nn.Linear(4, 2)
+        Checkpointer(tmp_path).save(1, model, torch.optim.SGD(model.parameters(), lr=0.1), {})
+        assert seen and all(seen)
+    finally:
+        dcp_io._record_crc_off.cache_clear()  # found out again by the next save
 
 
 def stall_and_wait(sleep_rank: int, seconds: float):
