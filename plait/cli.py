@@ -263,6 +263,7 @@ def train(args: argparse.Namespace) -> None:
     elif args.cluster:
         raise PlaitError("--cluster is for --plan auto")
     cfg = _check(args.config, args.overrides, spec.world_size)
+    spec.huge_pages = cfg.parallel.strategy != "ps" and cfg.parallel.zero == 3
     if cfg.parallel.strategy == "ps" and cfg.ps.mode != "sync":
         # Async and ssp go on without a lost worker; torchrun alone would stop every rank.
         spec.module_args = [str(cfg.ps.servers), spec.module, *spec.module_args]

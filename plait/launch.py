@@ -32,6 +32,10 @@ class LaunchSpec:
     """How often the elastic agent restarts the whole worker group after a failure."""
     module: str = "plait.train.worker"
     module_args: list[str] = field(default_factory=list)
+    huge_pages: bool = False
+    """Workers put tensors of 2 MiB and more on transparent huge pages (torch's
+    ``THP_MEM_ALLOC_ENABLE``), unless the user set that variable: for ZeRO-3, whose ranks return a
+    unit's memory to the system after each use and fault it in again at the next gather."""
 
     def __post_init__(self):
         if self.nproc < 1:
@@ -64,17 +68,38 @@ def _torchrun_args(spec: LaunchSpec, rdzv_dir: str) -> list[str]:
     return args + ["--module", spec.module, *spec.module_args]
 
 
+def worker_env(spec: LaunchSpec, env) -> dict[str, str]:
+    """What the workers' environment gets besides ``env`` (the launcher's), which wins."""
+    out = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // spec.nproc))}
+    if spec.huge_pages:  # read once, at a process's first allocation: it must be there at its start
+        out["THP_MEM_ALLOC_ENABLE"] = "1"
+    out = {key: value for key, value in out.items() if key not in env}
+    if spec.nnodes == 1:
+        # Workers make their own store on 127.0.0.1 instead of sharing the agent's.
+        out["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    return out
+
+
 def launch(spec: LaunchSpec) -> None:
     """Run the workers to completion; a failed worker becomes one PlaitError naming its rank."""
+    added = worker_env(spec, os.environ)
+    before = {key: os.environ.get(key) for key in added}
+    os.environ.update(added)  # the agent starts the workers with its own environment
+    try:
+        _run(spec)
+    finally:  # a later launch from this process (calibrate runs two) starts from the user's
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _run(spec: LaunchSpec) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    if "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // spec.nproc))
-    if spec.nnodes == 1:
-        # Workers make their own store on 127.0.0.1 instead of sharing the agent's.
-        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     # The agent's own log repeats what the failing worker already said; PLAIT_VERBOSE=1 shows it.
     # torch gives each of its elastic modules' loggers a level of its own: set every one of them.
     verbose = bool(os.environ.get("PLAIT_VERBOSE"))

@@ -298,3 +298,27 @@ def test_single_node_run_listens_on_loopback_only(tmp_path):
     assert found["rank 0"], "rank 0 hosts the workers' store: it must listen somewhere"
     for who, addresses in found.items():
         assert set(addresses) <= LOOPBACK, f"{who} listens beyond loopback: {addresses}"
+
+
+def test_zero3_workers_put_large_tensors_on_huge_pages_unless_the_user_says(tmp_path, monkeypatch):
+    """ZeRO-3's ranks fault a unit's memory in again at every gather (its memory goes back to the
+    system after each use): THP_MEM_ALLOC_ENABLE for them, read at a process's start; other
+    layouts are left as they are, and a value the user set wins; the launcher's own environment
+    is as it was afterwards."""
+    from plait import cli, launch
+
+    seen = []
+    monkeypatch.setattr(launch, "_run", lambda spec: seen.append(os.environ.get("THP_MEM_ALLOC_ENABLE")))
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    for zero in (3, 1):
+        cli.main(["train", str(EXAMPLES / "mlp_10m.toml"), "--nproc", "2", "--set", f"parallel.zero={zero}",
+                  "--set", f"run.out_dir={tmp_path}"])
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    cli.main(["train", str(EXAMPLES / "mlp_10m.toml"), "--nproc", "2", "--set", "parallel.zero=3",
+              "--set", f"run.out_dir={tmp_path}"])
+    assert seen == ["1", None, "0"]
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
+    assert launch.worker_env(launch.LaunchSpec(nproc=2, huge_pages=True), {}) == {
+        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2)), "THP_MEM_ALLOC_ENABLE": "1",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}

@@ -501,7 +501,7 @@ def calibrate(config: str, overrides: list[str], nproc: int, output: str, rounds
     with tempfile.TemporaryDirectory(prefix="plait-calibrate-") as tmp:
         zero3 = os.path.join(tmp, "zero3.json")
         launch(LaunchSpec(nproc=nproc, run_id="calibrate-zero3", module="plait.plan.calibrate",
-                          module_args=[config, zero3, "--zero3-only", *sets]))
+                          module_args=[config, zero3, "--zero3-only", *sets], huge_pages=True))
         module_args = [config, os.path.abspath(output), "--rounds", str(rounds), "--zero3-from", zero3, *sets]
         launch(LaunchSpec(nproc=nproc, run_id="calibrate", module="plait.plan.calibrate", module_args=module_args))
 
