@@ -11,7 +11,9 @@ its fused Adam is a compiled op). Without DeepSpeed installed its modes are left
 
 World size 2, one thread per process, the 10M-parameter MLP of benchmarks/data_parallel.py,
 per-worker batch 32, Adam (``zero3-serial``: stage 3 without prefetch, each unit gathered only
-when its pass needs it). Each mode runs in fresh processes (peak resident memory is a
+when its pass needs it; ``zero3-train``: stage 3 with ``plait train``'s allocator settings,
+freed blocks of 4 MiB and more returned to the system and tensors of 2 MiB and more on huge
+pages, where the other modes keep glibc's defaults). Each mode runs in fresh processes (peak resident memory is a
 per-process high-water mark): median step time over timed steps, samples/s, and the peak RSS
 of rank 0 above what the process held before building the model.
 
@@ -24,6 +26,7 @@ replicated; stage 1: 4+4+8/N; stage 2: 4+(4+8)/N; stage 3: 16/N.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import time
@@ -37,8 +40,9 @@ from torch.nn.parallel import DistributedDataParallel
 from plait.models import mlp
 from plait.parallel.zero import Zero
 from plait.testing import World
+from plait.train.trainer import return_freed_memory
 
-MODES = ("ddp", "fsdp2", "ds2", "ds3", "zero1", "zero2", "zero3", "zero3-serial")
+MODES = ("ddp", "fsdp2", "ds2", "ds3", "zero1", "zero2", "zero3", "zero3-serial", "zero3-train")
 DEEPSPEED = ("ds2", "ds3")
 
 
@@ -93,6 +97,8 @@ def wrap(mode: str, model: nn.Module):
         fully_shard(model, mesh=mesh)
         return model, list(model.parameters()), lambda opt: None
     stage = int(mode[4])  # zero3-serial: stage 3 without prefetch, each unit gathered when needed
+    if mode == "zero3-train":  # its processes were started with THP_MEM_ALLOC_ENABLE=1
+        return_freed_memory()
     zero = Zero(model, stage=stage, prefetch=not mode.endswith("serial"))
     return zero, zero.shard_parameters(), zero.attach
 
@@ -153,8 +159,12 @@ def main() -> None:
     runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in args.modes}
     for _ in range(args.rounds):  # every mode in each round: the machine's drift touches all alike
         for mode in args.modes:
+            os.environ.pop("THP_MEM_ALLOC_ENABLE", None)
+            if mode == "zero3-train":  # read at a process's start: the spawned workers inherit it
+                os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
             with World(2, timeout_s=600) as world:
                 runs[mode].append(world.run(speed, mode, args.batch, 5, args.steps, timeout=1800)[0])
+            os.environ.pop("THP_MEM_ALLOC_ENABLE", None)
     results = {mode: (statistics.median(s for s, _ in r), statistics.median(m for _, m in r)) for mode, r in runs.items()}
     base = results.get("ddp", (None,))[0]
     print(f"\nworld size 2, 10M-parameter MLP, Adam, batch {args.batch}/worker, "
@@ -163,7 +173,8 @@ def main() -> None:
     for mode, (seconds, peak) in results.items():
         ratio = f"{base / seconds:6.2f}" if base else "     -"
         print(f"{mode:12} | {seconds * 1e3:8.1f} | {2 * args.batch / seconds:9.0f} | {ratio} | {peak:20.0f}")
-    for peer, mine in (("fsdp2", "zero3"), ("ds2", "zero2"), ("ds3", "zero3"), ("zero3-serial", "zero3")):
+    for peer, mine in (("fsdp2", "zero3"), ("ds2", "zero2"), ("ds3", "zero3"), ("zero3-serial", "zero3"),
+                       ("zero3", "zero3-train")):
         if peer in results and mine in results:
             print(f"{mine} / {peer} speed ratio: {results[peer][0] / results[mine][0]:.2f}; "
                   f"peak memory: {results[mine][1]:.0f} vs {results[peer][1]:.0f} MB")
