@@ -313,6 +313,7 @@ def test_zero3_workers_put_large_tensors_on_huge_pages_unless_the_user_says(tmp_
     for zero in (3, 1):
         cli.main(["train", str(EXAMPLES / "mlp_10m.toml"), "--nproc", "2", "--set", f"parallel.zero={zero}",
                   "--set", f"run.out_dir={tmp_path}"])
+    assert "THP_MEM_ALLOC_ENABLE" not in os.environ
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
     cli.main(["train", str(EXAMPLES / "mlp_10m.toml"), "--nproc", "2", "--set", "parallel.zero=3",
               "--set", f"run.out_dir={tmp_path}"])
