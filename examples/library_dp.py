@@ -13,33 +13,38 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import plait
 
-info = plait.init()  # reads RANK, WORLD_SIZE, ... from torchrun; gloo on CPU, NCCL on CUDA
-mesh = plait.Mesh(dp=0)  # every rank on the data-parallel axis
 
-torch.manual_seed(0)  # the same data everywhere; rank 0's initial weights are broadcast anyway
-x = torch.randn(4096, 20)
-y = (x @ torch.randn(20, 4)).argmax(1)  # a learnable 4-class problem
-dataset = TensorDataset(x, y)
+def main(info) -> None:
+    mesh = plait.Mesh(dp=0)  # every rank on the data-parallel axis
 
-model = plait.DataParallel(
-    nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4)).to(info.device), mesh.group("dp"))
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.manual_seed(0)  # the same data everywhere; rank 0's initial weights are broadcast anyway
+    x = torch.randn(4096, 20)
+    y = (x @ torch.randn(20, 4)).argmax(1)  # a learnable 4-class problem
+    dataset = TensorDataset(x, y)
 
-global_batch = 128
-sampler = plait.PartitionSampler(dataset, mesh.size("dp"), mesh.coord("dp"), global_batch=global_batch)
-loader = DataLoader(dataset, batch_size=global_batch // mesh.size("dp"), sampler=sampler, drop_last=True)
+    model = plait.DataParallel(
+        nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4)).to(info.device), mesh.group("dp"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
-for epoch in range(3):
-    sampler.set_epoch(epoch)
-    for inputs, targets in loader:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(inputs.to(info.device)), targets.to(info.device))
-        loss.backward()  # gradients are averaged over the dp group during backward
-        optimizer.step()
+    global_batch = 128
+    sampler = plait.PartitionSampler(dataset, mesh.size("dp"), mesh.coord("dp"), global_batch=global_batch)
+    loader = DataLoader(dataset, batch_size=global_batch // mesh.size("dp"), sampler=sampler, drop_last=True)
+
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        for inputs, targets in loader:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(inputs.to(info.device)), targets.to(info.device))
+            loss.backward()  # gradients are averaged over the dp group during backward
+            optimizer.step()
+        if info.is_main:
+            print(f"epoch {epoch}: loss {loss.item():.4f} (rank 0's share of the last batch)")
+
+    model.check_consistency()  # raises, naming tensor and rank, if any replica drifted
     if info.is_main:
-        print(f"epoch {epoch}: loss {loss.item():.4f} (rank 0's share of the last batch)")
+        print(f"done: {mesh.size('dp')} replicas hold bitwise identical parameters")
 
-model.check_consistency()  # raises, naming tensor and rank, if any replica drifted
-if info.is_main:
-    print(f"done: {mesh.size('dp')} replicas hold bitwise identical parameters")
+
+info = plait.init()  # reads RANK, WORLD_SIZE, ... from torchrun; gloo on CPU, NCCL on CUDA
+main(info)  # what it built is gone when it returns: nothing of it is left to the interpreter's exit
 plait.shutdown()

@@ -7,6 +7,7 @@ The backend follows the device: gloo on CPU, NCCL on CUDA.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import os
 import socket
@@ -117,7 +118,11 @@ def shutdown(barrier: bool = True) -> None:
     The barrier first lets every rank finish with its peers before any closes its connections
     (one rank aborted once at exit, in a plain-torchrun run, while its peer was tearing down).
     It is bounded by the group's timeout and skipped if a peer is already gone. Ranks that
-    may outlive lost peers (parameter servers) leave without it.
+    may outlive lost peers (parameter servers) leave without it. Unreachable objects (gradient
+    hooks hold their modules in cycles) are collected before the groups are destroyed: whatever
+    of theirs holds communication work or tensors goes now, in a live interpreter, not during
+    its finalization, when a communication thread that drops a tensor's last reference cannot
+    take the GIL (the process aborts: "terminate called without an active exception").
     """
     if not dist.is_initialized():
         return
@@ -126,4 +131,5 @@ def shutdown(barrier: bool = True) -> None:
             dist.barrier()
         except (RuntimeError, dist.DistError):
             pass  # a peer already left or died: nothing left to wait for
+    gc.collect()
     dist.destroy_process_group()
