@@ -13,8 +13,8 @@ World size 2, one thread per process, the 10M-parameter MLP of benchmarks/data_p
 per-worker batch 32, Adam (``zero3-serial``: stage 3 without prefetch, each unit gathered only
 when its pass needs it; ``zero3-train``: stage 3 with ``plait train``'s allocator settings,
 freed blocks of 4 MiB and more returned to the system and tensors of 2 MiB and more on huge
-pages, where the other modes keep glibc's defaults). Each mode runs in fresh processes (peak resident memory is a
-per-process high-water mark): median step time over timed steps, samples/s, and the peak RSS
+pages, where the other modes keep glibc's defaults). Each mode runs in fresh processes (peak
+resident memory is a per-process high-water mark): median step time over timed steps, samples/s, and the peak RSS
 of rank 0 above what the process held before building the model.
 
 The report then builds a ~50M-parameter MLP under each stage and prints the bytes each rank
@@ -97,13 +97,13 @@ def wrap(mode: str, model: nn.Module):
         fully_shard(model, mesh=mesh)
         return model, list(model.parameters()), lambda opt: None
     stage = int(mode[4])  # zero3-serial: stage 3 without prefetch, each unit gathered when needed
-    if mode == "zero3-train":  # its processes were started with THP_MEM_ALLOC_ENABLE=1
-        return_freed_memory()
     zero = Zero(model, stage=stage, prefetch=not mode.endswith("serial"))
     return zero, zero.shard_parameters(), zero.attach
 
 
 def speed(mode: str, batch: int, warmup: int, steps: int) -> tuple[float, float]:
+    if mode == "zero3-train":  # as the trainer does, before the model (its processes started on huge pages)
+        return_freed_memory()
     before = rss_mb()
     torch.manual_seed(0)
     if mode in DEEPSPEED:
@@ -159,12 +159,13 @@ def main() -> None:
     runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in args.modes}
     for _ in range(args.rounds):  # every mode in each round: the machine's drift touches all alike
         for mode in args.modes:
-            os.environ.pop("THP_MEM_ALLOC_ENABLE", None)
             if mode == "zero3-train":  # read at a process's start: the spawned workers inherit it
                 os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+            else:
+                os.environ.pop("THP_MEM_ALLOC_ENABLE", None)
             with World(2, timeout_s=600) as world:
                 runs[mode].append(world.run(speed, mode, args.batch, 5, args.steps, timeout=1800)[0])
-            os.environ.pop("THP_MEM_ALLOC_ENABLE", None)
+    os.environ.pop("THP_MEM_ALLOC_ENABLE", None)
     results = {mode: (statistics.median(s for s, _ in r), statistics.median(m for _, m in r)) for mode, r in runs.items()}
     base = results.get("ddp", (None,))[0]
     print(f"\nworld size 2, 10M-parameter MLP, Adam, batch {args.batch}/worker, "

@@ -89,8 +89,8 @@ def simulate(schedule: str, m: int, p: int, duration, v: int = 1) -> float:
     """The schedule's bubble with free communication and no cost between passes: every stage
     runs its actions in order, each pass taking ``duration(stage, kind, micro-batch, chunk)``
     and starting once the pass it takes the output of has ended (F after the previous piece's F;
-    B and I after the next piece's). The idle share of the step, averaged over stages, as ``trace.measured_bubble``
-    counts it from a real step."""
+    B and I after the next piece's). The idle share of the step, averaged over stages, as
+    ``trace.measured_bubble`` counts it from a real step."""
     actions = [SCHEDULES[schedule](m, p, s, v) for s in range(p)]
     ended: dict = {}  # (piece, kind, micro-batch) -> when it ended
     clock, pos, busy = [0.0] * p, [0] * p, [0.0] * p
