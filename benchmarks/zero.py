@@ -13,7 +13,9 @@ World size 2, one thread per process, the 10M-parameter MLP of benchmarks/data_p
 per-worker batch 32, Adam (``zero3-serial``: stage 3 without prefetch, each unit gathered only
 when its pass needs it; ``zero3-train``: stage 3 with ``plait train``'s allocator settings,
 freed blocks of 4 MiB and more returned to the system and tensors of 2 MiB and more on huge
-pages, where the other modes keep glibc's defaults). Each mode runs in fresh processes (peak
+pages, where the other modes keep glibc's defaults; ``zero3-keep-train``: the same with
+``reshard_after_forward=False``, each unit kept whole from its forward into its backward, beside
+``fsdp2-keep``, FSDP2's same option). Each mode runs in fresh processes (peak
 resident memory is a per-process high-water mark): median step time over timed steps, samples/s, and the peak RSS
 of rank 0 above what the process held before building the model.
 
@@ -42,7 +44,9 @@ from plait.parallel.zero import Zero
 from plait.testing import World
 from plait.train.trainer import return_freed_memory
 
-MODES = ("ddp", "fsdp2", "ds2", "ds3", "zero1", "zero2", "zero3", "zero3-serial", "zero3-train")
+MODES = ("ddp", "fsdp2", "fsdp2-keep", "ds2", "ds3", "zero1", "zero2", "zero3", "zero3-serial", "zero3-train",
+         "zero3-keep-train")
+TRAIN_ALLOCATOR = ("zero3-train", "zero3-keep-train")  # plait train's allocator settings for ZeRO-3
 DEEPSPEED = ("ds2", "ds3")
 
 
@@ -86,23 +90,24 @@ def wrap(mode: str, model: nn.Module):
     if mode == "ddp":
         model = DistributedDataParallel(model)
         return model, list(model.parameters()), lambda opt: None
-    if mode == "fsdp2":
+    if mode.startswith("fsdp2"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        reshard = mode != "fsdp2-keep"
         for layer in model:
             if any(True for _ in layer.parameters()):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+                fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
         return model, list(model.parameters()), lambda opt: None
     stage = int(mode[4])  # zero3-serial: stage 3 without prefetch, each unit gathered when needed
-    zero = Zero(model, stage=stage, prefetch=not mode.endswith("serial"))
+    zero = Zero(model, stage=stage, prefetch=not mode.endswith("serial"), reshard_after_forward="keep" not in mode)
     return zero, zero.shard_parameters(), zero.attach
 
 
 def speed(mode: str, batch: int, warmup: int, steps: int) -> tuple[float, float]:
-    if mode == "zero3-train":  # as the trainer does, before the model (its processes started on huge pages)
+    if mode in TRAIN_ALLOCATOR:  # as the trainer does, before the model (its processes started on huge pages)
         return_freed_memory()
     before = rss_mb()
     torch.manual_seed(0)
@@ -159,7 +164,7 @@ def main() -> None:
     runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in args.modes}
     for _ in range(args.rounds):  # every mode in each round: the machine's drift touches all alike
         for mode in args.modes:
-            if mode == "zero3-train":  # read at a process's start: the spawned workers inherit it
+            if mode in TRAIN_ALLOCATOR:  # read at a process's start: the spawned workers inherit it
                 os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
             else:
                 os.environ.pop("THP_MEM_ALLOC_ENABLE", None)
@@ -170,12 +175,12 @@ def main() -> None:
     base = results.get("ddp", (None,))[0]
     print(f"\nworld size 2, 10M-parameter MLP, Adam, batch {args.batch}/worker, "
           f"medians of {args.rounds} rounds of {args.steps} steps' medians")
-    print(f"{'mode':12} | {'ms/step':>8} | {'samples/s':>9} | {'vs DDP':>6} | {'peak RSS MB (rank 0)':>20}")
+    print(f"{'mode':16} | {'ms/step':>8} | {'samples/s':>9} | {'vs DDP':>6} | {'peak RSS MB (rank 0)':>20}")
     for mode, (seconds, peak) in results.items():
         ratio = f"{base / seconds:6.2f}" if base else "     -"
-        print(f"{mode:12} | {seconds * 1e3:8.1f} | {2 * args.batch / seconds:9.0f} | {ratio} | {peak:20.0f}")
+        print(f"{mode:16} | {seconds * 1e3:8.1f} | {2 * args.batch / seconds:9.0f} | {ratio} | {peak:20.0f}")
     for peer, mine in (("fsdp2", "zero3"), ("ds2", "zero2"), ("ds3", "zero3"), ("zero3-serial", "zero3"),
-                       ("zero3", "zero3-train")):
+                       ("zero3", "zero3-train"), ("fsdp2-keep", "zero3-keep-train"), ("zero3-train", "zero3-keep-train")):
         if peer in results and mine in results:
             print(f"{mine} / {peer} speed ratio: {results[peer][0] / results[mine][0]:.2f}; "
                   f"peak memory: {results[mine][1]:.0f} vs {results[peer][1]:.0f} MB")

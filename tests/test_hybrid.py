@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EXAMPLES, assert_close, train_example
+from conftest import EXAMPLES, assert_close, make_trainer, train_example
 
 STEPS = 10
 GPT = ["data.args.max_chars=6000", "data.args.block_size=16", "model.args.dim=32", "model.args.layers=2",
@@ -81,6 +81,44 @@ def test_gpt_layout_equals_one_process(case, request, solo, tmp_path):
     for rank, (params, _) in enumerate(results):
         assert_close(params, expected, what=f"{case}, rank {rank}: ", scaled=True)
     assert len(results[0][1]) == STEPS
+    torch.testing.assert_close(torch.tensor(results[0][1]), torch.tensor(expected_losses), rtol=1e-5, atol=0)
+
+
+def kept_units_run(overrides: list[str], out_dir: str):
+    """Train the GPT: (parameters, losses, this stage's all-gathers in its training steps, its
+    units, its stage)."""
+    trainer = make_trainer("gpt_tp", overrides, out_dir, STEPS)
+
+    def gathered() -> int:
+        return sum(u.gathers for w in trainer.parallel.wrappers for u in w.units)
+    before = gathered()  # the trainer's set-up gathers each unit once
+    trainer.fit()  # its steps, and the final evaluation's gathers, counted again here and taken off
+    after_fit = gathered()
+    trainer._evaluate()
+    gathers = 2 * after_fit - gathered() - before
+    units = sum(len(w.units) for w in trainer.parallel.wrappers)
+    params = trainer.parallel.unsplit_parameters()
+    return params, [r["loss"] for r in trainer.log.records] if trainer.log else None, gathers, units, \
+        trainer.parallel.pipe.stage
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zbh1"])
+def test_zero3_keeping_units_whole_under_a_pipeline(schedule, world4, solo, tmp_path):
+    """``parallel.reshard_after_forward = false`` on dp=2 x pp=2: trains like one process, and each
+    stage gathers its units as often as the planner counts (a forward after a pass that reduced
+    gradients, or a backward or weight pass after one: tests/test_zero.py counts one process's)."""
+    from plait.plan.cost import _gathers_keeping_units
+
+    shared = [CLIP, ACCUM] if schedule == "zbh1" else [CLIP]
+    layout = ["parallel.zero=3", "parallel.pp=2", f"pipeline.schedule={schedule}",
+              "parallel.reshard_after_forward=false", "parallel.check_consistency=false"]
+    expected, expected_losses, _ = reference("gpt_tp", [*GPT, *shared], str(tmp_path / "one"))
+    results = world4.run(kept_units_run, [*GPT, *shared, *layout], str(tmp_path))
+    k = 2 if ACCUM in shared else 1
+    for rank, (params, _, gathers, units, stage) in enumerate(results):
+        assert_close(params, expected, what=f"{schedule}, rank {rank}: ", scaled=True)
+        per_step = sum(_gathers_keeping_units(schedule, 2, 2, stage))
+        assert gathers == STEPS * k * per_step * units, (rank, stage, gathers, units, per_step)
     torch.testing.assert_close(torch.tensor(results[0][1]), torch.tensor(expected_losses), rtol=1e-5, atol=0)
 
 

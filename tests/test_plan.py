@@ -136,6 +136,22 @@ def test_zero3_without_prefetch_is_planned_with_one_unit_whole():
     assert on["params"] - off["params"] == pytest.approx(max(b.params for b in profile.blocks) * 4, rel=1e-12)
 
 
+def test_zero3_keeping_units_whole_is_planned_with_the_model_whole():
+    """``parallel.reshard_after_forward = false``: the plan holds every unit whole (the stage's
+    parameters beside its slices) and gathers them once a step without a pipeline, in the forward
+    (tests/test_hybrid.py counts the engine's gathers under each schedule against the planner's)."""
+    from plait.plan.profile import profile_config
+    from plait.train.config import load_config
+
+    overrides = LAYOUTS["dp2-zero3"][1]
+    on = _predicted("gpt_hybrid", overrides, 2)
+    off = _predicted("gpt_hybrid", [*overrides, "parallel.reshard_after_forward=false"], 2)
+    profile, _ = profile_config(load_config(EXAMPLES / "gpt_hybrid.toml", overrides))
+    params = sum(b.params for b in profile.blocks)
+    assert off.stages[0]["params"] == pytest.approx((params / 2 + params) * 4, rel=1e-12)
+    assert off.time["zero_gather"] < on.time["zero_gather"]
+
+
 def test_zero3_backwards_that_find_the_last_unit_whole():
     """ZeRO-3 keeps a stage's last unit whole from a forward into a backward that comes right
     after it: 1F1B's steady state (all but stage s's p - s - 1 warm-up micro-batches), GPipe's first

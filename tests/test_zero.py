@@ -136,12 +136,12 @@ def deeper() -> nn.Sequential:
                          nn.Linear(8, 3))
 
 
-def zero_steps(stage: int, bucket_mb: float | None, prefetch: bool, steps: int = 3):
+def zero_steps(stage: int, bucket_mb: float | None, prefetch: bool, steps: int = 3, reshard_after_forward: bool = True):
     """SGD with momentum on each rank's half of a batch: (whole model after ``steps``, units,
     prefetched gathers, the most units whole at once at any unit's forward or backward, all
     gathers)."""
     model = deeper()
-    zero = Zero(model, stage=stage, bucket_mb=bucket_mb, prefetch=prefetch)
+    zero = Zero(model, stage=stage, bucket_mb=bucket_mb, prefetch=prefetch, reshard_after_forward=reshard_after_forward)
     whole = [0]
 
     def count(*_):
@@ -188,6 +188,52 @@ def test_stage3_prefetches_the_next_unit(world2):
     for state, _, prefetched, whole, gathers in world2.run(zero_steps, 3, None, False):
         assert prefetched == 0 and whole == 1 and gathers == 3 * 2 * 4 - 2, (prefetched, whole, gathers)
         assert_close(state, expected, what="no prefetch: ")
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_stage3_keeps_units_whole_from_forward_to_backward(world2, prefetch):
+    """``reshard_after_forward=False``: each unit is gathered for its forward only (prefetched
+    from the second forward on, if asked), stays whole into its backward, which gathers nothing,
+    and is freed once its gradients are reduced: all four units whole at the forward's end, none
+    after a step; training is unchanged."""
+    expected = one_process_steps()
+    for rank, (state, units, prefetched, whole, gathers) in enumerate(
+            world2.run(zero_steps, 3, None, prefetch, 3, False)):
+        assert units == 4 and whole == units, (units, whole)
+        assert gathers == 3 * units, gathers  # one per unit and step: its forward's
+        assert prefetched == (2 * (units - 1) if prefetch else 0), prefetched
+        assert_close(state, expected, what=f"rank {rank}: ")
+
+
+def whole_units_at_a_step(reshard_after_forward: bool) -> list[int]:
+    """Units whole when the optimizer steps after a forward whose backward never came (one
+    step of SGD, then a forward whose loss is thrown away, then a step with the same gradients),
+    none after it; and whether the next forward computes what one from freshly gathered
+    parameters does."""
+    model = deeper()
+    zero = Zero(model, stage=3, reshard_after_forward=reshard_after_forward)
+    opt = torch.optim.SGD(zero.shard_parameters(), lr=0.5)
+    zero.attach(opt)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(dist.get_rank()))
+    F.cross_entropy(zero(x), torch.zeros(4, dtype=torch.long)).backward()
+    opt.step()
+    zero(x)  # a forward with gradients on, and no backward
+    before = sum(not u.is_free() for u in zero.units)
+    opt.step()  # the same gradients again: the parameters move
+    after = sum(not u.is_free() for u in zero.units)
+    with torch.no_grad():
+        seen = zero(x)
+        zero.free_units()
+        fresh = zero(x)  # every unit gathered from the slices the step wrote
+    return [before, after, int(torch.equal(seen, fresh))]
+
+
+def test_stage3_frees_units_a_step_would_leave_stale(world2):
+    """A unit kept whole after a forward whose backward never came holds the parameters of
+    before the next step: the step frees it, so that the next forward gathers the new ones
+    (fails when ``attach`` registers no such hook: the last forward sees the old parameters)."""
+    for before, after, fresh in world2.run(whole_units_at_a_step, False):
+        assert before == 4 and after == 0 and fresh == 1, (before, after, fresh)
 
 
 def stage2_peak_gradients() -> tuple[int, dict, int]:

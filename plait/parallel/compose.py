@@ -75,6 +75,8 @@ class Layout:
     bucket_mb: float = 25.0
     prefetch: bool = True
     """ZeRO-3: the next unit's all-gather launched before this unit's pass (``parallel.prefetch``)."""
+    reshard_after_forward: bool = True
+    """ZeRO-3: units freed after their forward, or kept whole into their backward (``parallel.reshard_after_forward``)."""
     allow_unused: bool = False
     tp_plan: tuple[tuple[str, str], ...] = ()
     """(pattern, style) pairs splitting the model over tp; empty: the model's ``tp_plan()``."""
@@ -99,7 +101,8 @@ class Layout:
                      schedule=cfg.pipeline.schedule, virtual=cfg.pipeline.virtual if sizes["pp"] > 1 else 1,
                      accum_steps=cfg.train.accum_steps,
                      balance=cfg.pipeline.balance, cuts=tuple(cfg.pipeline.cuts),
-                     bucket_mb=p.bucket_mb, prefetch=p.prefetch, allow_unused=p.allow_unused, tp_plan=tuple(p.tp_plan.items()),
+                     bucket_mb=p.bucket_mb, prefetch=p.prefetch,
+                     reshard_after_forward=p.reshard_after_forward, allow_unused=p.allow_unused, tp_plan=tuple(p.tp_plan.items()),
                      blocks=cfg.pipeline.blocks, recompute=cfg.train.recompute, grad_dtype=p.grad_dtype,
                      compress=Compression(p.compress, p.compress_rank, p.compress_ratio, p.compress_start))
         if layout.blocks and layout.balance == "time" and layout.pp > 1 and not layout.cuts:
@@ -242,7 +245,8 @@ class Parallelized:
                 units = [b for _, b in piece] if layout.zero == 3 else None
                 wrapper = Zero(chunk, dp_group, stage=layout.zero, units=units, materialize=materialize,
                                grad_dtype=GRAD_DTYPES[layout.grad_dtype], compress=layout.compress,
-                               bucket_mb=layout.bucket_mb, prefetch=layout.prefetch)
+                               bucket_mb=layout.bucket_mb, prefetch=layout.prefetch,
+                               reshard_after_forward=layout.reshard_after_forward)
             else:
                 if materialize:
                     materialize(chunk)

@@ -5,7 +5,9 @@
              sliced), so each rank keeps only its slice between steps
     stage 3  and parameters: a unit's parameters are all-gathered just before its forward and its
              backward (the next unit's gather launched meanwhile: prefetch), and freed right after
-             (the forward's last unit stays whole into the backward that starts with it)
+             (the forward's last unit stays whole into the backward that starts with it); with
+             ``reshard_after_forward=False`` kept whole from the forward to their backward instead
+             (one all-gather a pass fewer; the whole model's parameters held at the forward's end)
 
 Each unit (for stages 1-2 a bucket of parameters, cut by size in backward order; for stage 3 the
 modules given, by default each top-level child; ``plait.parallel.compose`` gives the blocks that
@@ -113,7 +115,7 @@ class Zero(EndOfBackward, nn.Module):
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None, stage: int = 1,
                  units: list[nn.Module] | None = None, reduce_scatter: bool | None = None, materialize=None,
                  grad_dtype: torch.dtype | None = None, compress: Compression | None = None,
-                 bucket_mb: float | None = 25.0, prefetch: bool = True):
+                 bucket_mb: float | None = 25.0, prefetch: bool = True, reshard_after_forward: bool = True):
         """``units``: stage 3's modules, each gathered whole for its forward and backward (default:
         each top-level child). Stages 1-2 cut the parameters into buckets of ``bucket_mb`` MiB in
         backward order instead (None: one), so that each bucket's reduction starts while backward
@@ -121,6 +123,10 @@ class Zero(EndOfBackward, nn.Module):
         ``prefetch`` (stage 3): launch the all-gather of the unit that runs next (in the forward
         order seen at the first step, reversed in backward) before this unit's pass, so that it
         travels while this one computes: at most two units are whole at a time.
+        ``reshard_after_forward`` (stage 3; FSDP's name): False keeps each unit whole from its
+        forward until its backward has reduced its gradients, so that a backward finds it whole
+        instead of gathering it again: one all-gather per unit and pass fewer, for holding every
+        unit of the model whole at the end of the forward (stages 1-2 keep them whole anyway).
         ``reduce_scatter``: how stages 2-3 reduce gradients; None chooses by backend (see below).
         ``grad_dtype``: the dtype gradients are reduced in (``torch.bfloat16``: half the bytes; the
         reduced slice is cast back, so the optimizer and its state stay in the parameters' dtype).
@@ -137,6 +143,7 @@ class Zero(EndOfBackward, nn.Module):
         self.module, self.group, self.stage, self.grad_dtype = module, group, stage, grad_dtype
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.prefetch = prefetch and stage == 3
+        self.reshard_after_forward = reshard_after_forward or stage < 3
         seen: set[int] = set()
         self.units: list[_Unit] = []
         self._slot = {}
@@ -245,10 +252,11 @@ class Zero(EndOfBackward, nn.Module):
         if not torch.is_grad_enabled():
             u.free_full()
             return
-        if self._order_known and u.order == len(self._forward_order) - 1:
-            self._kept = u
-        else:
-            u.free_full()
+        if self.reshard_after_forward:  # (otherwise whole until its backward has reduced its gradients)
+            if self._order_known and u.order == len(self._forward_order) - 1:
+                self._kept = u
+            else:
+                u.free_full()
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 t.register_hook(lambda grad, u=u: self._regather(u, prefetch=self.prefetch))
@@ -277,18 +285,31 @@ class Zero(EndOfBackward, nn.Module):
         return [u.shard for u in self.units]
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """After each optimizer step, put the updated slices back into the whole parameters."""
+        """After each optimizer step, put the updated slices back into the whole parameters
+        (stages 1-2); stage 3 frees, before a step, any unit still whole (a forward whose backward
+        never came): it would hold the parameters of before the step."""
         if self.stage < 3:
             optimizer.register_step_post_hook(lambda *_: self.gather_params())
+        else:
+            optimizer.register_step_pre_hook(lambda *_: self.free_units())
+
+    def free_units(self) -> None:
+        """Stage 3: every unit's whole parameters freed (a gather in flight waited for first)."""
+        self._kept = None
+        for u in self.units:
+            u.free_full()
 
     def gather_params(self) -> None:
         for u in self.units:
             u.gather()
 
     def loaded(self) -> None:
-        """After a checkpoint was loaded into the slices: stages 1-2 gather the whole parameters."""
+        """After a checkpoint was loaded into the slices: stages 1-2 gather the whole parameters,
+        stage 3 drops any it held (they are gathered anew from the loaded slices when needed)."""
         if self.stage < 3:
             self.gather_params()
+        else:
+            self.free_units()
 
     def check_consistency(self) -> None:
         """Raise if the ranks' gathered parameters or buffers differ (stage 3: unit by unit, so
@@ -455,8 +476,7 @@ class Zero(EndOfBackward, nn.Module):
             yield self.module
         finally:
             if self.stage == 3:
-                for u in self.units:
-                    u.free_full()
+                self.free_units()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state, gathered (every rank gets it; rank 0 may save it)."""

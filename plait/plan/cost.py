@@ -91,6 +91,9 @@ class Workload:
     """Clipping all-reduces the gradient norm over each split axis every step."""
     prefetch: bool = True
     """ZeRO-3 prefetches the next unit's gather (``parallel.prefetch``): two units whole at once."""
+    reshard_after_forward: bool = True
+    """ZeRO-3 frees a unit after its forward (``parallel.reshard_after_forward``), or keeps every
+    unit whole into its backward."""
 
 
 def _behind(link, nbytes: float, group: int, calls: int, backward: float, overlap: float) -> float:
@@ -199,6 +202,19 @@ def _kept(schedule: str, m: int, p: int, s: int) -> int:
     return sum(a[0] in "BI" and b[0] == "F" for b, a in zip(actions, actions[1:]))
 
 
+@lru_cache(maxsize=4096)
+def _gathers_keeping_units(schedule: str, m: int, p: int, s: int) -> tuple[int, int]:
+    """ZeRO-3 with ``reshard_after_forward`` off: (forward, backward) passes of stage s that
+    gather its units. A forward leaves them whole; a pass that reduces the gradients (B, or
+    ZB-H1's W) frees them, so that only a pass after such a one gathers."""
+    whole, forward, backward = False, 0, 0
+    for action in SCHEDULES[schedule](m, p, s):
+        if not whole:
+            forward, backward = (forward + 1, backward) if action[0] == "F" else (forward, backward + 1)
+        whole = action[0] in "FI"
+    return forward, backward
+
+
 def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candidate) -> Estimate:
     world = c.dp * c.pp * c.tp
     b = work.batch_size / (c.dp * work.accum_steps * c.microbatches)  # samples per micro-batch
@@ -264,6 +280,9 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
                 last = st["last"] if units > 1 else params
                 short = _prefetched(dp_link, (params - last) * 4, c.dp, units - 1, t_b, overlap)
                 t_gather = k * (m * forward + kept * short + (m - kept) * backward)
+                if not work.reshard_after_forward:  # units whole from each forward into its backward
+                    gathered = _gathers_keeping_units(c.schedule, m, c.pp, s) if c.pp > 1 else (m, 0)
+                    t_gather = k * (gathered[0] * forward + gathered[1] * backward)
         # the trainer's own per step: the gradient norm over each split axis (the loss is all-reduced
         # at log steps only, between steps)
         t_step = 0.0
@@ -277,13 +296,15 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
         t_opt = (params / shard * optimizer_bytes(work.optimizer, work.grad_clip) / cluster.memory_bandwidth
                  + updated * cluster.optimizer_tensor_s)
         held = _held(c.schedule, m, c.pp, s) if c.pp > 1 else 1
+        # ZeRO-3's units whole at once: the one computing and the one prefetched, or all of them
+        whole = (2 if work.prefetch else 1) * largest if work.reshard_after_forward else params
         saved = st["saved"] * b * act_scale
         if c.recompute:
             saved_peak = (st["inputs"] * held + st["most_saved"]) * b * act_scale
         else:
             saved_peak = saved * held
         mem = {
-            "params": (params / c.dp + (2 if work.prefetch else 1) * largest if c.zero == 3 else params) * 4,
+            "params": (params / c.dp + whole if c.zero == 3 else params) * 4,
             # ZeRO-2 holds whole gradients only for the buckets in flight (at most two)
             "grads": {0: params, 1: params, 2: min(params, 2 * work.bucket_mb * 2**20 / 4) + params / c.dp,
                       3: 2 * largest + params / c.dp}[c.zero] * 4,
