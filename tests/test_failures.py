@@ -121,3 +121,14 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_worker_st
     done, elapsed = run_until_failure(tmp_path, "--set", f"run.out_dir={blocker}")
     assert done.returncode == 1
     assert done.stderr.strip() == f"plait: error: run.out_dir: cannot write to {blocker}/linreg: Not a directory"
+
+
+def test_a_rank_killed_by_a_signal_says_where_its_threads_were():
+    """A fatal signal in a worker (here an abort, as a communication thread's can be) prints each
+    thread's Python stack before the process dies (fails without ``faulthandler`` in init)."""
+    code = "import os, plait\ndef here():\n    os.abort()\nplait.init()\nhere()\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "Fatal Python error: Aborted" in done.stderr, done.stderr
+    assert 'line 3 in here' in done.stderr, done.stderr

@@ -7,6 +7,7 @@ The backend follows the device: gloo on CPU, NCCL on CUDA.
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import ipaddress
 import os
@@ -85,8 +86,12 @@ def init(backend: str = "auto", device: str = "auto", timeout_s: float = 300.0) 
     """Initialise the default process group from the environment (idempotent).
 
     ``timeout_s`` bounds every collective: a peer that stalls or dies turns into an error
-    after that long instead of a hang.
+    after that long instead of a hang. A process killed by a fatal signal (an abort in a
+    communication thread, a crash in an extension) prints every thread's Python stack first
+    (``faulthandler``), so that its log says where it was.
     """
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     rank = _env_int("RANK", 0)
     world = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)

@@ -178,7 +178,7 @@ class PipelineStage:
         else:
             with span("backward", self._name("B", i, c)), self._syncing(c, sync):
                 torch.autograd.backward(out, grads)
-            sent = [t.grad for t in floats]
+            sent = [t.grad for t in floats] if piece else []  # the first piece's input is the data
         self.trace.append(("I" if split else "B", i, start - self.t0, time.perf_counter() - self.t0, c))
         if piece:
             self._link(piece - 1).send(tuple(g if g is not None else torch.zeros_like(t)
