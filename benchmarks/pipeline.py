@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/pipeline.py                    # pp=2, m in 2 4 8, 5 rounds
     .venv/bin/python benchmarks/pipeline.py --microbatches 4 --rounds 3
-    .venv/bin/python benchmarks/pipeline.py --batch 256 --input-grad             # the bubble against theory
+    .venv/bin/python benchmarks/pipeline.py --batch 1024 --input-grad --microbatches 4 8   # the bubble against theory
 
 World size 2 (pp=2), one thread per process, a 12.6M-parameter MLP (12 layers of 1024 and a
 10-way head: the halves equal, 6 layers each, and the quarters of the interleaved schedule 3
