@@ -178,7 +178,10 @@ class Layout:
     def describe(self) -> str:
         text = f"dp={self.dp} x pp={self.pp}" + (f" ({self.virtual} chunks each)" if self.virtual > 1 else "")
         text += f" x tp={self.tp}"
-        return text + (f", ZeRO-{self.zero}" if self.zero else "") + (", recompute" if self.recompute else "")
+        if self.zero:
+            text += f", ZeRO-{self.zero}" + (", units kept whole into backward" if self.zero == 3
+                                             and not self.reshard_after_forward else "")
+        return text + (", recompute" if self.recompute else "")
 
 
 def parallelize(model: nn.Module, mesh: Mesh, layout: Layout, loss_fn, device: torch.device | None = None,
