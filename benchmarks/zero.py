@@ -180,7 +180,8 @@ def main() -> None:
         ratio = f"{base / seconds:6.2f}" if base else "     -"
         print(f"{mode:16} | {seconds * 1e3:8.1f} | {2 * args.batch / seconds:9.0f} | {ratio} | {peak:20.0f}")
     for peer, mine in (("fsdp2", "zero3"), ("ds2", "zero2"), ("ds3", "zero3"), ("zero3-serial", "zero3"),
-                       ("zero3", "zero3-train"), ("fsdp2-keep", "zero3-keep-train"), ("zero3-train", "zero3-keep-train")):
+                       ("zero3", "zero3-train"), ("fsdp2-keep", "zero3-keep-train"),
+                       ("zero3-train", "zero3-keep-train")):
         if peer in results and mine in results:
             print(f"{mine} / {peer} speed ratio: {results[peer][0] / results[mine][0]:.2f}; "
                   f"peak memory: {results[mine][1]:.0f} vs {results[peer][1]:.0f} MB")

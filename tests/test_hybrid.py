@@ -53,6 +53,11 @@ CASES = {
     "zero2xpp2-looped-gpipe": ("world4", ["parallel.zero=2", "parallel.pp=2", "pipeline.virtual=2",
                                           "pipeline.schedule=gpipe"], [CLIP]),
     "zero3xpp2-interleaved": ("world4", ["parallel.zero=3", "parallel.pp=2", "pipeline.virtual=2"], [CLIP, ACCUM]),
+    # ZeRO-3 keeping units whole into backward (dp2 x pp2 under each schedule: test_zero3_keeping_units...)
+    "zero3xtp2-kept": ("world4", ["parallel.zero=3", "parallel.tp=2", "parallel.reshard_after_forward=false"],
+                       [CLIP, ACCUM]),
+    "zero3xpp2-interleaved-kept": ("world4", ["parallel.zero=3", "parallel.pp=2", "pipeline.virtual=2",
+                                              "parallel.reshard_after_forward=false"], [CLIP]),
     "dp2xpp2xtp2-1f1b": ("world8", ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2"], [CLIP]),
     "dp2xpp2xtp2-gpipe": ("world8", ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "pipeline.schedule=gpipe"],
                           [ACCUM]),

@@ -14,6 +14,8 @@ CASES = {
     # name: (world fixture, example, overrides)
     "dp2": ("world2", "gpt_tp", [*GPT, "parallel.tp=1"]),
     "zero3": ("world2", "gpt_tp", [*GPT, "parallel.tp=1", "parallel.zero=3"]),
+    "zero3-kept": ("world2", "gpt_tp", [*GPT, "parallel.tp=1", "parallel.zero=3",
+                                       "parallel.reshard_after_forward=false"]),
     "tp2": ("world2", "gpt_tp", [*GPT, "parallel.tp=2"]),
     "pp2-gpipe-cnn": ("world2", "digits_cnn", ["parallel.pp=2", "pipeline.microbatches=2", "pipeline.schedule=gpipe"]),
     "pp2xtp2-1f1b": ("world4", "gpt_tp", [*GPT, "parallel.pp=2", "parallel.tp=2", "pipeline.microbatches=2"]),

@@ -76,7 +76,8 @@ class Layout:
     prefetch: bool = True
     """ZeRO-3: the next unit's all-gather launched before this unit's pass (``parallel.prefetch``)."""
     reshard_after_forward: bool = True
-    """ZeRO-3: units freed after their forward, or kept whole into their backward (``parallel.reshard_after_forward``)."""
+    """ZeRO-3: units freed after their forward, or kept whole into their backward
+    (``parallel.reshard_after_forward``)."""
     allow_unused: bool = False
     tp_plan: tuple[tuple[str, str], ...] = ()
     """(pattern, style) pairs splitting the model over tp; empty: the model's ``tp_plan()``."""
@@ -102,7 +103,8 @@ class Layout:
                      accum_steps=cfg.train.accum_steps,
                      balance=cfg.pipeline.balance, cuts=tuple(cfg.pipeline.cuts),
                      bucket_mb=p.bucket_mb, prefetch=p.prefetch,
-                     reshard_after_forward=p.reshard_after_forward, allow_unused=p.allow_unused, tp_plan=tuple(p.tp_plan.items()),
+                     reshard_after_forward=p.reshard_after_forward, allow_unused=p.allow_unused,
+                     tp_plan=tuple(p.tp_plan.items()),
                      blocks=cfg.pipeline.blocks, recompute=cfg.train.recompute, grad_dtype=p.grad_dtype,
                      compress=Compression(p.compress, p.compress_rank, p.compress_ratio, p.compress_start))
         if layout.blocks and layout.balance == "time" and layout.pp > 1 and not layout.cuts:
