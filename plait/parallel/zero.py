@@ -7,7 +7,8 @@
              backward (the next unit's gather launched meanwhile: prefetch), and freed right after
              (the forward's last unit stays whole into the backward that starts with it); with
              ``reshard_after_forward=False`` kept whole from the forward to their backward instead
-             (one all-gather a pass fewer; the whole model's parameters held at the forward's end)
+             (one all-gather per unit and step fewer; the whole model's parameters held at the
+             forward's end)
 
 Each unit (for stages 1-2 a bucket of parameters, cut by size in backward order; for stage 3 the
 modules given, by default each top-level child; ``plait.parallel.compose`` gives the blocks that
@@ -125,7 +126,7 @@ class Zero(EndOfBackward, nn.Module):
         travels while this one computes: at most two units are whole at a time.
         ``reshard_after_forward`` (stage 3; FSDP's name): False keeps each unit whole from its
         forward until its backward has reduced its gradients, so that a backward finds it whole
-        instead of gathering it again: one all-gather per unit and pass fewer, for holding every
+        instead of gathering it again: one all-gather per unit and step fewer, for holding every
         unit of the model whole at the end of the forward (stages 1-2 keep them whole anyway).
         ``reduce_scatter``: how stages 2-3 reduce gradients; None chooses by backend (see below).
         ``grad_dtype``: the dtype gradients are reduced in (``torch.bfloat16``: half the bytes; the
