@@ -275,12 +275,12 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
                 units = len(blocks)
                 forward = _prefetched(dp_link, params * 4, c.dp, units, t_f, overlap)
                 backward = _prefetched(dp_link, params * 4, c.dp, units, t_b, overlap)
-                # a backward right after a forward finds the last unit still whole
-                kept = _kept(c.schedule, m, c.pp, s) if c.pp > 1 else m
-                last = st["last"] if units > 1 else params
-                short = _prefetched(dp_link, (params - last) * 4, c.dp, units - 1, t_b, overlap)
-                t_gather = k * (m * forward + kept * short + (m - kept) * backward)
-                if not work.reshard_after_forward:  # units whole from each forward into its backward
+                if work.reshard_after_forward:  # a backward right after a forward finds the last unit whole
+                    kept = _kept(c.schedule, m, c.pp, s) if c.pp > 1 else m
+                    last = st["last"] if units > 1 else params
+                    short = _prefetched(dp_link, (params - last) * 4, c.dp, units - 1, t_b, overlap)
+                    t_gather = k * (m * forward + kept * short + (m - kept) * backward)
+                else:  # units whole from each forward into its backward
                     gathered = _gathers_keeping_units(c.schedule, m, c.pp, s) if c.pp > 1 else (m, 0)
                     t_gather = k * (gathered[0] * forward + gathered[1] * backward)
         # the trainer's own per step: the gradient norm over each split axis (the loss is all-reduced

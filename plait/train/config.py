@@ -176,7 +176,7 @@ class ParallelConfig:
     block only when its pass needs it: one block whole at a time instead of two)."""
     reshard_after_forward: bool = True
     """ZeRO-3: free each block's gathered parameters after its forward (false: keep them until its
-    backward, which then needs no all-gather: one gather per block and pass fewer, for the whole
+    backward, which then needs no all-gather: one gather per block and step fewer, for the whole
     model's parameters held at the end of the forward; FSDP's option of the same name)."""
     allow_unused: bool = False
     """Allow parameters that get no gradient (otherwise an error naming them)."""
