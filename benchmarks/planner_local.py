@@ -7,6 +7,7 @@ every valid layout trained for a few steps (``plait plan --measure``), predicted
     .venv/bin/python benchmarks/planner_local.py --rescore       # predict them again (a changed model)
     .venv/bin/python benchmarks/planner_local.py --settle 8      # the 8 fastest and the plan's top 2: 5 rounds, in turn
     .venv/bin/python benchmarks/planner_local.py --remeasure 'ZeRO-3'   # those layouts run again (an engine changed)
+    .venv/bin/python benchmarks/planner_local.py --missing       # layouts the plan weighs now that have no row
 
 Each model gets its own calibration (``plait calibrate CONFIG --nproc 4``, which times that
 model's blocks), written beside the measurements in docs/plan/. Printed per model: the measured
@@ -146,6 +147,29 @@ def remeasure(name: str, nproc: int, steps: int, pattern: str) -> None:
             path.write_text(json.dumps(rows, indent=1))  # what is done is kept if stopped
 
 
+def missing(name: str, nproc: int, steps: int) -> None:
+    """Run, once, every layout that fits in the plan as it is now but has no saved row (the
+    planner weighs a choice it did not), and add their rows; then rank every row again."""
+    import tempfile
+    import time
+
+    from plait.plan.measure import measured
+
+    path, rows, ranked = saved(name, nproc)
+    known = {r["layout"] for r in rows}
+    todo = [(i, e) for i, e in enumerate(ranked) if e.fits and e.candidate.describe() not in known]
+    print(f"{name}: {len(todo)} layouts in the plan have no row", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, (i, e) in enumerate(todo):
+            got = measured(str(ROOT / MODELS[name]), [], e, nproc, steps, Path(tmp), "m", 1)
+            row = {"rank": i + 1, "layout": e.candidate.describe(), "predicted_step_s": e.step_s,
+                   "predicted_memory_bytes": e.memory_bytes, **got, "measured": time.strftime("%Y-%m-%d")}
+            rows.append(row)
+            print(f"  [{n + 1}/{len(todo)}] {row['layout']}: {got}", flush=True)
+            path.write_text(json.dumps(rows, indent=1))  # what is done is kept if stopped
+    rescore(name, nproc)
+
+
 def summarize(name: str) -> None:
     rows = [r for r in json.loads((PLANS / f"{name}_measured.json").read_text()) if "error" not in r]
     fastest = min(rows, key=lambda r: r["step_s"])
@@ -197,6 +221,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds of --settle")
     parser.add_argument("--remeasure", metavar="REGEX",
                         help="run again, once, the saved layouts whose description matches REGEX")
+    parser.add_argument("--missing", action="store_true",
+                        help="run, once, the layouts of the plan that have no saved row, and add them")
     parser.add_argument("--nproc", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -205,6 +231,8 @@ def main() -> None:
         if args.calibrate:
             calibrate(name, args.nproc)
             rescore(name, args.nproc)
+        elif args.missing:
+            missing(name, args.nproc, args.steps)
         elif args.remeasure:
             remeasure(name, args.nproc, args.steps, args.remeasure)
         elif args.settle:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -88,9 +89,10 @@ def _predicted(example: str, overrides: list[str], world: int):
     ranked, _ = plan_config(cfg, world, cluster)
     p = cfg.parallel
     want = (p.dp or world // (p.pp * p.tp), p.pp, p.tp, p.zero, cfg.pipeline.microbatches if p.pp > 1 else 1,
-            cfg.pipeline.schedule if p.pp > 1 else "1f1b", cfg.train.recompute)
+            cfg.pipeline.schedule if p.pp > 1 else "1f1b", cfg.train.recompute, p.reshard_after_forward or p.zero < 3)
     return next(e for e in ranked if (e.candidate.dp, e.candidate.pp, e.candidate.tp, e.candidate.zero,
-                                      e.candidate.microbatches, e.candidate.schedule, e.candidate.recompute) == want)
+                                      e.candidate.microbatches, e.candidate.schedule, e.candidate.recompute,
+                                      e.candidate.reshard) == want)
 
 
 GPT = ["model.args.layers=2", "train.batch_size=16", "pipeline.microbatches=4", "parallel.tp=1"]
@@ -150,6 +152,36 @@ def test_zero3_keeping_units_whole_is_planned_with_the_model_whole():
     params = sum(b.params for b in profile.blocks)
     assert off.stages[0]["params"] == pytest.approx((params / 2 + params) * 4, rel=1e-12)
     assert off.time["zero_gather"] < on.time["zero_gather"]
+
+
+def test_the_plan_weighs_keeping_zero3_units_whole(tmp_path):
+    """Every ZeRO-3 layout is planned both ways (units freed after their forward, or kept whole
+    into backward: ``no-reshard``), no other layout is; keeping them is faster and holds more, so
+    where memory is short the plan takes the default; and a layout's ``--set`` values give the
+    trainer the setting the plan weighed."""
+    from plait.plan import plan_config
+    from plait.plan.cluster import load_cluster
+    from plait.train.config import load_config
+
+    cfg = load_config(EXAMPLES / "gpt_hybrid.toml", [])
+    ranked, _ = plan_config(cfg, 4, load_cluster(str(_cluster_file(tmp_path))))
+    by = {e.candidate: e for e in ranked}
+    kept = [e for e in ranked if not e.candidate.reshard]
+    assert kept and all(e.candidate.zero == 3 for e in kept)
+    assert len(kept) == sum(e.candidate.zero == 3 for e in ranked) / 2
+    for e in kept:
+        default = by[replace(e.candidate, reshard=True)]
+        assert e.step_s < default.step_s and e.memory_bytes > default.memory_bytes, e.candidate.describe()
+        assert e.candidate.describe() == default.candidate.describe().replace("ZeRO-3", "ZeRO-3 no-reshard")
+        for c in (e.candidate, default.candidate):
+            p = load_config(EXAMPLES / "gpt_hybrid.toml", c.overrides()).parallel
+            assert (p.dp, p.pp, p.tp, p.zero, p.reshard_after_forward) == (c.dp, c.pp, c.tp, c.zero, c.reshard)
+
+    pick = min(kept, key=lambda e: e.step_s)  # memory between the two: only the default fits
+    default = by[replace(pick.candidate, reshard=True)]
+    memory = (pick.memory_bytes + default.memory_bytes) / 2
+    only = {e.candidate: e for e in plan_config(cfg, 4, load_cluster(str(_cluster_file(tmp_path, memory_bytes=memory))))[0]}
+    assert not only[pick.candidate].fits and only[default.candidate].fits
 
 
 def test_zero3_backwards_that_find_the_last_unit_whole():

@@ -21,7 +21,7 @@ def workload(cfg, nnodes: int = 1) -> Workload:
     t = cfg.train
     optimizer = "sgd_momentum" if t.optimizer == "sgd" and t.momentum else t.optimizer
     return Workload(t.batch_size, t.accum_steps, optimizer, cfg.parallel.bucket_mb, nnodes, t.grad_clip > 0,
-                    cfg.parallel.prefetch, cfg.parallel.reshard_after_forward)
+                    cfg.parallel.prefetch)
 
 
 def layout_check(cfg, model):

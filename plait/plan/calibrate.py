@@ -300,7 +300,8 @@ def _trained(config: str, overrides: list[str], cfg, profile, info, zero: int = 
     peak = span = 0.0
     with tempfile.TemporaryDirectory(prefix="plait-calibrate-") as tmp:
         sets = [*overrides, *QUIET, f"parallel.dp={world}", "parallel.pp=1", "parallel.tp=1", f"parallel.zero={zero}",
-                f"train.steps={steps}", f"run.log_every={steps // 2}", f'run.out_dir="{tmp}"', 'run.name="calibrate"']
+                "parallel.reshard_after_forward=true", f"train.steps={steps}", f"run.log_every={steps // 2}",
+                f'run.out_dir="{tmp}"', 'run.name="calibrate"']
         trainer = Trainer(load_config(config, sets), info)
         trainer.fit()
         if trainer.log:  # rank 0 logs every rank's figures of the last steps

@@ -57,11 +57,14 @@ class Candidate:
     schedule: str = "1f1b"
     recompute: bool = False
     precision: str = "fp32"
+    reshard: bool = True
+    """ZeRO-3 frees a unit after its forward (``parallel.reshard_after_forward``); False keeps
+    every unit whole from its forward into its backward: faster, the stage's parameters whole."""
 
     def describe(self) -> str:
         text = f"dp={self.dp} pp={self.pp} tp={self.tp}"
         if self.zero:
-            text += f" ZeRO-{self.zero}"
+            text += f" ZeRO-{self.zero}" + (" no-reshard" if self.zero == 3 and not self.reshard else "")
         if self.pp > 1:
             text += f" m={self.microbatches} {self.schedule}"
         if self.recompute:
@@ -72,7 +75,8 @@ class Candidate:
         """The ``--set`` values that train this layout."""
         sets = [f"parallel.dp={self.dp}", f"parallel.pp={self.pp}", f"parallel.tp={self.tp}",
                 f"parallel.zero={self.zero}", f"pipeline.microbatches={self.microbatches}",
-                f'pipeline.schedule="{self.schedule}"', "pipeline.virtual=1", f"train.recompute={str(self.recompute).lower()}"]
+                f'pipeline.schedule="{self.schedule}"', "pipeline.virtual=1", f"train.recompute={str(self.recompute).lower()}",
+                f"parallel.reshard_after_forward={str(self.reshard).lower()}"]
         if self.precision == "bf16":
             sets += ["train.bf16=true", 'parallel.grad_dtype="bf16"']
         return sets
@@ -91,9 +95,6 @@ class Workload:
     """Clipping all-reduces the gradient norm over each split axis every step."""
     prefetch: bool = True
     """ZeRO-3 prefetches the next unit's gather (``parallel.prefetch``): two units whole at once."""
-    reshard_after_forward: bool = True
-    """ZeRO-3 frees a unit after its forward (``parallel.reshard_after_forward``), or keeps every
-    unit whole into its backward."""
 
 
 def _behind(link, nbytes: float, group: int, calls: int, backward: float, overlap: float) -> float:
@@ -275,7 +276,7 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
                 units = len(blocks)
                 forward = _prefetched(dp_link, params * 4, c.dp, units, t_f, overlap)
                 backward = _prefetched(dp_link, params * 4, c.dp, units, t_b, overlap)
-                if work.reshard_after_forward:  # a backward right after a forward finds the last unit whole
+                if c.reshard:  # a backward right after a forward finds the last unit whole
                     kept = _kept(c.schedule, m, c.pp, s) if c.pp > 1 else m
                     last = st["last"] if units > 1 else params
                     short = _prefetched(dp_link, (params - last) * 4, c.dp, units - 1, t_b, overlap)
@@ -297,7 +298,7 @@ def estimate(profile: ModelProfile, cluster: Cluster, work: Workload, c: Candida
                  + updated * cluster.optimizer_tensor_s)
         held = _held(c.schedule, m, c.pp, s) if c.pp > 1 else 1
         # ZeRO-3's units whole at once: the one computing and the one prefetched, or all of them
-        whole = (2 if work.prefetch else 1) * largest if work.reshard_after_forward else params
+        whole = (2 if work.prefetch else 1) * largest if c.reshard else params
         saved = st["saved"] * b * act_scale
         if c.recompute:
             saved_peak = (st["inputs"] * held + st["most_saved"]) * b * act_scale

@@ -2,9 +2,10 @@
 
 The space: every dp x pp x tp that multiplies to the world (tp only with a tensor-parallel
 plan whose sizes divide, pp up to the model's blocks), ZeRO 0-3 when dp > 1 (3 only without
-weights tied across blocks), for pp > 1 the micro-batch counts that divide each rank's share of
-the batch from pp to 4 pp and one sample per micro-batch, GPipe and 1F1B, recomputation off and
-on, fp32 and (when the cluster gives bf16 FLOP/s) bf16. Layouts that fit rank by predicted
+weights tied across blocks; with each unit freed after its forward, or kept whole into its
+backward), for pp > 1 the micro-batch counts that divide each rank's share of the batch from pp
+to 4 pp and one sample per micro-batch, GPipe, 1F1B and ZB-H1, recomputation off and on, fp32
+and (when the cluster gives bf16 FLOP/s) bf16. Layouts that fit rank by predicted
 step time; those that do not, after them, by memory.
 """
 
@@ -54,8 +55,9 @@ def candidates(profile: ModelProfile, cluster: Cluster, work: Workload, world: i
                     for schedule in (list(SCHEDULES) if pp > 1 else ["1f1b"]):
                         for recompute in (False, True):
                             for precision in precisions:
-                                found.append(replace(base, microbatches=m, schedule=schedule, recompute=recompute,
-                                                     precision=precision))
+                                for reshard in ((True, False) if zero == 3 else (True,)):
+                                    found.append(replace(base, microbatches=m, schedule=schedule, recompute=recompute,
+                                                         precision=precision, reshard=reshard))
     return found
 
 
