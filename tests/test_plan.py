@@ -89,10 +89,11 @@ def _predicted(example: str, overrides: list[str], world: int):
     ranked, _ = plan_config(cfg, world, cluster)
     p = cfg.parallel
     want = (p.dp or world // (p.pp * p.tp), p.pp, p.tp, p.zero, cfg.pipeline.microbatches if p.pp > 1 else 1,
-            cfg.pipeline.schedule if p.pp > 1 else "1f1b", cfg.train.recompute, p.reshard_after_forward or p.zero < 3)
+            cfg.pipeline.schedule if p.pp > 1 else "1f1b", cfg.train.recompute, p.reshard_after_forward or p.zero < 3,
+            cfg.pipeline.virtual if p.pp > 1 else 1)
     return next(e for e in ranked if (e.candidate.dp, e.candidate.pp, e.candidate.tp, e.candidate.zero,
                                       e.candidate.microbatches, e.candidate.schedule, e.candidate.recompute,
-                                      e.candidate.reshard) == want)
+                                      e.candidate.reshard, e.candidate.virtual) == want)
 
 
 GPT = ["model.args.layers=2", "train.batch_size=16", "pipeline.microbatches=4", "parallel.tp=1"]
@@ -105,6 +106,8 @@ LAYOUTS = {
     "pp2-gpipe": ("gpt_hybrid", [*GPT, "parallel.pp=2", 'pipeline.schedule="gpipe"']),
     "pp2-1f1b": ("gpt_hybrid", [*GPT, "parallel.pp=2", 'pipeline.schedule="1f1b"']),
     "pp2-zbh1": ("gpt_hybrid", [*GPT, "parallel.pp=2", 'pipeline.schedule="zbh1"']),  # holds each graph until W
+    "pp2-gpipe-v2": ("gpt_hybrid", [*GPT, "parallel.pp=2", 'pipeline.schedule="gpipe"', "pipeline.virtual=2"]),
+    "pp2-1f1b-v2": ("gpt_hybrid", [*GPT, "parallel.pp=2", 'pipeline.schedule="1f1b"', "pipeline.virtual=2"]),
 }
 
 
@@ -180,8 +183,38 @@ def test_the_plan_weighs_keeping_zero3_units_whole(tmp_path):
     pick = min(kept, key=lambda e: e.step_s)  # memory between the two: only the default fits
     default = by[replace(pick.candidate, reshard=True)]
     memory = (pick.memory_bytes + default.memory_bytes) / 2
-    only = {e.candidate: e for e in plan_config(cfg, 4, load_cluster(str(_cluster_file(tmp_path, memory_bytes=memory))))[0]}
+    tight = load_cluster(str(_cluster_file(tmp_path, memory_bytes=memory)))
+    only = {e.candidate: e for e in plan_config(cfg, 4, tight)[0]}
     assert not only[pick.candidate].fits and only[default.candidate].fits
+
+
+def test_the_plan_weighs_chunks_per_stage(tmp_path):
+    """GPipe and 1F1B are weighed with 2, 4 and 8 chunks per stage too, where pp x chunks is at
+    most the blocks, there are at least pp micro-batches (1F1B: divisible by pp) and the model
+    is Plait's chain to cut; a layout's ``--set`` values train those chunks; on devices of their
+    own (no shared cores) v chunks cut the bubble v-fold."""
+    from plait.plan import plan_config
+    from plait.plan.cluster import load_cluster
+    from plait.train.config import load_config
+
+    cluster = load_cluster(str(_cluster_file(tmp_path)))
+    cfg = load_config(EXAMPLES / "gpt_hybrid.toml", [])  # 6 blocks: pp=2 takes 2 chunks, pp=4 none
+    ranked, profile = plan_config(cfg, 4, cluster)
+    chunked = [e.candidate for e in ranked if e.candidate.virtual > 1]
+    assert chunked and {c.virtual for c in chunked} == {2} and {c.pp for c in chunked} == {2}
+    assert all(c.schedule in ("gpipe", "1f1b") and c.microbatches >= c.pp for c in chunked)
+    assert all(c.microbatches % c.pp == 0 for c in chunked if c.schedule == "1f1b")
+    by = {e.candidate: e for e in ranked}
+    for c in chunked:
+        assert load_config(EXAMPLES / "gpt_hybrid.toml", c.overrides()).pipeline.virtual == 2
+        one = by[replace(c, virtual=1)]
+        assert by[c].time["bubble"] < one.time["bubble"]
+    bigger = plan_config(load_config(EXAMPLES / "gpt_hybrid.toml", ["model.args.layers=14"]), 4, cluster)[0]
+    assert {e.candidate.virtual for e in bigger if e.candidate.pp == 2} == {1, 2, 4, 8}
+    assert {e.candidate.virtual for e in bigger if e.candidate.pp == 4} == {1, 2, 4}
+    # a model whose own forward runs its blocks (pipeline.blocks) holds one chunk per stage
+    own = plan_config(load_config(EXAMPLES / "my_model.toml", []), 4, cluster)[0]
+    assert any(e.candidate.pp > 1 for e in own) and all(e.candidate.virtual == 1 for e in own)
 
 
 def test_zero3_backwards_that_find_the_last_unit_whole():
@@ -191,9 +224,13 @@ def test_zero3_backwards_that_find_the_last_unit_whole():
     from plait.plan.cost import _kept
 
     m, p = 8, 4
-    assert [_kept("1f1b", m, p, s) for s in range(p)] == [m - (p - s - 1) for s in range(p)]
-    assert [_kept("zbh1", m, p, s) for s in range(p)] == [m - (p - s - 1) for s in range(p)]
-    assert [_kept("gpipe", m, p, s) for s in range(p)] == [1] * p
+    assert [_kept("1f1b", m, p, s) for s in range(p)] == [(m - (p - s - 1),) for s in range(p)]
+    assert [_kept("zbh1", m, p, s) for s in range(p)] == [(m - (p - s - 1),) for s in range(p)]
+    assert [_kept("gpipe", m, p, s) for s in range(p)] == [(1,)] * p
+    # with two chunks (one engine each) a backward finds its chunk's last unit whole when that
+    # chunk last ran a forward: looped GPipe's first backward of each chunk (the engines' own
+    # counts under a pipeline, with chunks too: tests/test_hybrid.py)
+    assert [_kept("gpipe", m, p, s, 2) for s in range(p)] == [(1, 1)] * p
 
 
 def test_zero3_layouts_hold_the_runtime_calibrated_under_zero3(tmp_path):

@@ -110,9 +110,7 @@ class Layout:
         if layout.blocks and layout.balance == "time" and layout.pp > 1 and not layout.cuts:
             raise ConfigError("pipeline.balance: 'time' times blocks on their own, which a model's chain "
                               "(pipeline.blocks) does not allow; use 'params' or pipeline.cuts")
-        if layout.virtual > 1 and layout.blocks:
-            raise ConfigError("pipeline.virtual: a model that runs its own forward around its blocks "
-                              f"(pipeline.blocks = {layout.blocks!r}) holds one chunk per stage; use pipeline.virtual = 1")
+        layout.check_chunks()
         if layout.virtual > 1 and layout.schedule == "1f1b" and layout.microbatches % layout.pp:
             raise ConfigError(f"pipeline.microbatches: interleaved 1F1B (pipeline.virtual = {layout.virtual}) needs "
                               f"micro-batches divisible by pp ({layout.pp}), got {layout.microbatches}")
@@ -130,6 +128,13 @@ class Layout:
             raise ConfigError(f"pipeline.microbatches: {self.microbatches} does not divide each data-parallel "
                               f"rank's {share} samples per accumulation step (train.batch_size {batch_size} / "
                               f"dp {self.dp} / train.accum_steps {self.accum_steps})")
+
+    def check_chunks(self) -> None:
+        """Several chunks per stage need Plait's own chain of blocks to cut into pieces."""
+        if self.virtual > 1 and self.blocks:
+            raise ConfigError("pipeline.virtual: a model that runs its own forward around its blocks "
+                              f"(pipeline.blocks = {self.blocks!r}) holds one chunk per stage; "
+                              "use pipeline.virtual = 1")
 
     def plan(self, model: nn.Module) -> dict[str, str] | None:
         """How tensor parallelism splits ``model``: the config's plan, else the model's own."""
@@ -153,6 +158,7 @@ class Layout:
                                   "the config: parallel.tp_plan = {\"PATTERN\" = \"STYLE\", ...} over its module names "
                                   f"(styles: {', '.join(STYLES)})")
             check_plan(model, plan, self.tp)
+        self.check_chunks()
         chain = self.chain(model)
         blocks = chain.blocks
         pieces = self.pp * self.virtual

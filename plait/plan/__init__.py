@@ -31,10 +31,10 @@ def layout_check(cfg, model):
 
     cache: dict = {}
 
-    def one(key) -> None:  # each degree is checked on its own: tp's plan, pp's cut, ZeRO-3's units
+    def one(key) -> None:  # each degree is checked on its own: tp's plan, pp's cut (and chunks), ZeRO-3's units
         if key not in cache:
-            tp, pp, zero = key
-            layout = Layout(pp=pp, tp=tp, zero=zero, blocks=cfg.pipeline.blocks,
+            tp, pp, virtual, zero = key
+            layout = Layout(pp=pp, tp=tp, zero=zero, virtual=virtual, blocks=cfg.pipeline.blocks,
                             tp_plan=tuple(cfg.parallel.tp_plan.items()))
             try:
                 layout.check_model(model)
@@ -45,10 +45,10 @@ def layout_check(cfg, model):
             raise cache[key]
 
     def check(c: Candidate) -> None:
-        one((c.tp, 1, 0))
-        one((1, c.pp, 0))
+        one((c.tp, 1, 1, 0))
+        one((1, c.pp, c.virtual, 0))
         if c.zero == 3:
-            one((1, 1, 3))
+            one((1, 1, 1, 3))
     return check
 
 

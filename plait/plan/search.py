@@ -4,8 +4,9 @@ The space: every dp x pp x tp that multiplies to the world (tp only with a tenso
 plan whose sizes divide, pp up to the model's blocks), ZeRO 0-3 when dp > 1 (3 only without
 weights tied across blocks; with each unit freed after its forward, or kept whole into its
 backward), for pp > 1 the micro-batch counts that divide each rank's share of the batch from pp
-to 4 pp and one sample per micro-batch, GPipe, 1F1B and ZB-H1, recomputation off and on, fp32
-and (when the cluster gives bf16 FLOP/s) bf16. Layouts that fit rank by predicted
+to 4 pp and one sample per micro-batch, GPipe, 1F1B and ZB-H1, GPipe and 1F1B also with 2, 4
+or 8 chunks per stage as the blocks allow (looped GPipe, interleaved 1F1B), recomputation off
+and on, fp32 and (when the cluster gives bf16 FLOP/s) bf16. Layouts that fit rank by predicted
 step time; those that do not, after them, by memory.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from plait.errors import PlaitError
-from plait.parallel.pipeline.schedules import SCHEDULES
+from plait.parallel.pipeline.schedules import SCHEDULES, VIRTUAL
 from plait.plan.cluster import Cluster
 from plait.plan.cost import Candidate, Estimate, Workload, estimate
 from plait.plan.profile import ModelProfile
@@ -31,6 +32,19 @@ def microbatch_counts(share: int, pp: int) -> list[int]:
     if share not in counts:
         counts.append(share)  # one sample per micro-batch
     return counts or [share]
+
+
+CHUNKS = (2, 4, 8)
+"""Chunks per stage weighed beside one (``pipeline.virtual``), as the model's blocks allow."""
+
+
+def chunk_counts(schedule: str, m: int, pp: int, blocks: int) -> list[int]:
+    """1, and the chunks per stage the schedule runs: pp x v pieces at most the blocks; interleaved
+    1F1B needs micro-batches divisible by pp; with fewer micro-batches than stages a chunk's
+    round waits for the activations to come round, and chunks gain nothing."""
+    if pp == 1 or schedule not in VIRTUAL or m < pp or (schedule == "1f1b" and m % pp):
+        return [1]
+    return [1] + [v for v in CHUNKS if pp * v <= blocks]
 
 
 def candidates(profile: ModelProfile, cluster: Cluster, work: Workload, world: int, check) -> list[Candidate]:
@@ -53,11 +67,17 @@ def candidates(profile: ModelProfile, cluster: Cluster, work: Workload, world: i
                     continue
                 for m in microbatch_counts(share, pp):
                     for schedule in (list(SCHEDULES) if pp > 1 else ["1f1b"]):
-                        for recompute in (False, True):
-                            for precision in precisions:
-                                for reshard in ((True, False) if zero == 3 else (True,)):
-                                    found.append(replace(base, microbatches=m, schedule=schedule, recompute=recompute,
-                                                         precision=precision, reshard=reshard))
+                        for v in chunk_counts(schedule, m, pp, len(profile.blocks)):
+                            try:
+                                check(replace(base, virtual=v))
+                            except PlaitError:  # its blocks run inside its own forward: one chunk a stage
+                                continue
+                            for recompute in (False, True):
+                                for precision in precisions:
+                                    for reshard in ((True, False) if zero == 3 else (True,)):
+                                        found.append(replace(base, microbatches=m, schedule=schedule, virtual=v,
+                                                             recompute=recompute, precision=precision,
+                                                             reshard=reshard))
     return found
 
 
@@ -102,6 +122,9 @@ def cost_phrase(e: Estimate, part: str, cluster: Cluster) -> str:
             return f"cores idle while ranks wait: the schedule replayed on {cores} cores shared by {local} processes ({t:.3g} s)"
         if c.schedule == "zbh1":  # the idle forward of each of the p-1 slots, out of three per micro-batch
             return f"the pipeline bubble: {c.pp - 1} of {3 * c.microbatches + c.pp - 1} pass slots idle ({t:.3g} s)"
+        if c.virtual > 1:  # the fill and drain in chunk passes, v of them per micro-batch
+            return (f"the pipeline bubble: {c.pp - 1} of {c.virtual * c.microbatches + c.pp - 1} chunk slots idle "
+                    f"({t:.3g} s)")
         return f"the pipeline bubble: {c.pp - 1} of {c.microbatches + c.pp - 1} slots idle ({t:.3g} s)"
     if part == "dp":
         hidden = "after backward" if c.zero else "less what backward hides"
