@@ -111,3 +111,27 @@ def test_the_estimate_on_shared_cores_is_the_replay(layout):
         assert shared.step_s == pytest.approx(own.step_s, rel=1e-9)
     else:
         assert shared.time["bubble"] < own.time["bubble"]
+
+
+def test_closed_forms_of_what_a_stage_holds_and_gathers():
+    """The planner's closed forms, with one chunk per stage, are the schedules' own counts: the
+    micro-batches a stage holds at its peak (GPipe: all m; 1F1B: p - s; ZB-H1: p, each at most
+    m), ZeRO-3's backwards whose chunk last ran a forward, and the passes that gather when units
+    are kept whole into backward (counted on the action lists, as with several chunks)."""
+    from plait.parallel.pipeline.schedules import in_flight
+    from plait.plan.cost import _gathers_keeping_units, _held, _kept
+
+    for schedule in SCHEDULES:
+        for p in range(2, 7):
+            for m in range(1, 3 * p + 2):
+                for s in range(p):
+                    actions = SCHEDULES[schedule](m, p, s)
+                    assert _held(schedule, m, p, s) == ((in_flight(actions),),), (schedule, m, p, s)
+                    # the action-list counts: as _kept and _gathers_keeping_units count chunks
+                    after_forward = sum(a[0] in "BI" and b[0] == "F" for b, a in zip(actions, actions[1:]))
+                    assert _kept(schedule, m, p, s) == (after_forward,), (schedule, m, p, s)
+                    whole, gathers = False, [0, 0]
+                    for kind, _, _ in actions:
+                        gathers[kind != "F"] += not whole
+                        whole = kind in "FI"
+                    assert _gathers_keeping_units(schedule, m, p, s) == (tuple(gathers),), (schedule, m, p, s)

@@ -217,8 +217,9 @@ def _held(schedule: str, m: int, p: int, s: int, v: int = 1) -> tuple[tuple[int,
     """Micro-batches stage s of the schedule holds at once, per chunk: the counts at every
     moment none of whose counts another moment exceeds (with one chunk, the peak alone); what a
     stage holds at its peak is the most any of them weighs (its chunks' activations differ)."""
-    if v == 1:
-        return ((in_flight(SCHEDULES[schedule](m, p, s)),),)
+    if v == 1:  # in_flight(SCHEDULES[schedule](m, p, s)), in closed form where known (tests/test_plan_shared.py)
+        closed = {"gpipe": m, "1f1b": min(p - s, m), "zbh1": min(p, m)}.get(schedule)
+        return ((in_flight(SCHEDULES[schedule](m, p, s)) if closed is None else closed,),)
     live, seen = [0] * v, set()
     for kind, _, c in SCHEDULES[schedule](m, p, s, v):
         live[c] += kind == "F"
@@ -233,6 +234,8 @@ def _held(schedule: str, m: int, p: int, s: int, v: int = 1) -> tuple[tuple[int,
 
 
 def _held_bytes(held: tuple[tuple[int, ...], ...], per_chunk: list[float]) -> float:
+    if len(per_chunk) == 1:
+        return held[0][0] * per_chunk[0]
     return max(sum(n * b for n, b in zip(counts, per_chunk)) for counts in held)
 
 
@@ -241,6 +244,8 @@ def _kept(schedule: str, m: int, p: int, s: int, v: int = 1) -> tuple[int, ...]:
     """Per chunk, backward passes of stage s whose chunk last ran a forward: ZeRO-3 (one engine
     per chunk) keeps the chunk's last unit whole from that forward into such a backward (one
     gather fewer); the chunk's next forward frees it."""
+    if v == 1 and schedule in ("gpipe", "1f1b", "zbh1"):  # closed forms (tests/test_plan_shared.py)
+        return (1 if schedule == "gpipe" else max(m - (p - s - 1), 1),)
     last, kept = [""] * v, [0] * v
     for kind, _, c in SCHEDULES[schedule](m, p, s, v):
         kept[c] += kind in "BI" and last[c] == "F"
@@ -253,6 +258,9 @@ def _gathers_keeping_units(schedule: str, m: int, p: int, s: int, v: int = 1) ->
     """ZeRO-3 with ``reshard_after_forward`` off: per chunk, (forward, backward) passes of stage
     s that gather its units. A forward leaves them whole; a pass that reduces the gradients (B,
     or ZB-H1's W) frees them, so that only a pass after such a one gathers."""
+    if v == 1 and schedule in ("gpipe", "1f1b"):  # closed forms (tests/test_plan_shared.py)
+        forwards = 1 if schedule == "gpipe" else max(m - min(p - s - 1, m), 1)
+        return ((forwards, m - forwards),)
     whole, counts = [False] * v, [[0, 0] for _ in range(v)]
     for kind, _, c in SCHEDULES[schedule](m, p, s, v):
         if not whole[c]:
