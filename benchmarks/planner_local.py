@@ -66,6 +66,10 @@ def rescore(name: str, nproc: int) -> None:
     cluster file as it is now (the measured figures stay as they were)."""
     path, rows, ranked = saved(name, nproc)
     where = {e.candidate.describe(): (i, e) for i, e in enumerate(ranked)}
+    gone = [r["layout"] for r in rows if r["layout"] not in where]
+    if gone:  # the trainer refuses them now (and the plan with it)
+        print(f"{name}: {len(gone)} rows no longer planned, dropped: {', '.join(gone[:4])}{' ...' if len(gone) > 4 else ''}")
+        rows = [r for r in rows if r["layout"] in where]
     for r in rows:
         i, e = where[r["layout"]]
         r.update(rank=i + 1, predicted_step_s=e.step_s, predicted_memory_bytes=e.memory_bytes)

@@ -259,8 +259,14 @@ def test_checkpoint_resumes_on_every_other_layout(optimizer, world4, solo, tmp_p
     ("gpt_tp", 2, ["parallel.pp=2", "pipeline.virtual=3", "pipeline.microbatches=2", "model.args.layers=1",
                    "data.args.max_chars=6000"],
      "pipeline.virtual: 2 stages x 3 chunks make 6 pieces, but the model (GPT) has only 3 blocks to cut"),
+    ("mlp_10m", 4, ["parallel.pp=2", "pipeline.virtual=4", "pipeline.microbatches=4"],
+     "pipeline: piece 0 of 8 would hold only blocks without parameters to train ('0' (Flatten)); cut into fewer "
+     "pieces (parallel.pp x pipeline.virtual = 8)"),
+    ("mlp_10m", 4, ["parallel.pp=4", "model.args.depth=1"],
+     "pipeline: stage 0 would hold only blocks without parameters to train ('0' (Flatten)); cut into fewer "
+     "pieces (parallel.pp = 4)"),
 ], ids=["product-not-world", "heads", "vocabulary", "pp-over-blocks", "no-plan", "microbatches", "tied-pp", "tied-zero3",
-        "interleaved-microbatches", "pieces-over-blocks"])
+        "interleaved-microbatches", "pieces-over-blocks", "piece-without-parameters", "stage-without-parameters"])
 def test_bad_layout_is_refused_before_workers_start(example, world, overrides, message, tmp_path):
     from plait.cli import _check
     from plait.errors import PlaitError

@@ -181,7 +181,7 @@ class Layout:
                                   "model.args.tied = false) or use parallel.zero = 1 or 2")
         if self.pp > 1 and (self.cuts or self.balance == "params"):  # a measured balance cuts at run time
             starts = cut_points(blocks, pieces, self.balance, list(self.cuts) or None, weights=chain.weights())
-            _check_stages(model, chain, starts + [len(blocks)])
+            _check_stages(model, chain, starts + [len(blocks)], self.virtual)
 
     def describe(self) -> str:
         text = f"dp={self.dp} x pp={self.pp}" + (f" ({self.virtual} chunks each)" if self.virtual > 1 else "")
@@ -233,7 +233,7 @@ class Parallelized:
         pp, v = layout.pp, layout.virtual
         starts = cut_points(blocks, pp * v, layout.balance, list(layout.cuts) or None, weights=weights)
         starts.append(len(blocks))
-        _check_stages(model, chain, starts)
+        _check_stages(model, chain, starts, v)
         s = mesh.coord("pp")
         if chain.path:  # the model runs its own forward around this stage's blocks
             chunks = [ModelStage(model, chain, starts[s], starts[s + 1], s, pp)]
@@ -471,9 +471,19 @@ def _shared_across(model: nn.Module, parts: list[list[nn.Module]]) -> tuple[str,
     return None
 
 
-def _check_stages(model: nn.Module, chain: Chain, starts: list[int]) -> None:
-    """No parameter is used by two pipeline stages (it would get two different gradients)."""
-    shared = _shared_across(model, chain.parts(starts))
+def _check_stages(model: nn.Module, chain: Chain, starts: list[int], virtual: int = 1) -> None:
+    """Every piece (of the pp x virtual the model is cut into) has parameters to train (a stage
+    or chunk without them has no gradients to reduce or step), and no parameter is used by two
+    (it would get two different gradients)."""
+    parts = chain.parts(starts)
+    for q, modules in enumerate(parts):
+        if not any(p.requires_grad for m in modules for p in m.parameters()):
+            names = ", ".join(f"{n!r} ({type(m).__name__})" for n, m in chain.blocks[starts[q] : starts[q + 1]])
+            piece, degrees = ((f"piece {q} of {len(parts)}", f"parallel.pp x pipeline.virtual = {len(parts)}")
+                              if virtual > 1 else (f"stage {q}", f"parallel.pp = {len(parts)}"))
+            raise ConfigError(f"pipeline: {piece} would hold only blocks without parameters to train ({names}); "
+                              f"cut into fewer pieces ({degrees}) or choose pipeline.cuts")
+    shared = _shared_across(model, parts)
     if shared:
         name, a, b = shared
         raise ConfigError(f"pipeline: parameter {name} is used by stages {a} and {b} (tied weights), which would give "
