@@ -68,7 +68,8 @@ def rescore(name: str, nproc: int) -> None:
     where = {e.candidate.describe(): (i, e) for i, e in enumerate(ranked)}
     gone = [r["layout"] for r in rows if r["layout"] not in where]
     if gone:  # the trainer refuses them now (and the plan with it)
-        print(f"{name}: {len(gone)} rows no longer planned, dropped: {', '.join(gone[:4])}{' ...' if len(gone) > 4 else ''}")
+        more = " ..." if len(gone) > 4 else ""
+        print(f"{name}: {len(gone)} rows no longer planned, dropped: {', '.join(gone[:4])}{more}")
         rows = [r for r in rows if r["layout"] in where]
     for r in rows:
         i, e = where[r["layout"]]

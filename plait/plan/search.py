@@ -70,7 +70,7 @@ def candidates(profile: ModelProfile, cluster: Cluster, work: Workload, world: i
                         for v in chunk_counts(schedule, m, pp, len(profile.blocks)):
                             try:
                                 check(replace(base, virtual=v))
-                            except PlaitError:  # its blocks run inside its own forward: one chunk a stage
+                            except PlaitError:  # not cut so: its own forward, or a piece without parameters
                                 continue
                             for recompute in (False, True):
                                 for precision in precisions:
