@@ -199,7 +199,7 @@ def test_the_plan_weighs_chunks_per_stage(tmp_path):
 
     cluster = load_cluster(str(_cluster_file(tmp_path)))
     cfg = load_config(EXAMPLES / "gpt_hybrid.toml", [])  # 6 blocks: pp=2 takes 2 chunks, pp=4 none
-    ranked, profile = plan_config(cfg, 4, cluster)
+    ranked, _ = plan_config(cfg, 4, cluster)
     chunked = [e.candidate for e in ranked if e.candidate.virtual > 1]
     assert chunked and {c.virtual for c in chunked} == {2} and {c.pp for c in chunked} == {2}
     assert all(c.schedule in ("gpipe", "1f1b") and c.microbatches >= c.pp for c in chunked)

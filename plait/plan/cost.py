@@ -135,28 +135,27 @@ def _stages(profile: ModelProfile, pp: int, tp: int, v: int = 1) -> list[dict]:
         pieces = pp * v
         rows = []
         for s in range(pp):
-            chunks, blocks, sent = [], [], 0.0
+            chunks, blocks, held, kept, sent = [], [], [], [], 0.0
             for q in range(s, pieces, pp):  # chunk c is piece c * pp + s
                 piece = profile.blocks[starts[q] : starts[q + 1]]
-                held = [bl.params - bl.split_params + bl.split_params / tp for bl in piece]
-                chunks.append({"params": sum(held), "units": len(piece), "last": held[-1] if held else 0.0,
+                params = [bl.params - bl.split_params + bl.split_params / tp for bl in piece]
+                saved = [bl.saved + bl.saved_split / tp for bl in piece]
+                chunks.append({"params": sum(params), "units": len(piece), "last": params[-1] if params else 0.0,
                                "flops": sum(bl.flops - bl.split_flops + bl.split_flops / tp for bl in piece),
-                               "saved": sum(bl.saved + bl.saved_split / tp for bl in piece),
-                               "inputs": sum(bl.input_bytes for bl in piece)})
+                               "saved": sum(saved), "inputs": sum(bl.input_bytes for bl in piece)})
                 blocks += piece
+                held += params
+                kept += saved
                 if q < pieces - 1:  # its output to the next piece, and that one's gradient back
                     sent += profile.blocks[starts[q + 1]].input_bytes
                 if q > 0:  # its input from the previous piece, and its gradient back
                     sent += piece[0].input_bytes
-            held = [bl.params - bl.split_params + bl.split_params / tp for bl in blocks]
-            kept = [bl.saved + bl.saved_split / tp for bl in blocks]
             rows.append({"params": sum(held), "largest": max(held, default=0.0), "units": len(blocks),
                          "chunks": chunks, "sent": sent, "ops": sum(bl.ops for bl in blocks),
                          "flops": sum(ch["flops"] for ch in chunks),
                          "tp_reduce": sum(bl.tp_reduce for bl in blocks), "tp_gather": sum(bl.tp_gather for bl in blocks),
                          "tp_calls": sum(bl.tp_calls for bl in blocks), "tensors": sum(bl.tensors for bl in blocks),
-                         "saved": sum(kept), "most_saved": max(kept, default=0.0),
-                         "inputs": sum(bl.input_bytes for bl in blocks)})
+                         "most_saved": max(kept, default=0.0)})
         cache[(pp, tp, v)] = rows
     return cache[(pp, tp, v)]
 
